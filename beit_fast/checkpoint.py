@@ -1,0 +1,354 @@
+"""Checkpoint interop: unilm, timm and transformers BEiT state dicts <-> this project's layout.
+
+This project's parameter names ARE the unilm layout (SPEC section 2), minus the
+`relative_position_index` buffers, which are derived from the patch grid: converters check a
+checkpoint's index against the one the grid implies and drop it; `export_state_dict(...,
+"unilm")` puts it back, so unilm -> ours -> unilm is bit-exact.
+
+timm's `Beit` uses the same names (its index and `k_bias` buffers are not saved).
+transformers' `Beit*` models are renamed key by key, with query/key/value concatenated into
+one qkv weight (key has no bias in BEiT).
+
+Nothing is dropped silently: unknown keys, missing keys and shape mismatches raise
+`CheckpointError` listing every one of them (or are returned, with `strict=False`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CheckpointError",
+    "convert_state_dict",
+    "detect_source",
+    "export_state_dict",
+    "load_into",
+    "load_state_dict_file",
+    "resize_rel_pos_bias",
+    "resize_pos_embed",
+    "shared_to_per_layer_rel_pos_bias",
+    "atomic_save",
+]
+
+log = logging.getLogger(__name__)
+
+StateDict = Dict[str, torch.Tensor]
+SOURCES = ("unilm", "timm", "hf")
+
+
+class CheckpointError(ValueError):
+    """A state dict that does not fit: lists every offending key."""
+
+
+# -- reading files ---------------------------------------------------------------------------------------------------
+def load_state_dict_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read a `.pth`/`.pt`/`.bin` (torch.load, weights only) or `.safetensors` file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def unwrap(obj: Mapping[str, Any]) -> StateDict:
+    """Strip training wrappers: {"model": sd}, {"module": sd} (DeepSpeed), {"state_dict": sd}, "module." prefixes."""
+    for key in ("model", "module", "state_dict", "model_state"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    sd = dict(obj)
+    bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"not a state dict: non-tensor entries {sorted(bad)[:20]}")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def detect_source(sd: Mapping[str, torch.Tensor]) -> str:
+    """'hf' for transformers names, else 'unilm' (timm shares the unilm names)."""
+    hf_markers = ("embeddings.patch_embeddings.", "encoder.layer.", "embeddings.cls_token", "shared_position_bias.")
+    if any(any(m in k for m in hf_markers) for k in sd):
+        return "hf"
+    if any(k.startswith("blocks.") or k in ("cls_token", "patch_embed.proj.weight") for k in sd):
+        return "unilm"
+    raise CheckpointError(f"cannot tell the layout of this state dict; first keys: {list(sd)[:8]}")
+
+
+# -- relative position helpers ---------------------------------------------------------------------------------------
+def _grid_of_table(rows: int) -> Tuple[int, int]:
+    side = math.isqrt(rows - 3)
+    if side * side != rows - 3 or side % 2 == 0:
+        raise CheckpointError(f"relative position bias table with {rows} rows is not (2h-1)^2 + 3 for a square grid")
+    g = (side + 1) // 2
+    return g, g
+
+
+def _grid_of_index(index: torch.Tensor) -> Tuple[int, int]:
+    n = index.shape[0] - 1
+    g = math.isqrt(n)
+    if index.dim() != 2 or index.shape[0] != index.shape[1] or g * g != n:
+        raise CheckpointError(f"relative_position_index of shape {tuple(index.shape)} is not (h*w+1)^2, square grid")
+    return g, g
+
+
+def resize_rel_pos_bias(table: torch.Tensor, new_grid: Tuple[int, int]) -> torch.Tensor:
+    """Resize a (T, H) table to another patch grid: bicubic interpolation of the (2h-1)x(2w-1)
+    part, the 3 cls rows kept. Interpolates in fp32, returns the input dtype."""
+    old = _grid_of_table(table.shape[0])
+    if tuple(old) == tuple(new_grid):
+        return table.clone()
+    num_heads = table.shape[1]
+    oh, ow = 2 * old[0] - 1, 2 * old[1] - 1
+    nh, nw = 2 * new_grid[0] - 1, 2 * new_grid[1] - 1
+    grid = table[: oh * ow].float().T.reshape(1, num_heads, oh, ow)
+    grid = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False)
+    body = grid.reshape(num_heads, nh * nw).T
+    return torch.cat([body, table[oh * ow :].float()]).to(table.dtype)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int]) -> torch.Tensor:
+    """Resize a (1, 1+h*w, D) absolute position embedding (cls first) bicubically."""
+    n = pos_embed.shape[1] - 1
+    g = math.isqrt(n)
+    if g * g != n:
+        raise CheckpointError(f"pos_embed of shape {tuple(pos_embed.shape)} is not over a square grid")
+    if (g, g) == tuple(new_grid):
+        return pos_embed.clone()
+    D = pos_embed.shape[-1]
+    body = pos_embed[:, 1:].float().reshape(1, g, g, D).permute(0, 3, 1, 2)
+    body = F.interpolate(body, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    body = body.permute(0, 2, 3, 1).reshape(1, -1, D)
+    return torch.cat([pos_embed[:, :1].float(), body], dim=1).to(pos_embed.dtype)
+
+
+def shared_to_per_layer_rel_pos_bias(sd: StateDict, depth: int) -> StateDict:
+    """Fine-tuning layout: copy the shared `rel_pos_bias` table into every block (as unilm does)."""
+    sd = dict(sd)
+    table = sd.pop("rel_pos_bias.relative_position_bias_table")
+    for i in range(depth):
+        sd[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+    return sd
+
+
+# -- conversion ------------------------------------------------------------------------------------------------------
+_HF_BLOCK = {
+    "attention.attention.query.bias": "attn.q_bias",
+    "attention.attention.value.bias": "attn.v_bias",
+    "attention.attention.relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
+    "attention.output.dense.weight": "attn.proj.weight",
+    "attention.output.dense.bias": "attn.proj.bias",
+    "intermediate.dense.weight": "mlp.fc1.weight",
+    "intermediate.dense.bias": "mlp.fc1.bias",
+    "output.dense.weight": "mlp.fc2.weight",
+    "output.dense.bias": "mlp.fc2.bias",
+    "layernorm_before.weight": "norm1.weight",
+    "layernorm_before.bias": "norm1.bias",
+    "layernorm_after.weight": "norm2.weight",
+    "layernorm_after.bias": "norm2.bias",
+    "lambda_1": "gamma_1",
+    "lambda_2": "gamma_2",
+    # transformers >= 5 renamed the layer modules (published checkpoints keep the names above)
+    "attention.q_proj.bias": "attn.q_bias",
+    "attention.v_proj.bias": "attn.v_bias",
+    "attention.o_proj.weight": "attn.proj.weight",
+    "attention.o_proj.bias": "attn.proj.bias",
+    "mlp.fc1.weight": "mlp.fc1.weight",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight",
+    "mlp.fc2.bias": "mlp.fc2.bias",
+    "relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
+}
+# query / key / value weights, concatenated into qkv: (old name, transformers >= 5 name)
+_HF_QKV = {
+    "attention.attention.query.weight": "q", "attention.attention.key.weight": "k",
+    "attention.attention.value.weight": "v", "attention.q_proj.weight": "q", "attention.k_proj.weight": "k",
+    "attention.v_proj.weight": "v",
+}
+_HF_KEY_BIAS = ("attention.attention.key.bias", "attention.k_proj.bias")
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.mask_token": "mask_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "encoder.relative_position_bias.relative_position_bias_table": "rel_pos_bias.relative_position_bias_table",
+    "shared_position_bias.relative_position_bias_table": "rel_pos_bias.relative_position_bias_table",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    "pooler.layernorm.weight": "fc_norm.weight",
+    "pooler.layernorm.bias": "fc_norm.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+    "lm_head.weight": "lm_head.weight",
+    "lm_head.bias": "lm_head.bias",
+}
+_HF_LAYER_RE = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
+
+
+def _check_and_drop_index(sd: StateDict) -> StateDict:
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("relative_position_index"):
+            expected = _relative_position_index(_grid_of_index(v))
+            if v.shape != expected.shape or not torch.equal(v.long().cpu(), expected):
+                raise CheckpointError(f"{k} is not the standard BEiT relative position index for its grid")
+            continue
+        if k.endswith("attn.k_bias"):  # timm keeps a zero k bias buffer
+            if torch.count_nonzero(v):
+                raise CheckpointError(f"{k} is non-zero, but BEiT has no key bias")
+            continue
+        out[k] = v
+    return out
+
+
+def _relative_position_index(grid: Tuple[int, int]) -> torch.Tensor:
+    from .model import relative_position_index
+
+    return relative_position_index(grid)
+
+
+def _convert_hf(sd: StateDict) -> StateDict:
+    sd = {k[len("beit.") :] if k.startswith("beit.") else k: v for k, v in sd.items()}
+    out: StateDict = {}
+    qkv: Dict[int, Dict[str, torch.Tensor]] = {}
+    unknown = []
+    for k, v in sd.items():
+        if k.endswith("relative_position_index"):
+            out[k] = v  # checked and dropped below
+            continue
+        m = _HF_LAYER_RE.match(k)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            if rest in _HF_QKV:
+                qkv.setdefault(i, {})[_HF_QKV[rest]] = v
+            elif rest in _HF_KEY_BIAS:
+                if torch.count_nonzero(v):
+                    raise CheckpointError(f"{k} is non-zero, but BEiT has no key bias")
+            elif rest in _HF_BLOCK:
+                out[f"blocks.{i}.{_HF_BLOCK[rest]}"] = v
+            else:
+                unknown.append(k)
+        elif k in _HF_TOP:
+            out[_HF_TOP[k]] = v
+        else:
+            unknown.append(k)
+    for i, parts in sorted(qkv.items()):
+        missing = [p for p in "qkv" if p not in parts]
+        if missing:
+            raise CheckpointError(f"layer {i}: missing attention weights for {missing}")
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    if unknown:
+        raise CheckpointError(f"unknown transformers BEiT keys (not converted): {sorted(unknown)}")
+    return _check_and_drop_index(out)
+
+
+def convert_state_dict(sd: Mapping[str, Any], source: str = "auto") -> StateDict:
+    """Convert a unilm / timm / transformers ("hf") BEiT state dict (or a checkpoint holding one under
+    "model" / "module" / "state_dict") into this project's layout. `source="auto"` detects it."""
+    if source not in SOURCES + ("auto",):
+        raise ValueError(f"source must be one of {SOURCES + ('auto',)}, got {source!r}")
+    flat = unwrap(sd)
+    if source == "auto":
+        source = detect_source(flat)
+    if source == "hf":
+        return _convert_hf(flat)
+    return _check_and_drop_index(flat)
+
+
+def export_state_dict(sd: Mapping[str, torch.Tensor], target: str = "unilm", config: Any = None) -> StateDict:
+    """This project's state dict in the unilm layout (index buffers included, as unilm saves them)."""
+    if target != "unilm":
+        raise ValueError(f"export target must be 'unilm', got {target!r}")
+    out: StateDict = {}
+    for k, v in sd.items():
+        out[k] = v
+        if k.endswith("relative_position_bias_table"):
+            prefix = k[: -len("relative_position_bias_table")]
+            out[prefix + "relative_position_index"] = _relative_position_index(_grid_of_table(v.shape[0]))
+    return out
+
+
+def _adapt_to_model(sd: StateDict, model_sd: Mapping[str, torch.Tensor], depth: int) -> StateDict:
+    """Shared -> per-layer bias, and table / pos_embed resize to the model's grid."""
+    shared = "rel_pos_bias.relative_position_bias_table"
+    per_layer = "blocks.0.attn.relative_position_bias_table"
+    if shared in sd and shared not in model_sd and per_layer in model_sd and per_layer not in sd:
+        sd = shared_to_per_layer_rel_pos_bias(sd, depth)
+    out = {}
+    for k, v in sd.items():
+        if k in model_sd and v.shape != model_sd[k].shape:
+            if k.endswith("relative_position_bias_table") and v.shape[1] == model_sd[k].shape[1]:
+                v = resize_rel_pos_bias(v, _grid_of_table(model_sd[k].shape[0]))
+            elif k == "pos_embed" and v.shape[-1] == model_sd[k].shape[-1]:
+                n = model_sd[k].shape[1] - 1
+                v = resize_pos_embed(v, (math.isqrt(n), math.isqrt(n)))
+        out[k] = v
+    return out
+
+
+def load_into(
+    model: torch.nn.Module, path_or_state_dict: Union[str, Path, Mapping[str, Any]], source: str = "auto",
+    strict: bool = True,
+) -> Dict[str, List[str]]:
+    """Convert, adapt and load. Returns {"missing": [...], "unexpected": [...]}; with `strict`, either
+    being non-empty raises. Shape mismatches always raise."""
+    obj = load_state_dict_file(path_or_state_dict) if isinstance(path_or_state_dict, (str, Path)) else path_or_state_dict
+    sd = convert_state_dict(obj, source=source)
+    model_sd = model.state_dict()
+    sd = _adapt_to_model(sd, model_sd, len(getattr(model, "blocks", [])))
+    missing = sorted(set(model_sd) - set(sd))
+    unexpected = sorted(set(sd) - set(model_sd))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
+        for k in set(sd) & set(model_sd) if sd[k].shape != model_sd[k].shape
+    )
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatches {mismatched}")
+    if strict and missing:
+        problems.append(f"missing keys {missing}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if problems:
+        hint = ""
+        if strict and (missing or unexpected):
+            hint = (" (to fine-tune from a pretraining checkpoint, pass strict=False: missing keys keep their "
+                    "initialisation, unexpected ones are ignored, and both are returned and logged)")
+        raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems) + hint)
+    model.load_state_dict({k: v for k, v in sd.items() if k in model_sd}, strict=False)
+    if missing or unexpected:
+        log.warning("load_pretrained: missing keys %s; unexpected keys (ignored) %s", missing, unexpected)
+    return {"missing": missing, "unexpected": unexpected}
+
+
+# -- saving ----------------------------------------------------------------------------------------------------------
+def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`:
+    a crash mid-write leaves any previous file at `path` intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,137 @@
+"""`BeitConfig`: the network's hyper-parameters, with presets and checked overrides.
+
+Field names follow timm's `Beit` constructor where timm has one, so a timm user can carry
+arguments over unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Union
+
+__all__ = ["BeitConfig", "PRESETS", "ATTN_BACKENDS"]
+
+ATTN_BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
+
+FusedSwitch = Union[str, bool]
+
+
+@dataclass
+class BeitConfig:
+    img_size: int = 224  # input resolution (square)
+    patch_size: int = 16  # patch side; the grid is img_size // patch_size per side
+    in_chans: int = 3  # image channels
+    embed_dim: int = 768  # width D
+    depth: int = 12  # number of Transformer blocks
+    num_heads: int = 12  # attention heads; embed_dim must divide evenly
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * embed_dim
+    qkv_bias: bool = True  # learned q_bias and v_bias (k never has a bias in BEiT)
+    drop_path_rate: float = 0.1  # stochastic depth; grows linearly over depth to this value
+    attn_drop_rate: float = 0.0  # dropout on attention probabilities (0 in every BEiT recipe)
+    init_values: Optional[float] = 0.1  # layer-scale init (gamma); None or 0 disables layer scale
+    use_abs_pos_emb: bool = False  # absolute position embedding (off in BEiT pretraining)
+    use_rel_pos_bias: bool = False  # per-layer relative position bias tables (fine-tuning layout)
+    use_shared_rel_pos_bias: bool = True  # ONE table shared by every layer (pretraining layout)
+    vocab_size: int = 8192  # visual-token vocabulary of the tokenizer (DALL-E dVAE: 8192)
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon (unilm and timm use 1e-6)
+    init_std: float = 0.02  # truncated-normal std for Linear, patch conv, cls/mask token, lm head
+    num_masking_patches: int = 75  # masked patches per image (~40% of the grid)
+    attn_backend: str = "auto"  # one of ATTN_BACKENDS; "auto" picks the fastest that supports the case
+    fused_kernels: FusedSwitch = "auto"  # Triton MIM kernels: "auto" | True | False
+    extra: Dict[str, Any] = field(default_factory=dict, repr=False)  # free-form notes, saved with the config
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived -------------------------------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    # -- checks --------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"BeitConfig.{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                bad(name, "must be a positive int")
+        if self.img_size % self.patch_size:
+            bad("img_size", f"must be a multiple of patch_size={self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            bad("embed_dim", f"must be divisible by num_heads={self.num_heads}")
+        if not self.mlp_ratio > 0:
+            bad("mlp_ratio", "must be positive")
+        for name in ("drop_path_rate", "attn_drop_rate"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                bad(name, "must be in [0, 1)")
+        if self.init_values is not None and self.init_values < 0:
+            bad("init_values", "must be None, 0 (off) or positive")
+        if not self.layer_norm_eps > 0:
+            bad("layer_norm_eps", "must be positive")
+        if not self.init_std > 0:
+            bad("init_std", "must be positive")
+        if self.use_rel_pos_bias and self.use_shared_rel_pos_bias:
+            bad("use_rel_pos_bias", "per-layer and shared relative position bias are exclusive; pick one")
+        if isinstance(self.num_masking_patches, bool) or not isinstance(self.num_masking_patches, int):
+            bad("num_masking_patches", "must be an int")
+        if not 0 < self.num_masking_patches <= self.num_patches:
+            bad("num_masking_patches", f"must be in [1, num_patches={self.num_patches}]")
+        if self.attn_backend not in ATTN_BACKENDS:
+            bad("attn_backend", f"must be one of {ATTN_BACKENDS}")
+        if self.fused_kernels not in ("auto", True, False):
+            bad("fused_kernels", 'must be "auto", True or False')
+
+    # -- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "BeitConfig":
+        """A preset (`tiny`, `small`, `base`, `large`) with overrides; unknown keys raise ValueError."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        values = dict(PRESETS[name])
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "BeitConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown BeitConfig key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **overrides: Any) -> "BeitConfig":
+        return self.from_dict({**self.to_dict(), **overrides})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Presets. `base` and `large` are SPEC section 1; `tiny` trains in minutes on 2 CPU cores.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(
+        img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=4, vocab_size=512, num_masking_patches=26,
+        drop_path_rate=0.0,
+    ),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12, init_values=0.1),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16, init_values=1e-5),
+}

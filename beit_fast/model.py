@@ -1,0 +1,440 @@
+"""BEiT (Bao et al. 2021) in one file: backbone, masked-image-modeling head, classification head.
+
+Exactly the network of SPEC section 1 (microsoft/unilm `beit/`). Parameter names are the
+unilm layout, so a unilm checkpoint loads as is and timm / transformers checkpoints go
+through `beit_fast.checkpoint.convert_state_dict`.
+
+Shapes: B images, N = (img_size / patch_size)^2 patches, D = embed_dim, H heads,
+Dh = D / H, M masked patches in the batch, V = vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .config import BeitConfig
+
+__all__ = [
+    "BeitModel",
+    "BeitForMaskedImageModeling",
+    "BeitForImageClassification",
+    "MaskedImageModelingOutput",
+    "relative_position_index",
+]
+
+
+def relative_position_index(grid: Tuple[int, int]) -> torch.Tensor:
+    """(N+1, N+1) int64 index into the (2h-1)(2w-1)+3 row table, N = h*w, cls first.
+
+    Patch i at (hi, wi) to patch j at (hj, wj): (hi-hj+h-1)*(2w-1) + (wi-wj+w-1);
+    cls->patch = T-3, patch->cls = T-2, cls->cls = T-1 (T = table rows).
+    """
+    h, w = grid
+    num_rows = (2 * h - 1) * (2 * w - 1) + 3
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    dy = ys[:, None] - ys[None, :] + (h - 1)
+    dx = xs[:, None] - xs[None, :] + (w - 1)
+    index = torch.empty((h * w + 1, h * w + 1), dtype=torch.long)
+    index[1:, 1:] = dy * (2 * w - 1) + dx
+    index[0, :] = num_rows - 3
+    index[:, 0] = num_rows - 2
+    index[0, 0] = num_rows - 1
+    return index
+
+
+class RelativePositionBias(nn.Module):
+    """A (T, H) learned table gathered into an (H, N+1, N+1) attention bias."""
+
+    def __init__(self, grid: Tuple[int, int], num_heads: int) -> None:
+        super().__init__()
+        self.grid = grid
+        num_rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rows, num_heads))
+        # Derived from the grid, so not saved: converters check a checkpoint's index against it.
+        self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(in_chans, D, k=p, s=p) -> (B, N, D)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample: zero the residual branch of whole images, rescale the rest."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Attention(nn.Module):
+    """qkv Linear without bias plus learned q_bias / v_bias (k has none), relative position bias."""
+
+    def __init__(self, config: BeitConfig, grid: Optional[Tuple[int, int]]) -> None:
+        super().__init__()
+        dim, self.num_heads = config.embed_dim, config.num_heads
+        self.scale = config.head_dim**-0.5
+        self.backend = config.attn_backend
+        self.attn_drop = config.attn_drop_rate
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        if config.qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias, self.v_bias = None, None
+        if grid is not None:  # per-layer table (fine-tuning layout)
+            num_rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rows, self.num_heads))
+            self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
+        else:
+            self.relative_position_bias_table = None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv_bias = None
+        if self.q_bias is not None:
+            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
+
+        bias = shared_rel_pos_bias
+        if self.relative_position_bias_table is not None:
+            n = self.relative_position_index.shape[0]
+            own = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+            own = own.view(n, n, -1).permute(2, 0, 1)
+            bias = own if bias is None else bias + own
+        x = attention(q, k, v, bias, self.scale, self.backend, self.attn_drop, self.training)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """x += drop_path(gamma_1 * attn(norm1(x))); x += drop_path(gamma_2 * mlp(norm2(x)))."""
+
+    def __init__(self, config: BeitConfig, drop_path_rate: float, grid: Optional[Tuple[int, int]]) -> None:
+        super().__init__()
+        dim = config.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = Attention(config, grid)
+        self.drop_path = DropPath(drop_path_rate)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = Mlp(dim, config.mlp_hidden_dim)
+        if config.init_values:
+            self.gamma_1 = nn.Parameter(config.init_values * torch.ones(dim))
+            self.gamma_2 = nn.Parameter(config.init_values * torch.ones(dim))
+        else:
+            self.gamma_1, self.gamma_2 = None, None
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.gamma_1 is None:
+            x = x + self.drop_path(self.attn(self.norm1(x), shared_rel_pos_bias))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), shared_rel_pos_bias))
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+
+class BeitModel(nn.Module):
+    """The BEiT backbone: patch embedding, optional mask token, relative position bias, blocks.
+
+    `forward` returns the last block's output (B, N+1, D), cls first, before any final norm
+    (the heads own theirs). With `return_layers`, it also returns the outputs of those blocks
+    (0-based), e.g. (3, 5, 7, 11) for the segmentation pyramid; `feature_maps` reshapes them
+    into (B, D, h, w).
+    """
+
+    def __init__(self, config: BeitConfig, use_mask_token: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        D = config.embed_dim
+        self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, D)
+        grid = self.patch_embed.grid_size
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if use_mask_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, D)) if config.use_abs_pos_emb else None
+        self.rel_pos_bias = RelativePositionBias(grid, config.num_heads) if config.use_shared_rel_pos_bias else None
+        dpr = [x.item() for x in torch.linspace(0, config.drop_path_rate, config.depth)]
+        self.blocks = nn.ModuleList(
+            Block(config, dpr[i], grid if config.use_rel_pos_bias else None) for i in range(config.depth)
+        )
+
+    # -- init (SPEC section 1) ---------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.mask_token, self.pos_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=std)
+        with torch.no_grad():
+            for layer_id, blk in enumerate(self.blocks, start=1):
+                blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    def no_weight_decay(self) -> set:
+        """Names excluded from weight decay besides 1-D params and biases (the reference's set)."""
+        return {"cls_token", "mask_token", "pos_embed", "relative_position_bias_table"}
+
+    # -- input checks ------------------------------------------------------------------------------------------
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        c = self.config
+        if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a (B, {c.in_chans}, H, W) tensor, got {shape}")
+        expected = (c.in_chans, c.img_size, c.img_size)
+        if tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}, expected (B, {c.in_chans}, {c.img_size}, "
+                f"{c.img_size}); for another resolution build a config with that img_size and resize the "
+                "relative position bias (beit_fast.checkpoint.resize_rel_pos_bias)"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+
+    def check_mask(self, bool_masked_pos: torch.Tensor, batch: int) -> torch.Tensor:
+        """Validates and flattens a (B, N) or (B, h, w) bool mask to (B, N)."""
+        if not torch.is_tensor(bool_masked_pos):
+            raise ValueError(f"bool_masked_pos must be a torch.bool tensor, got {type(bool_masked_pos).__name__}")
+        if bool_masked_pos.dtype != torch.bool:
+            raise ValueError(f"bool_masked_pos must have dtype torch.bool, got {bool_masked_pos.dtype}")
+        gh, gw = self.patch_embed.grid_size
+        shape = tuple(bool_masked_pos.shape)
+        if shape not in ((batch, gh * gw), (batch, gh, gw)):
+            raise ValueError(
+                f"bool_masked_pos has shape {shape}, expected ({batch}, {gh * gw}) or ({batch}, {gh}, {gw})"
+            )
+        return bool_masked_pos.reshape(batch, gh * gw)
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def embed(self, pixel_values: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Patch embedding, mask-token replacement, cls prepend, absolute position: (B, N+1, D)."""
+        x = self.patch_embed(pixel_values)
+        B, N, D = x.shape
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos given, but this model has no mask token")
+            w = bool_masked_pos.unsqueeze(-1).type_as(x)
+            x = x * (1 - w) + self.mask_token.expand(B, N, -1) * w
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return x
+
+    def forward_features(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: Optional[torch.Tensor] = None,
+        return_layers: Optional[Sequence[int]] = None,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+        self.check_pixels(pixel_values)
+        if bool_masked_pos is not None:
+            bool_masked_pos = self.check_mask(bool_masked_pos, pixel_values.shape[0])
+        if return_layers is not None:
+            bad = [i for i in return_layers if not 0 <= i < len(self.blocks)]
+            if bad:
+                raise ValueError(f"return_layers {bad} out of range for depth {len(self.blocks)}")
+        x = self.embed(pixel_values, bool_masked_pos)
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        wanted = set(return_layers or ())
+        layers = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, rel_pos_bias)
+            if i in wanted:
+                layers.append(x)
+        if return_layers is not None:
+            order = {i: j for j, i in enumerate(sorted(wanted))}
+            return x, [layers[order[i]] for i in return_layers]
+        return x
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: Optional[torch.Tensor] = None,
+        return_layers: Optional[Sequence[int]] = None,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+        return self.forward_features(pixel_values, bool_masked_pos, return_layers)
+
+    def feature_maps(self, pixel_values: torch.Tensor, layers: Sequence[int] = (3, 5, 7, 11)) -> List[torch.Tensor]:
+        """Outputs of `layers` (0-based) as (B, D, h, w) maps, cls dropped (segmentation backbone)."""
+        _, feats = self.forward_features(pixel_values, return_layers=layers)
+        h, w = self.patch_embed.grid_size
+        return [f[:, 1:].transpose(1, 2).reshape(f.shape[0], -1, h, w) for f in feats]
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def load_pretrained(
+        self, path_or_state_dict: Union[str, Path, Dict[str, Any]], source: str = "auto", strict: bool = True
+    ) -> Dict[str, List[str]]:
+        """Load a unilm / timm / transformers checkpoint (file or state dict) into this model.
+
+        The state dict is converted to this layout (`beit_fast.checkpoint.convert_state_dict`),
+        adapted (shared <-> per-layer relative position bias, table resize for another
+        resolution) and loaded. With `strict`, missing or unexpected keys and shape mismatches
+        raise `CheckpointError` listing them all; otherwise they are returned.
+        """
+        from .checkpoint import load_into
+
+        return load_into(self, path_or_state_dict, source=source, strict=strict)
+
+    def export_state_dict(self, target: str = "unilm") -> Dict[str, torch.Tensor]:
+        """This model's weights in another layout (`unilm`)."""
+        from .checkpoint import export_state_dict
+
+        return export_state_dict(self.state_dict(), target=target, config=self.config)
+
+
+@dataclass
+class MaskedImageModelingOutput:
+    """`loss`: mean CE over all masked rows (None without targets); `accuracy`: mlm_acc, a 0-d
+    tensor (no gradient); `num_masked`: M; `logits`: (M, V) masked-row logits, only when asked."""
+
+    loss: Optional[torch.Tensor]
+    accuracy: Optional[torch.Tensor]
+    num_masked: int
+    logits: Optional[torch.Tensor] = None
+
+
+class BeitForMaskedImageModeling(BeitModel):
+    """BEiT pretraining: predict the visual token of every masked patch."""
+
+    def __init__(self, config: BeitConfig) -> None:
+        super().__init__(config, use_mask_token=True)
+        self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.embed_dim, config.vocab_size)
+        self.init_weights()
+
+    def _use_fused(self) -> bool:
+        # The Triton MIM kernels arrive with issue 3; until then the switch only adds the
+        # static-shape precondition (equal mask counts per image) that they will rely on.
+        return self.config.fused_kernels is True
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor,
+        visual_tokens: Optional[torch.Tensor] = None,
+        return_logits: bool = False,
+    ) -> MaskedImageModelingOutput:
+        """pixel_values (B, C, H, W); bool_masked_pos (B, N) or (B, h, w) bool; visual_tokens (B, N)
+        int token ids of the full grid (the tokenizer's output) or None (then no loss)."""
+        if bool_masked_pos is None:
+            raise ValueError("BeitForMaskedImageModeling needs bool_masked_pos")
+        self.check_pixels(pixel_values)
+        B = pixel_values.shape[0]
+        mask = self.check_mask(bool_masked_pos, B)
+        targets = None
+        if visual_tokens is not None:
+            targets = self._masked_targets(visual_tokens, mask)
+        if self._use_fused():
+            counts = mask.sum(1)
+            if bool((counts != counts[0]).any()):
+                raise ValueError(
+                    "fused_kernels=True needs the same number of masked patches in every image, got counts "
+                    f"{counts.tolist()}; use BlockwiseMaskGenerator (exact counts) or fused_kernels='auto'/False"
+                )
+
+        x = self.forward_features(pixel_values, mask)
+        h = self.norm(x[:, 1:][mask])  # (M, D): the head runs on masked rows only
+        logits = self.lm_head(h)
+        loss = accuracy = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float(), targets)
+            with torch.no_grad():
+                accuracy = (logits.argmax(-1) == targets).float().mean()
+        return MaskedImageModelingOutput(
+            loss=loss, accuracy=accuracy, num_masked=int(h.shape[0]), logits=logits if return_logits else None
+        )
+
+    def _masked_targets(self, visual_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(visual_tokens):
+            raise ValueError(f"visual_tokens must be a tensor, got {type(visual_tokens).__name__}")
+        if visual_tokens.dtype.is_floating_point or visual_tokens.dtype == torch.bool:
+            raise ValueError(f"visual_tokens must be an integer tensor of token ids, got {visual_tokens.dtype}")
+        if tuple(visual_tokens.shape) != tuple(mask.shape):
+            if visual_tokens.dim() == 3 and visual_tokens.shape[0] == mask.shape[0]:
+                visual_tokens = visual_tokens.reshape(mask.shape[0], -1)
+            if tuple(visual_tokens.shape) != tuple(mask.shape):
+                raise ValueError(
+                    f"visual_tokens has shape {tuple(visual_tokens.shape)}, expected the full token grid "
+                    f"{tuple(mask.shape)} (the head selects the masked positions itself)"
+                )
+        targets = visual_tokens[mask].long()
+        if targets.numel():
+            lo, hi = int(targets.min()), int(targets.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"visual_tokens out of range: min {lo}, max {hi}, vocab_size {self.config.vocab_size}"
+                )
+        return targets
+
+
+class BeitForImageClassification(BeitModel):
+    """Fine-tuning head: mean of the patch tokens (no cls) -> LayerNorm (fc_norm) -> Linear."""
+
+    def __init__(self, config: BeitConfig, num_classes: int = 1000, head_init_scale: float = 0.001) -> None:
+        super().__init__(config, use_mask_token=False)
+        if num_classes <= 0:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = num_classes
+        self.fc_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.embed_dim, num_classes)
+        self.init_weights()
+        with torch.no_grad():
+            self.head.weight.mul_(head_init_scale)
+            self.head.bias.mul_(head_init_scale)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(pixel_values)
+        return self.head(self.fc_norm(x[:, 1:].mean(1)))
