@@ -1,0 +1,278 @@
+"""Data: the built-in procedural dataset, image folders, the two-view MIM transform and sampling.
+
+- `BuiltinShapes`: images of shapes on textured backgrounds, generated deterministically
+  from (seed, index), with a class label (the main shape) and a per-pixel segmentation
+  label. Nothing to download; the demo, tests and fine-tuning examples use it.
+- `ImageFolderDataset`: `root/class_x/*.jpg` (ImageFolder style) or a flat folder of images.
+  A corrupt or unreadable file is logged and skipped (`num_skipped` counts them).
+- `TwoViewTransform`: SPEC section 5 - one random-resized-crop box cut to two views: the
+  patch view (img_size, bicubic, normalised) and the tokenizer view (img_size // 2, lanczos,
+  pixels in [0, 1]); color jitter and horizontal flip before the crop.
+- `MIMDataset` + `StepBatchSampler`: every sample is a pure function of (seed, epoch,
+  index) - transform randomness and the mask - so a run resumed at step k sees exactly the
+  batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BuiltinShapes",
+    "ImageFolderDataset",
+    "TwoViewTransform",
+    "MIMDataset",
+    "StepBatchSampler",
+    "build_dataset",
+    "SHAPE_CLASSES",
+]
+
+SHAPE_CLASSES = ("disc", "square", "triangle", "ring", "cross", "stripes_disc", "diamond", "checker_square")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# -- built-in procedural data ----------------------------------------------------------------------------------------
+class BuiltinShapes(torch.utils.data.Dataset):
+    """Procedural shapes dataset. `ds[i]` -> (PIL RGB image, class label); `ds.sample(i)` also gives
+    the (size, size) uint8 segmentation map (0 = background, c + 1 = pixels of a class-c shape).
+
+    Args:
+        num_images: dataset length.
+        size: image side in pixels.
+        seed: dataset seed; image i is the same for the same (seed, i) on every machine.
+        num_classes: how many of SHAPE_CLASSES to use (2..8).
+    """
+
+    def __init__(self, num_images: int = 2048, size: int = 96, seed: int = 0, num_classes: int = 8) -> None:
+        if num_images <= 0:
+            raise ValueError(f"num_images must be positive, got {num_images}")
+        if size < 16:
+            raise ValueError(f"size must be >= 16, got {size}")
+        if not 2 <= num_classes <= len(SHAPE_CLASSES):
+            raise ValueError(f"num_classes must be in [2, {len(SHAPE_CLASSES)}], got {num_classes}")
+        self.num_images, self.size, self.seed, self.num_classes = num_images, size, seed, num_classes
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        self._yy, self._xx = yy, xx
+        self.classes = list(SHAPE_CLASSES[:num_classes])
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def _shape_mask(self, kind: int, cy: float, cx: float, r: float, angle: float) -> np.ndarray:
+        y, x = self._yy - cy, self._xx - cx
+        ca, sa = math.cos(angle), math.sin(angle)
+        u, v = ca * x + sa * y, -sa * x + ca * y
+        name = SHAPE_CLASSES[kind]
+        if name in ("disc", "stripes_disc"):
+            return u * u + v * v <= r * r
+        if name in ("square", "checker_square"):
+            return (np.abs(u) <= r * 0.85) & (np.abs(v) <= r * 0.85)
+        if name == "triangle":
+            return (v >= -r * 0.6) & (v <= r * 0.9 - 1.7 * np.abs(u)) & (np.abs(u) <= r)
+        if name == "ring":
+            d = u * u + v * v
+            return (d <= r * r) & (d >= (0.55 * r) ** 2)
+        if name == "cross":
+            return ((np.abs(u) <= r * 0.3) & (np.abs(v) <= r)) | ((np.abs(v) <= r * 0.3) & (np.abs(u) <= r))
+        if name == "diamond":
+            return np.abs(u) + np.abs(v) <= r
+        raise AssertionError(name)
+
+    def sample(self, index: int) -> Tuple[np.ndarray, int, np.ndarray]:
+        """(image uint8 (size, size, 3), label, segmentation uint8 (size, size))."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        rng = np.random.default_rng([self.seed, index])
+        s = self.size
+        # Background: a colour gradient plus one of three textures.
+        c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+        t = (self._xx * rng.uniform(-1, 1) + self._yy * rng.uniform(-1, 1))[..., None]
+        img = c0 + (c1 - c0) * (t - t.min()) / (np.ptp(t) + 1e-6)
+        texture = rng.integers(3)
+        if texture == 1:
+            freq = rng.uniform(4, 12)
+            img = img + 0.15 * np.sin(2 * math.pi * freq * (self._xx + self._yy))[..., None]
+        elif texture == 2:
+            img = img + rng.normal(0, 0.08, (s, s, 1))
+        seg = np.zeros((s, s), dtype=np.uint8)
+        label = int(rng.integers(self.num_classes))
+        # Distractors first (smaller, any class), then the labelled main shape on top.
+        n_distract = int(rng.integers(0, 3))
+        shapes = [(int(rng.integers(self.num_classes)), rng.uniform(0.08, 0.16)) for _ in range(n_distract)]
+        shapes.append((label, rng.uniform(0.2, 0.32)))
+        for kind, r in shapes:
+            cy, cx = rng.uniform(r, 1 - r, 2)
+            m = self._shape_mask(kind, cy, cx, r, rng.uniform(0, math.pi))
+            color = rng.uniform(0, 1, 3)
+            fill = np.broadcast_to(color, (s, s, 3)).copy()
+            name = SHAPE_CLASSES[kind]
+            if name == "stripes_disc":
+                fill *= (0.6 + 0.4 * (np.sin(40 * self._xx) > 0))[..., None]
+            elif name == "checker_square":
+                fill *= (0.6 + 0.4 * ((np.floor(self._xx * 12) + np.floor(self._yy * 12)) % 2))[..., None]
+            img = np.where(m[..., None], fill, img)
+            seg[m] = kind + 1
+        img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+        return img, label, seg
+
+    def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
+        img, label, _ = self.sample(index)
+        return Image.fromarray(img), label
+
+
+# -- image folders ---------------------------------------------------------------------------------------------------
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """`root/<class>/<image>` (labels from sorted class folders) or a flat `root/<image>` (label -1).
+
+    A file that cannot be decoded is logged and replaced by the next readable one; `num_skipped`
+    counts them (per process: each data-loader worker has its own count)."""
+
+    def __init__(self, root: Union[str, Path]) -> None:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"data directory does not exist: {root}")
+        if not root.is_dir():
+            raise NotADirectoryError(f"data path is not a directory: {root}")
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+        samples: List[Tuple[str, int]] = []
+        if subdirs:
+            self.classes = [d.name for d in subdirs]
+            for label, d in enumerate(subdirs):
+                for dirpath, _, files in sorted(os.walk(d)):
+                    samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if _is_image(f)]
+        else:
+            self.classes = []
+        samples += [(str(p), -1) for p in sorted(root.iterdir()) if p.is_file() and _is_image(p.name)]
+        if not samples:
+            raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}")
+        self.root, self.samples = root, samples
+        self.num_skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                with Image.open(path) as im:
+                    return im.convert("RGB"), label
+            except Exception as exc:  # PIL raises several types for truncated / corrupt files
+                self.num_skipped += 1
+                log.warning("skipping unreadable image %s: %s", path, exc)
+        raise RuntimeError(f"no readable image under {self.root}")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def build_dataset(data: str, num_images: int = 2048, size: int = 96, seed: int = 0) -> torch.utils.data.Dataset:
+    """"builtin" -> BuiltinShapes; anything else is an image-folder path."""
+    if data == "builtin":
+        return BuiltinShapes(num_images=num_images, size=size, seed=seed)
+    return ImageFolderDataset(data)
+
+
+# -- the two-view transform ------------------------------------------------------------------------------------------
+class TwoViewTransform:
+    """PIL image -> (patch view (3, S, S) normalised, tokenizer view (3, S/2, S/2) in [0, 1])."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        tokenizer_size: Optional[int] = None,
+        scale: Tuple[float, float] = (0.08, 1.0),
+        ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+        color_jitter: float = 0.4,
+        hflip: float = 0.5,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+    ) -> None:
+        from torchvision import transforms as T
+
+        self.img_size = img_size
+        self.tokenizer_size = tokenizer_size or img_size // 2
+        self.scale, self.ratio, self.hflip = scale, ratio, hflip
+        self.jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image) -> Tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import transforms as T
+        from torchvision.transforms import functional as TF
+
+        if self.jitter is not None:
+            img = self.jitter(img)
+        if torch.rand(()) < self.hflip:
+            img = TF.hflip(img)
+        i, j, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        box = (j, i, j + w, i + h)
+        patches = img.resize((self.img_size, self.img_size), Image.BICUBIC, box=box)
+        tok = img.resize((self.tokenizer_size, self.tokenizer_size), Image.LANCZOS, box=box)
+        patches = (TF.to_tensor(patches) - self.mean) / self.std
+        return patches, TF.to_tensor(tok)
+
+
+# -- MIM samples and step-addressed sampling -------------------------------------------------------------------------
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+class MIMDataset(torch.utils.data.Dataset):
+    """(epoch, index) -> (patch view, tokenizer view, bool mask (N,), label); deterministic in (seed, epoch, index)."""
+
+    def __init__(self, base: torch.utils.data.Dataset, transform: Callable, mask_generator, seed: int = 0) -> None:
+        self.base, self.transform, self.mask_generator, self.seed = base, transform, mask_generator, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, index = key
+        s = sample_seed(self.seed, epoch, index)
+        img, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            patches, tok_view = self.transform(img)
+        self.mask_generator.seed(s)
+        mask = torch.from_numpy(self.mask_generator().reshape(-1).copy())
+        return patches, tok_view, mask, label
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """An endless stream of batches of (epoch, index) keys, starting at `start_step`.
+
+    Epoch e visits a permutation drawn from (seed, e); the last incomplete batch of an epoch is
+    dropped, so step k always maps to the same keys - resuming needs only the step count."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, start_step: int = 0) -> None:
+        if batch_size > num_samples:
+            raise ValueError(f"batch_size {batch_size} is larger than the dataset ({num_samples} samples)")
+        self.num_samples, self.batch_size, self.seed, self.start_step = num_samples, batch_size, seed, start_step
+        self.steps_per_epoch = num_samples // batch_size
+
+    def __len__(self) -> int:  # endless; DataLoader only uses len for progress, which we do not
+        return 2**62
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        step = self.start_step
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            perm = torch.randperm(self.num_samples, generator=g).tolist()
+            for b in range(offset, self.steps_per_epoch):
+                yield [(epoch, i) for i in perm[b * self.batch_size : (b + 1) * self.batch_size]]
+            epoch, offset = epoch + 1, 0

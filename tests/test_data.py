@@ -1,0 +1,134 @@
+"""Built-in data, image folders, the two-view transform, step-addressed sampling, the stand-in tokenizer."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from beit_fast.data import (
+    SHAPE_CLASSES,
+    BuiltinShapes,
+    ImageFolderDataset,
+    MIMDataset,
+    StepBatchSampler,
+    TwoViewTransform,
+    build_dataset,
+)
+from beit_fast.masking import BlockwiseMaskGenerator
+from beit_fast.tokenizer import RandomConvTokenizer
+
+
+def test_builtin_is_deterministic_and_labelled():
+    a, b = BuiltinShapes(50, 64, seed=1), BuiltinShapes(50, 64, seed=1)
+    c = BuiltinShapes(50, 64, seed=2)
+    for i in (0, 7, 49):
+        ia, la, sa = a.sample(i)
+        ib, lb, sb = b.sample(i)
+        assert np.array_equal(ia, ib) and la == lb and np.array_equal(sa, sb)
+        assert ia.shape == (64, 64, 3) and ia.dtype == np.uint8 and sa.shape == (64, 64)
+        assert 0 <= la < 8
+        # The labelled main shape is drawn last, so its class is on the segmentation map.
+        assert (sa == la + 1).any()
+        assert set(np.unique(sa)) <= set(range(len(SHAPE_CLASSES) + 1))
+    assert not np.array_equal(a.sample(3)[0], c.sample(3)[0])
+    labels = [a.sample(i)[1] for i in range(50)]
+    assert len(set(labels)) >= 5
+    img, label = a[0]
+    assert isinstance(img, Image.Image) and img.size == (64, 64)
+    with pytest.raises(IndexError):
+        a.sample(50)
+    for bad in (dict(num_images=0), dict(size=8), dict(num_classes=1), dict(num_classes=9)):
+        with pytest.raises(ValueError):
+            BuiltinShapes(**bad)
+
+
+def test_image_folder_layouts_and_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ImageFolderDataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolderDataset(tmp_path / "empty")
+    img = Image.fromarray(np.full((20, 20, 3), 128, np.uint8))
+    for cls in ("cat", "dog"):
+        (tmp_path / "cls" / cls).mkdir(parents=True)
+        img.save(tmp_path / "cls" / cls / "x.png")
+    ds = ImageFolderDataset(tmp_path / "cls")
+    assert ds.classes == ["cat", "dog"] and [l for _, l in ds.samples] == [0, 1]
+    (tmp_path / "flat").mkdir()
+    img.save(tmp_path / "flat" / "a.jpg")
+    (tmp_path / "flat" / "b.JPEG").write_bytes(b"garbage")
+    (tmp_path / "flat" / "notes.txt").write_text("skip me")
+    flat = ImageFolderDataset(tmp_path / "flat")
+    assert len(flat) == 2 and flat.samples[0][1] == -1
+    # The corrupt file is skipped (next readable one returned) and counted.
+    im, _ = flat[1]
+    assert im.size == (20, 20) and flat.num_skipped == 1
+    assert isinstance(build_dataset("builtin", num_images=4, size=32), BuiltinShapes)
+
+
+def test_two_view_transform():
+    img = BuiltinShapes(4, 96)[0][0]
+    t = TwoViewTransform(64)
+    torch.manual_seed(0)
+    patches, tok = t(img)
+    assert patches.shape == (3, 64, 64) and tok.shape == (3, 32, 32)
+    assert tok.min() >= 0 and tok.max() <= 1
+    assert patches.min() >= -1 - 1e-6 and patches.max() <= 1 + 1e-6
+    # Both views come from the same box: with no jitter or flip, the downsampled patch view
+    # matches the tokenizer view closely.
+    t2 = TwoViewTransform(64, color_jitter=0, hflip=0, scale=(0.5, 0.5))
+    torch.manual_seed(1)
+    p2, k2 = t2(img)
+    small = torch.nn.functional.avg_pool2d(p2 * 0.5 + 0.5, 2)
+    assert (small - k2).abs().mean() < 0.05
+
+
+def test_mim_dataset_is_a_function_of_seed_epoch_index():
+    base = BuiltinShapes(16, 96)
+    mk = lambda: MIMDataset(base, TwoViewTransform(64), BlockwiseMaskGenerator(8, 26, min_num_patches=4), seed=5)
+    a, b = mk(), mk()
+    torch.manual_seed(123)
+    x = a[(2, 3)]
+    torch.manual_seed(999)  # global RNG state must not matter
+    _ = b[(0, 0)]
+    y = b[(2, 3)]
+    for u, v in zip(x[:3], y[:3]):
+        assert torch.equal(u, v)
+    assert x[2].dtype == torch.bool and int(x[2].sum()) == 26
+    z = a[(3, 3)]
+    assert not torch.equal(x[0], z[0])
+
+
+def test_step_batch_sampler_resumes_at_any_step():
+    full = list(itertools.islice(iter(StepBatchSampler(10, 3, seed=4)), 9))
+    assert all(len(b) == 3 for b in full)
+    # 3 steps per epoch; every epoch is a permutation without repeats within it.
+    for e in range(3):
+        idx = [i for b in full[3 * e : 3 * e + 3] for (_, i) in b]
+        assert len(set(idx)) == 9 and all(ep == e for b in full[3 * e : 3 * e + 3] for ep, _ in b)
+    for start in (1, 3, 5):
+        resumed = list(itertools.islice(iter(StepBatchSampler(10, 3, seed=4, start_step=start)), 9 - start))
+        assert resumed == full[start:]
+    with pytest.raises(ValueError):
+        StepBatchSampler(2, 3)
+
+
+def test_random_tokenizer():
+    tok = RandomConvTokenizer(vocab_size=512, grid_size=8, image_size=32, seed=0)
+    base = BuiltinShapes(64, 96)
+    t = TwoViewTransform(64)
+    torch.manual_seed(0)
+    views = torch.stack([t(base[i][0])[1] for i in range(64)])
+    ids = tok.tokenize(views)
+    assert ids.shape == (64, 64) and ids.dtype == torch.long
+    assert ids.min() >= 0 and ids.max() < 512
+    assert torch.equal(ids, RandomConvTokenizer(512, 8, 32, seed=0).tokenize(views))
+    hist = torch.bincount(ids.flatten(), minlength=512).double()
+    p = hist / hist.sum()
+    perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+    assert perplexity > 10  # targets are spread over many codes, not one
+    assert not any(p.requires_grad for p in tok.parameters())
+    with pytest.raises(ValueError):
+        tok.tokenize(torch.zeros(2, 3, 16, 16))

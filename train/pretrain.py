@@ -1,0 +1,520 @@
+"""BEiT masked-image-modeling pretraining, single process (`beit-fast pretrain`).
+
+One linear script, nanoGPT style: config -> data -> tokenizer -> model -> optimizer -> loop.
+Every `log_every` steps one line: step | loss | mlm_acc | lr | ms/step | img/s | (MFU) | mem.
+Checkpoints are written atomically (temporary file + rename) every `save_every` steps and at
+the end, the last `keep_last` kept; `--resume auto` continues exactly where the newest one
+stopped (model, optimizer, schedule position, RNG states; the data stream is addressed by
+step, see `beit_fast.data.StepBatchSampler`).
+
+The DeepSpeed ZeRO engine, the DALL-E tokenizer and the fused kernels plug in here with
+their issues; until the tokenizer lands, targets come from a fixed random conv tokenizer and
+the log says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from beit_fast import BeitConfig, BeitForMaskedImageModeling
+from beit_fast.checkpoint import atomic_save
+from beit_fast.data import MIMDataset, StepBatchSampler, TwoViewTransform, build_dataset
+from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator
+from beit_fast.tokenizer import RandomConvTokenizer
+
+log = logging.getLogger("beit_fast.pretrain")
+
+__all__ = ["PretrainConfig", "pretrain", "build_optimizer", "lr_at", "find_latest_checkpoint"]
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "tiny"  # BeitConfig preset: tiny | small | base | large
+    model: Dict[str, Any] = field(default_factory=dict)  # BeitConfig overrides, e.g. {"depth": 2}
+    data: str = "builtin"  # "builtin" (procedural shapes) or an image-folder path
+    num_images: int = 4096  # size of the built-in dataset
+    out: str = "runs/pretrain"  # run directory: config.json, metrics.csv, checkpoints/
+    max_steps: int = 300  # optimizer steps
+    batch_size: int = 64  # images per step
+    lr: float = 1.5e-3  # peak learning rate (SPEC: 1.5e-3 at batch 2048)
+    min_lr: float = 1e-5  # end of the cosine
+    warmup_steps: int = 30  # linear warmup from 0
+    weight_decay: float = 0.05  # AdamW decay (not on 1-D params, biases, tokens, bias tables)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_grad: float = 3.0  # max global grad norm (0 disables)
+    masking: str = "block"  # "block" (BEiT) or "random" (ablation)
+    seed: int = 0
+    num_workers: int = 1  # data-loader workers (0: load in the main process)
+    log_every: int = 10  # steps between log lines
+    save_every: int = 100  # steps between checkpoints (0: only at the end)
+    keep_last: int = 2  # checkpoints kept
+    resume: str = ""  # "" (fresh), "auto" (newest checkpoint in out/ if any) or a checkpoint path
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    precision: str = "auto"  # "fp32", "bf16" (autocast on CUDA); "auto": bf16 on CUDA, fp32 on CPU
+    max_bad_steps: int = 10  # stop after this many non-finite losses in a row (each one is skipped)
+    tokenizer: str = "random"  # "random": fixed random conv tokenizer (until the DALL-E tokenizer lands)
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("max_steps", "batch_size", "log_every", "keep_last", "num_images", "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be positive")
+        for name in ("warmup_steps", "save_every", "num_workers"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            bad("lr", f"need lr > 0 and 0 <= min_lr ({self.min_lr}) <= lr")
+        if self.masking not in ("block", "random"):
+            bad("masking", 'must be "block" or "random"')
+        if self.precision not in ("auto", "fp32", "bf16"):
+            bad("precision", 'must be "auto", "fp32" or "bf16"')
+        if self.tokenizer != "random":
+            bad("tokenizer", 'only "random" exists until the DALL-E tokenizer lands')
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            bad("device", 'must be "auto", "cpu", "cuda" or "cuda:N"')
+        self.model_config()  # raises on bad preset / model keys
+
+    def model_config(self) -> BeitConfig:
+        return BeitConfig.from_preset(self.preset, **self.model)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- optimisation ----------------------------------------------------------------------------------------------------
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the reference groups: no decay on 1-D params, biases, cls/mask tokens, bias tables."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in skip):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Per-step linear warmup to `lr`, then cosine to `min_lr` at `max_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def flops_per_image(c: BeitConfig) -> float:
+    """Training FLOPs per image (3x forward; matmuls only), for MFU."""
+    n, d, m = c.num_patches + 1, c.embed_dim, c.mlp_hidden_dim
+    block = 2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d
+    fwd = c.depth * block + 2 * c.num_patches * d * c.in_chans * c.patch_size**2
+    fwd += 2 * c.num_masking_patches * d * c.vocab_size
+    return 3.0 * fwd
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """Dense bf16 peak of known cards (None: unknown, no MFU printed)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
+        if key in name:
+            return value
+    return None
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------------
+def _ckpt_dir(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def find_latest_checkpoint(out: Path) -> Optional[Path]:
+    paths = sorted(_ckpt_dir(out).glob("step_*.pt"))
+    return paths[-1] if paths else None
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, cfg: PretrainConfig, stats: Dict[str, Any]) -> Path:
+    path = _ckpt_dir(out) / f"step_{step:08d}.pt"
+    atomic_save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "config": cfg.to_dict(),
+            "model_config": model.config.to_dict(),
+            "rng": _rng_state(),
+            "stats": stats,
+        },
+        path,
+    )
+    for old in sorted(_ckpt_dir(out).glob("step_*.pt"))[: -cfg.keep_last]:
+        old.unlink()
+    return path
+
+
+# -- the run ---------------------------------------------------------------------------------------------------------
+class _Progress:
+    """tqdm bar on a terminal, plain log lines otherwise (CI logs, files)."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, line: str, postfix: Dict[str, str], log_now: bool) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if log_now:
+                self.bar.set_postfix(postfix, refresh=False)
+        elif log_now:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _worker_init(_: int) -> None:
+    # One intra-op thread per worker: the workers' small tensor ops otherwise fight the training
+    # step for the same cores (OpenMP spin-waits made steps 10x slower on 2 cores).
+    torch.set_num_threads(1)
+
+
+def _device(cfg: PretrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r} but CUDA is not available here")
+    return dev
+
+
+def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
+    """Run pretraining; returns a summary (final metrics, paths)."""
+    cfg.validate()
+    mcfg = cfg.model_config()
+    out = Path(cfg.out)
+    device = _device(cfg)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if use_bf16 and device.type != "cuda":
+        raise ValueError("precision=bf16 needs a CUDA device (bf16 autocast on the CPU is slow and untested here)")
+
+    # Data first: a missing directory must fail before any work starts.
+    data_size = int(mcfg.img_size * 1.5)
+    base = build_dataset(cfg.data, num_images=cfg.num_images, size=data_size, seed=cfg.seed)
+    if len(base) < cfg.batch_size:
+        raise ValueError(f"dataset has {len(base)} images, fewer than batch_size={cfg.batch_size}")
+
+    resume_path: Optional[Path] = None
+    if cfg.resume == "auto":
+        resume_path = find_latest_checkpoint(out)
+    elif cfg.resume:
+        resume_path = Path(cfg.resume)
+        if not resume_path.exists():
+            raise FileNotFoundError(f"resume checkpoint not found: {resume_path}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"pretrain": cfg.to_dict(), "model": mcfg.to_dict()}, indent=2))
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = BeitForMaskedImageModeling(mcfg).to(device)
+    optimizer = build_optimizer(model, cfg)
+    tok_size = mcfg.img_size // 2
+    tokenizer = RandomConvTokenizer(mcfg.vocab_size, mcfg.grid_size, tok_size, seed=cfg.seed).to(device)
+    log.info("targets: %s", tokenizer.description)
+
+    start_step, stats = 0, {"skipped_steps": 0, "token_hist": torch.zeros(mcfg.vocab_size, dtype=torch.long)}
+    if resume_path is not None:
+        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
+        if ckpt["model_config"] != mcfg.to_dict():
+            raise ValueError(f"{resume_path} was written with another model config; refusing to resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step, stats = ckpt["step"], ckpt["stats"]
+        _set_rng_state(ckpt["rng"])
+        log.info("resumed from %s at step %d", resume_path, start_step)
+
+    if cfg.masking == "block":
+        min_block = min(16, max(1, mcfg.num_masking_patches // 4))
+        mask_gen = BlockwiseMaskGenerator(mcfg.grid_size, mcfg.num_masking_patches, min_num_patches=min_block)
+    else:
+        mask_gen = RandomMaskGenerator(mcfg.grid_size, mcfg.num_masking_patches)
+    dataset = MIMDataset(base, TwoViewTransform(mcfg.img_size, tok_size), mask_gen, seed=cfg.seed)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched by workers
+        worker_init_fn=_worker_init,
+    )
+
+    metrics_path = out / "metrics.csv"
+    columns = ["step", "loss", "mlm_acc", "lr", "grad_norm", "ms_per_step", "img_per_s", "skipped_steps"]
+    if start_step == 0 or not metrics_path.exists():
+        with open(metrics_path, "w", newline="") as f:
+            csv.writer(f).writerow(columns)
+    else:  # drop rows past the checkpoint (written after it, before a crash)
+        with open(metrics_path, newline="") as f:
+            rows = [r for r in csv.reader(f)]
+        with open(metrics_path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(columns)
+            w.writerows(r for r in rows[1:] if r and int(r[0]) <= start_step)
+    metrics_file = open(metrics_path, "a", newline="")
+    writer = csv.writer(metrics_file)
+
+    fpi, peak = flops_per_image(mcfg), peak_flops(device)
+    progress = _Progress(cfg.max_steps, start_step)
+    recent_acc: deque = deque(maxlen=20)
+    bad_in_row = 0
+    last_ckpt: Optional[Path] = resume_path
+    model.train()
+    t_last = time.perf_counter()
+    step = start_step
+    data_iter = iter(loader)
+    try:
+        while step < cfg.max_steps:
+            patches, tok_view, mask, _ = next(data_iter)
+            patches = patches.to(device, non_blocking=True)
+            tok_view = tok_view.to(device, non_blocking=True)
+            mask = mask.to(device, non_blocking=True)
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            tokens = tokenizer.tokenize(tok_view)
+            stats["token_hist"] += torch.bincount(tokens[mask].cpu(), minlength=mcfg.vocab_size)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out_ = model(patches, mask, tokens)
+            loss = out_.loss
+            if not torch.isfinite(loss):
+                bad_in_row += 1
+                stats["skipped_steps"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", step, loss.item(), bad_in_row)
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise RuntimeError(
+                        f"{bad_in_row} non-finite losses in a row (max_bad_steps={cfg.max_bad_steps}); stopping. "
+                        "Lower the lr, raise warmup, or resume from an earlier checkpoint."
+                    )
+                step += 1
+                continue
+            bad_in_row = 0
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else 1e30)
+            optimizer.step()
+            step += 1
+
+            loss_v, acc_v = loss.item(), out_.accuracy.item()
+            recent_acc.append(acc_v)
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            ips = cfg.batch_size / dt
+            writer.writerow([step, f"{loss_v:.6f}", f"{acc_v:.6f}", f"{lr:.6g}", f"{float(grad_norm):.4f}",
+                             f"{dt * 1e3:.1f}", f"{ips:.1f}", stats["skipped_steps"]])
+            log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+            mfu = f" | MFU {fpi * ips / peak:.1%}" if peak else ""
+            mem = (f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB" if device.type == "cuda" else "")
+            line = (f"step {step}/{cfg.max_steps} | loss {loss_v:.4f} | mlm_acc {acc_v:.4f} | lr {lr:.3g} | "
+                    f"{dt * 1e3:.0f} ms | {ips:.0f} img/s{mfu}{mem}")
+            progress.update(step, line, {"loss": f"{loss_v:.3f}", "acc": f"{acc_v:.3f}", "lr": f"{lr:.2g}",
+                                         "img/s": f"{ips:.0f}"}, log_now)
+            if log_now:
+                metrics_file.flush()
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, stats)
+        last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, stats)
+    finally:
+        progress.close()
+        metrics_file.close()
+
+    hist = stats["token_hist"].double()
+    majority = float(hist.max() / hist.sum()) if hist.sum() > 0 else float("nan")
+    summary = {
+        "step": step,
+        "final_mlm_acc": float(np.mean(recent_acc)) if recent_acc else float("nan"),
+        "chance": 1.0 / mcfg.vocab_size,
+        "majority_baseline": majority,
+        "skipped_steps": stats["skipped_steps"],
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "metrics": str(metrics_path),
+        "out": str(out),
+        "tokenizer": tokenizer.description,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# -- command line ----------------------------------------------------------------------------------------------------
+def _coerce(name: str, raw: str, current: Any) -> Any:
+    import yaml
+
+    value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+    if value is None and raw in ("null", "none", "None"):
+        return None  # Optional fields (init_values); the config check rejects it elsewhere
+    if isinstance(current, str) and isinstance(value, bool):
+        return value  # "auto" | True | False switches (fused_kernels)
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"--{name} expects true/false, got {raw!r}")
+    elif isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"--{name} expects an int, got {raw!r}")
+    elif isinstance(current, float):
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"--{name} expects a number, got {raw!r}")
+        value = float(value)
+    elif isinstance(current, str):
+        value = str(raw)
+    return value
+
+
+def config_from_args(args: List[str]) -> PretrainConfig:
+    """`--config FILE.yaml` then `--key=value` / `--key value` overrides; BeitConfig keys go to `model`
+    (plain, or as `--model.key=value`). Unknown keys raise ValueError."""
+    import yaml
+
+    values: Dict[str, Any] = {}
+    pairs: List[Tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ValueError(f"unexpected argument {a!r} (options are --key=value)")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+        elif a[2:] in ("deepspeed",):
+            raise ValueError("--deepspeed: the DeepSpeed engine is not in this build yet; run without it")
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            k, v = a[2:], args[i + 1]
+            i += 1
+        else:
+            raise ValueError(f"option {a} needs a value")
+        pairs.append((k.replace("-", "_"), v))
+        i += 1
+    for k, v in pairs:
+        if k == "config":
+            path = Path(v)
+            if not path.exists():
+                raise FileNotFoundError(f"config file not found: {path}")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: expected a mapping of config keys")
+            values.update(loaded)
+    defaults = PretrainConfig()
+    own = {f.name for f in fields(PretrainConfig)}
+    model_keys = {f.name for f in fields(BeitConfig)}
+    model = dict(values.pop("model", {}) or {})
+    for k in list(values):
+        if k not in own:
+            if k in model_keys:
+                model[k] = values.pop(k)
+            else:
+                raise ValueError(f"unknown config key {k!r}")
+    for k, v in pairs:
+        if k == "config":
+            continue
+        if k.startswith("model."):
+            k = k[len("model."):]
+            if k not in model_keys:
+                raise ValueError(f"unknown model key {k!r}; valid: {sorted(model_keys)}")
+            model[k] = _coerce(k, v, getattr(BeitConfig(), k))
+        elif k in own and k != "model":
+            values[k] = _coerce(k, v, getattr(defaults, k))
+        elif k in model_keys:
+            model[k] = _coerce(k, v, getattr(BeitConfig(), k))
+        else:
+            raise ValueError(f"unknown option --{k}; pretrain options: {sorted(own - {'model'})}, model keys too")
+    cfg = PretrainConfig(**values, model=model)
+    cfg.validate()
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("options (--key=value):")
+        for f in fields(PretrainConfig):
+            print(f"  --{f.name.replace('_', '-')}  (default {f.default if f.default is not dataclasses.MISSING else '{}'})")
+        print("  --config FILE.yaml; any BeitConfig key (e.g. --depth=2 or --model.depth=2)")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        cfg = config_from_args(argv)
+        summary = pretrain(cfg)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"beit-fast pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("beit-fast pretrain: interrupted; the last checkpoint is intact (resume with --resume auto)",
+              file=sys.stderr)
+        return 130
+    print(
+        f"done: {summary['step']} steps | final mlm_acc {summary['final_mlm_acc']:.4f} (mean of the last 20 steps) "
+        f"vs chance {summary['chance']:.4f} (1/{round(1 / summary['chance'])}) and majority-token baseline "
+        f"{summary['majority_baseline']:.4f}"
+    )
+    print(f"targets: {summary['tokenizer']}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print(f"metrics: {summary['metrics']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
