@@ -59,7 +59,12 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, Any]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    # unilm's save_model stores its argparse.Namespace beside the weights; admit exactly that
+    # class on top of torch's weights-only allow-list (no arbitrary code runs on load).
+    import argparse
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def unwrap(obj: Mapping[str, Any]) -> StateDict:
@@ -202,9 +207,16 @@ def _check_and_drop_index(sd: StateDict) -> StateDict:
     out = {}
     for k, v in sd.items():
         if k.endswith("relative_position_index"):
-            expected = _relative_position_index(_grid_of_index(v))
+            grid = _grid_of_index(v)
+            expected = _relative_position_index(grid)
             if v.shape != expected.shape or not torch.equal(v.long().cpu(), expected):
                 raise CheckpointError(f"{k} is not the standard BEiT relative position index for its grid")
+            table = sd.get(k[: -len("relative_position_index")] + "relative_position_bias_table")
+            if table is not None and _grid_of_table(table.shape[0]) != grid:
+                raise CheckpointError(
+                    f"{k} is for a {grid[0]}x{grid[1]} grid but its table has {table.shape[0]} rows "
+                    f"(a {_grid_of_table(table.shape[0])[0]}-wide grid)"
+                )
             continue
         if k.endswith("attn.k_bias"):  # timm keeps a zero k bias buffer
             if torch.count_nonzero(v):
@@ -346,6 +358,9 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

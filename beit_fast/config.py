@@ -36,7 +36,7 @@ class BeitConfig:
     use_shared_rel_pos_bias: bool = True  # ONE table shared by every layer (pretraining layout)
     vocab_size: int = 8192  # visual-token vocabulary of the tokenizer (DALL-E dVAE: 8192)
     layer_norm_eps: float = 1e-6  # LayerNorm epsilon (unilm and timm use 1e-6)
-    init_std: float = 0.02  # truncated-normal std for Linear, patch conv, cls/mask token, lm head
+    init_std: float = 0.02  # normal std (cut at +-1 std, as unilm) for Linear, patch conv, cls/mask token, lm head
     num_masking_patches: int = 75  # masked patches per image (~40% of the grid)
     attn_backend: str = "auto"  # one of ATTN_BACKENDS; "auto" picks the fastest that supports the case
     fused_kernels: FusedSwitch = "auto"  # Triton MIM kernels: "auto" | True | False
@@ -94,7 +94,7 @@ class BeitConfig:
             bad("num_masking_patches", f"must be in [1, num_patches={self.num_patches}]")
         if self.attn_backend not in ATTN_BACKENDS:
             bad("attn_backend", f"must be one of {ATTN_BACKENDS}")
-        if self.fused_kernels not in ("auto", True, False):
+        if not (self.fused_kernels == "auto" or self.fused_kernels is True or self.fused_kernels is False):
             bad("fused_kernels", 'must be "auto", True or False')
 
     # -- construction --------------------------------------------------------------------------------------------

@@ -207,10 +207,16 @@ class BeitModel(nn.Module):
 
     # -- init (SPEC section 1) ---------------------------------------------------------------------------------
     def init_weights(self) -> None:
+        # unilm's `trunc_normal_(t, std)` wraps timm's with a=-std, b=std: the draw is cut at ONE
+        # standard deviation (effective std ~0.54 * 0.02), unlike timm's Beit (cut at +-2, i.e. none).
         std = self.config.init_std
+
+        def trunc(t: torch.Tensor) -> None:
+            nn.init.trunc_normal_(t, std=std, a=-std, b=std)
+
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=std)
+                trunc(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -218,7 +224,7 @@ class BeitModel(nn.Module):
                 nn.init.zeros_(m.bias)
         for p in (self.cls_token, self.mask_token, self.pos_embed):
             if p is not None:
-                nn.init.trunc_normal_(p, std=std)
+                trunc(p)
         with torch.no_grad():
             for layer_id, blk in enumerate(self.blocks, start=1):
                 blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
@@ -402,21 +408,21 @@ class BeitForMaskedImageModeling(BeitModel):
             raise ValueError(f"visual_tokens must be a tensor, got {type(visual_tokens).__name__}")
         if visual_tokens.dtype.is_floating_point or visual_tokens.dtype == torch.bool:
             raise ValueError(f"visual_tokens must be an integer tensor of token ids, got {visual_tokens.dtype}")
-        if tuple(visual_tokens.shape) != tuple(mask.shape):
-            if visual_tokens.dim() == 3 and visual_tokens.shape[0] == mask.shape[0]:
-                visual_tokens = visual_tokens.reshape(mask.shape[0], -1)
-            if tuple(visual_tokens.shape) != tuple(mask.shape):
-                raise ValueError(
-                    f"visual_tokens has shape {tuple(visual_tokens.shape)}, expected the full token grid "
-                    f"{tuple(mask.shape)} (the head selects the masked positions itself)"
-                )
+        gh, gw = self.patch_embed.grid_size
+        B = mask.shape[0]
+        if tuple(visual_tokens.shape) not in ((B, gh * gw), (B, gh, gw)):
+            raise ValueError(
+                f"visual_tokens has shape {tuple(visual_tokens.shape)}, expected the full token grid "
+                f"({B}, {gh * gw}) or ({B}, {gh}, {gw}) (the head selects the masked positions itself)"
+            )
+        visual_tokens = visual_tokens.reshape(B, gh * gw)
+        # Only the masked positions are targets, so only they are checked.
         targets = visual_tokens[mask].long()
-        if targets.numel():
-            lo, hi = int(targets.min()), int(targets.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(
-                    f"visual_tokens out of range: min {lo}, max {hi}, vocab_size {self.config.vocab_size}"
-                )
+        if targets.numel() == 0:
+            raise ValueError("bool_masked_pos masks no patch in this batch: the MIM loss is undefined")
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"visual_tokens out of range: min {lo}, max {hi}, vocab_size {self.config.vocab_size}")
         return targets
 
 

@@ -28,6 +28,15 @@ def perturb(module: nn.Module, seed: int, std: float = 0.02, table_std: float = 
         p.add_(torch.randn(p.shape, generator=g) * s)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The models here are tiny: one intra-op thread is faster, and far faster when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def no_init(monkeypatch):
     """Build models without spending time on weight init (only shapes / counts matter)."""
@@ -112,6 +121,12 @@ def test_invalid_values_name_the_key(overrides, key):
         BeitConfig.from_preset("base", **overrides)
 
 
+@pytest.mark.parametrize("value", [1, 1.0, 0])
+def test_fused_kernels_non_bool_numbers_rejected(value):
+    with pytest.raises(ValueError, match="fused_kernels"):
+        BeitConfig.from_preset("tiny", fused_kernels=value)
+
+
 def test_valid_switches():
     for v in ("auto", True, False):
         BeitConfig.from_preset("tiny", fused_kernels=v)
@@ -132,15 +147,23 @@ def _std(t):
     return float(t.detach().double().std())
 
 
+# unilm draws N(0, 0.02) cut at +-1 std (trunc_normal_ with a=-std, b=std): the std of a standard
+# normal truncated to [-1, 1] is sqrt(1 - 2*phi(1) / (2*Phi(1) - 1)) = 0.5394.
+TRUNC = math.sqrt(1 - 2 * math.exp(-0.5) / math.sqrt(2 * math.pi) / math.erf(1 / math.sqrt(2)))
+STD = 0.02 * TRUNC
+
+
 def test_init_rescaled_proj_and_fc2(base_init_model):
     m = base_init_model
     for l, blk in enumerate(m.blocks, start=1):
-        want = 0.02 / math.sqrt(2 * l)
+        want = STD / math.sqrt(2 * l)
         for w in (blk.attn.proj.weight, blk.mlp.fc2.weight):
             assert abs(_std(w) / want - 1) < 0.02, (l, _std(w), want)
             assert abs(float(w.detach().double().mean())) < want * 0.01
+            assert float(w.detach().abs().max()) <= 0.02 / math.sqrt(2 * l) * (1 + 1e-6)
         for w in (blk.attn.qkv.weight, blk.mlp.fc1.weight):  # not rescaled
-            assert abs(_std(w) / 0.02 - 1) < 0.02
+            assert abs(_std(w) / STD - 1) < 0.02
+            assert float(w.detach().abs().max()) <= 0.02 * (1 + 1e-6)
 
 
 def test_init_other_parameters(base_init_model):
@@ -153,10 +176,10 @@ def test_init_other_parameters(base_init_model):
         assert torch.equal(blk.norm1.weight, torch.ones(768))
     assert torch.count_nonzero(m.rel_pos_bias.relative_position_bias_table) == 0
     for tok in (m.cls_token, m.mask_token):  # 768 samples: std estimate within ~10%
-        assert abs(_std(tok) / 0.02 - 1) < 0.15, _std(tok)
+        assert abs(_std(tok) / STD - 1) < 0.15, _std(tok)
     assert not torch.equal(m.cls_token, m.mask_token)
-    assert abs(_std(m.lm_head.weight) / 0.02 - 1) < 0.01 and torch.count_nonzero(m.lm_head.bias) == 0
-    assert abs(_std(m.patch_embed.proj.weight) / 0.02 - 1) < 0.02
+    assert abs(_std(m.lm_head.weight) / STD - 1) < 0.01 and torch.count_nonzero(m.lm_head.bias) == 0
+    assert abs(_std(m.patch_embed.proj.weight) / STD - 1) < 0.02
     assert torch.count_nonzero(m.patch_embed.proj.bias) == 0
     assert torch.equal(m.norm.weight, torch.ones(768)) and torch.count_nonzero(m.norm.bias) == 0
 
@@ -166,11 +189,11 @@ def test_init_per_layer_tables_and_classification_head():
     cfg = BeitConfig.from_preset("base", depth=1, use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
     m = BeitForImageClassification(cfg, num_classes=1000)
     assert torch.count_nonzero(m.blocks[0].attn.relative_position_bias_table) == 0
-    assert abs(_std(m.head.weight) / (0.02 * 0.001) - 1) < 0.02, _std(m.head.weight)
+    assert abs(_std(m.head.weight) / (STD * 0.001) - 1) < 0.02, _std(m.head.weight)
     assert torch.count_nonzero(m.head.bias) == 0
     assert torch.equal(m.fc_norm.weight, torch.ones(768))
     m2 = BeitForImageClassification(cfg, num_classes=1000, head_init_scale=1.0)
-    assert abs(_std(m2.head.weight) / 0.02 - 1) < 0.02
+    assert abs(_std(m2.head.weight) / STD - 1) < 0.02
     with pytest.raises(ValueError, match="num_classes"):
         BeitForImageClassification(cfg, num_classes=0)
 
@@ -239,6 +262,12 @@ def test_bad_visual_tokens(tiny):
         tiny(x, mask, tok[:, :26])
     with pytest.raises(ValueError, match=r"\(1, 64\)"):
         tiny(x, mask, tok[:1])
+
+
+def test_visual_tokens_wrong_grid_shape_rejected(tiny):
+    x, mask, tok = tiny_inputs()
+    with pytest.raises(ValueError, match=r"\(2, 4, 16\)"):
+        tiny(x, mask, tok.reshape(2, 4, 16))
 
 
 def test_fused_kernels_needs_equal_mask_counts(tiny):
@@ -328,7 +357,7 @@ def test_math_and_sdpa_backends_agree(per_layer):
     assert rel_err(lb, la) <= TOL
     errs = {k: rel_err(gb[k], ga[k]) for k in ga}
     assert max(errs.values()) <= TOL, errs
-    table = "rel_pos_bias.relative_position_bias_table" if not per_layer else "blocks.0.attn.relative_position_bias_table"
+    table = "blocks.0.attn.relative_position_bias_table" if per_layer else "rel_pos_bias.relative_position_bias_table"
     assert float(ga[table].abs().max()) > 0
 
 
@@ -420,3 +449,14 @@ def test_feature_maps_default_out_of_range_for_shallow_model(tiny):
     backbone = BeitModel(tiny.config)  # depth 4: the default (3, 5, 7, 11) does not fit
     with pytest.raises(ValueError, match="out of range"):
         backbone.feature_maps(torch.randn(1, 3, 64, 64))
+
+
+def test_all_false_mask_raises_instead_of_nan():
+    cfg = BeitConfig.from_preset("tiny", depth=1)
+    m = BeitForMaskedImageModeling(cfg)
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    with pytest.raises(ValueError, match="masks no patch"):
+        m(x, mask, torch.zeros(2, 64, dtype=torch.long))
+    out = m(x, mask)  # without targets there is no loss to define; logits are (0, V)
+    assert out.loss is None and out.num_masked == 0

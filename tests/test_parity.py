@@ -24,6 +24,16 @@ DEPTH = 2
 D, HEADS, IMG, GRID, VOCAB = 768, 12, 224, 14, 8192
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One intra-op thread: with 2 cores shared with other processes, OpenMP spin-waiting makes 2 threads much
+    slower than 1 (measured: the file takes several times longer under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # -- helpers -------------------------------------------------------------------------------------------------------
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|b| (b is the reference)."""
