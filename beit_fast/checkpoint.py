@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -317,7 +317,9 @@ def load_into(
 ) -> Dict[str, List[str]]:
     """Convert, adapt and load. Returns {"missing": [...], "unexpected": [...]}; with `strict`, either
     being non-empty raises. Shape mismatches always raise."""
-    obj = load_state_dict_file(path_or_state_dict) if isinstance(path_or_state_dict, (str, Path)) else path_or_state_dict
+    obj = path_or_state_dict
+    if isinstance(obj, (str, Path)):
+        obj = load_state_dict_file(obj)
     sd = convert_state_dict(obj, source=source)
     model_sd = model.state_dict()
     sd = _adapt_to_model(sd, model_sd, len(getattr(model, "blocks", [])))

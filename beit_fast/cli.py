@@ -36,7 +36,8 @@ def info() -> int:
         print(f"{mod:>13}: {_version(mod)}")
     if torch.cuda.is_available():
         dev, dtype = "cuda", torch.bfloat16
-        print(f"device: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}), {torch.cuda.device_count()} GPU(s)")
+        n = torch.cuda.device_count()
+        print(f"device: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}), {n} GPU(s)")
     else:
         dev, dtype = "cpu", torch.float32
         print(f"device: CPU ({torch.get_num_threads()} threads); no CUDA device")

@@ -34,7 +34,8 @@ class VisualTokenizer(nn.Module):
     def check_images(self, images: torch.Tensor) -> None:
         expected = (3, self.image_size, self.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"tokenizer expects (B, {', '.join(map(str, expected))}) images, got {tuple(images.shape)}")
+            want = ", ".join(map(str, expected))
+            raise ValueError(f"tokenizer expects (B, {want}) images, got {tuple(images.shape)}")
 
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

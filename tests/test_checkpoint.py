@@ -19,39 +19,13 @@ from beit_fast.checkpoint import (
     shared_to_per_layer_rel_pos_bias,
 )
 from beit_fast.model import relative_position_index
+from helpers import spec_index  # noqa: E402
 
 D, HEADS, DEPTH, VOCAB, GRID = 768, 12, 2, 8192, 14
 ROWS = (2 * GRID - 1) ** 2 + 3  # 732
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: with 2 cores shared with other processes, OpenMP spin-waiting makes 2 threads much
-    slower than 1 (measured: the file takes several times longer under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- helpers -------------------------------------------------------------------------------------------------------
-def spec_index(h: int = GRID, w: int = GRID) -> torch.Tensor:
-    """SPEC section 1, written independently of the library: (hi-hj+h-1)*(2w-1) + (wi-wj+w-1) for patches,
-    row 0 = T-3 (cls -> patch), column 0 = T-2 (patch -> cls), [0, 0] = T-1; for 14x14: 27, 729, 730, 731."""
-    rows = (2 * h - 1) * (2 * w - 1) + 3
-    n = h * w
-    idx = torch.empty(n + 1, n + 1, dtype=torch.long)
-    for i in range(n):
-        hi, wi = divmod(i, w)
-        for j in range(n):
-            hj, wj = divmod(j, w)
-            idx[i + 1, j + 1] = (hi - hj + h - 1) * (2 * w - 1) + (wi - wj + w - 1)
-    idx[0, :] = rows - 3
-    idx[:, 0] = rows - 2
-    idx[0, 0] = rows - 1
-    return idx
-
-
 _SPEC_INDEX_14 = None
 
 

@@ -11,30 +11,9 @@ import torch.nn as nn
 
 from beit_fast import PRESETS, BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, BeitModel
 from beit_fast import model as model_module
+from helpers import rel_err, perturb  # noqa: E402
 
 TOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-@torch.no_grad()
-def perturb(module: nn.Module, seed: int, std: float = 0.02, table_std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        s = table_std if name.endswith("relative_position_bias_table") else std
-        p.add_(torch.randn(p.shape, generator=g) * s)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The models here are tiny: one intra-op thread is faster, and far faster when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -18,39 +18,14 @@ transformers = pytest.importorskip("transformers")
 
 from beit_fast import BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, BeitModel  # noqa: E402
 from beit_fast.checkpoint import convert_state_dict, detect_source  # noqa: E402
+from helpers import rel_err, perturb, spec_index  # noqa: E402
 
 TOL = 1e-5
 DEPTH = 2
 D, HEADS, IMG, GRID, VOCAB = 768, 12, 224, 14, 8192
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: with 2 cores shared with other processes, OpenMP spin-waiting makes 2 threads much
-    slower than 1 (measured: the file takes several times longer under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- helpers -------------------------------------------------------------------------------------------------------
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|b| (b is the reference)."""
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-@torch.no_grad()
-def perturb(module: torch.nn.Module, seed: int, std: float = 0.02, table_std: float = 0.3) -> None:
-    """Add noise to every parameter (larger on the relative position tables so the bias matters)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        s = table_std if name.endswith("relative_position_bias_table") else std
-        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * s)
-
-
 def our_config(per_layer: bool = False, **kw) -> BeitConfig:
     return BeitConfig.from_preset(
         "base", depth=DEPTH, drop_path_rate=0.0, use_rel_pos_bias=per_layer, use_shared_rel_pos_bias=not per_layer, **kw
@@ -59,22 +34,6 @@ def our_config(per_layer: bool = False, **kw) -> BeitConfig:
 
 def pixels(batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
-
-
-def spec_index(h: int = GRID, w: int = GRID) -> torch.Tensor:
-    """SPEC section 1 relative position index, written independently of the library (loops)."""
-    rows = (2 * h - 1) * (2 * w - 1) + 3
-    n = h * w
-    idx = torch.empty(n + 1, n + 1, dtype=torch.long)
-    for i in range(n):
-        hi, wi = divmod(i, w)
-        for j in range(n):
-            hj, wj = divmod(j, w)
-            idx[i + 1, j + 1] = (hi - hj + h - 1) * (2 * w - 1) + (wi - wj + w - 1)
-    idx[0, :] = rows - 3
-    idx[:, 0] = rows - 2
-    idx[0, 0] = rows - 1
-    return idx
 
 
 # -- timm ----------------------------------------------------------------------------------------------------------

@@ -160,7 +160,6 @@ def test_cli_pretrain_and_info(tmp_path):
 
 
 def test_image_folder_training_skips_corrupt(tmp_path):
-    from PIL import Image
 
     from beit_fast.data import BuiltinShapes
 

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import re
 import sys
@@ -491,7 +490,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(__doc__)
         print("options (--key=value):")
         for f in fields(PretrainConfig):
-            print(f"  --{f.name.replace('_', '-')}  (default {f.default if f.default is not dataclasses.MISSING else '{}'})")
+            default = f.default if f.default is not dataclasses.MISSING else "{}"
+            print(f"  --{f.name.replace('_', '-')}  (default {default})")
         print("  --config FILE.yaml; any BeitConfig key (e.g. --depth=2 or --model.depth=2)")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

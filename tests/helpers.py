@@ -1,0 +1,36 @@
+"""Helpers shared by the test modules (independent of the library code they check)."""
+
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|b| (b is the reference)."""
+    a, b = a.detach().double(), b.detach().double()
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def perturb(module: torch.nn.Module, seed: int, std: float = 0.02, table_std: float = 0.3) -> None:
+    """Add noise to every parameter (larger on the relative position tables so the bias matters)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        s = table_std if name.endswith("relative_position_bias_table") else std
+        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * s)
+
+
+def spec_index(h: int = 14, w: int = 14) -> torch.Tensor:
+    """SPEC section 1, written independently of the library with loops: (hi-hj+h-1)*(2w-1) + (wi-wj+w-1) for
+    patches, row 0 = T-3 (cls -> patch), column 0 = T-2 (patch -> cls), [0, 0] = T-1; for 14x14: 27, 729-731."""
+    rows = (2 * h - 1) * (2 * w - 1) + 3
+    n = h * w
+    idx = torch.empty(n + 1, n + 1, dtype=torch.long)
+    for i in range(n):
+        hi, wi = divmod(i, w)
+        for j in range(n):
+            hj, wj = divmod(j, w)
+            idx[i + 1, j + 1] = (hi - hj + h - 1) * (2 * w - 1) + (wi - wj + w - 1)
+    idx[0, :] = rows - 3
+    idx[:, 0] = rows - 2
+    idx[0, 0] = rows - 1
+    return idx
