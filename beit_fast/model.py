@@ -293,6 +293,12 @@ class BeitModel(nn.Module):
             if bad:
                 raise ValueError(f"return_layers {bad} out of range for depth {len(self.blocks)}")
         x = self.embed(pixel_values, bool_masked_pos)
+        return self.run_blocks(x, return_layers)
+
+    def run_blocks(
+        self, x: torch.Tensor, return_layers: Optional[Sequence[int]] = None
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The Transformer blocks on embedded tokens (B, N+1, D), with the shared bias computed once."""
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         wanted = set(return_layers or ())
         layers = []
@@ -361,36 +367,31 @@ class BeitForMaskedImageModeling(BeitModel):
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size)
         self.init_weights()
 
-    def _use_fused(self) -> bool:
-        # The Triton MIM kernels arrive with issue 3; until then the switch only adds the
-        # static-shape precondition (equal mask counts per image) that they will rely on.
-        return self.config.fused_kernels is True
-
     def forward(
         self,
         pixel_values: torch.Tensor,
         bool_masked_pos: torch.Tensor,
         visual_tokens: Optional[torch.Tensor] = None,
         return_logits: bool = False,
+        num_masked_per_image: Optional[int] = None,
     ) -> MaskedImageModelingOutput:
-        """pixel_values (B, C, H, W); bool_masked_pos (B, N) or (B, h, w) bool; visual_tokens (B, N)
-        int token ids of the full grid (the tokenizer's output) or None (then no loss)."""
+        """pixel_values (B, C, H, W); bool_masked_pos (B, N) or (B, h, w) bool; visual_tokens (B, N) int token
+        ids of the full grid (the tokenizer's output) or None (then no loss).
+
+        `num_masked_per_image=K` promises exactly K masked patches in every image (BlockwiseMaskGenerator
+        guarantees it): the fused path then runs without any host synchronisation and checks the promise
+        (and the token range) on the device, reported by the next forward or `beit_fast.kernels.check_deferred`.
+        """
         if bool_masked_pos is None:
             raise ValueError("BeitForMaskedImageModeling needs bool_masked_pos")
         self.check_pixels(pixel_values)
         B = pixel_values.shape[0]
         mask = self.check_mask(bool_masked_pos, B)
-        targets = None
-        if visual_tokens is not None:
-            targets = self._masked_targets(visual_tokens, mask)
-        if self._use_fused():
-            counts = mask.sum(1)
-            if bool((counts != counts[0]).any()):
-                raise ValueError(
-                    "fused_kernels=True needs the same number of masked patches in every image, got counts "
-                    f"{counts.tolist()}; use BlockwiseMaskGenerator (exact counts) or fused_kernels='auto'/False"
-                )
+        K = self._fused_count(mask, num_masked_per_image, pixel_values.device)
+        if K is not None:
+            return self._forward_fused(pixel_values, mask, visual_tokens, return_logits, K)
 
+        targets = self._masked_targets(visual_tokens, mask) if visual_tokens is not None else None
         x = self.forward_features(pixel_values, mask)
         h = self.norm(x[:, 1:][mask])  # (M, D): the head runs on masked rows only
         logits = self.lm_head(h)
@@ -403,7 +404,64 @@ class BeitForMaskedImageModeling(BeitModel):
             loss=loss, accuracy=accuracy, num_masked=int(h.shape[0]), logits=logits if return_logits else None
         )
 
-    def _masked_targets(self, visual_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _fused_count(self, mask: torch.Tensor, promised: Optional[int], device: torch.device) -> Optional[int]:
+        """Masked patches per image when the fused path runs, else None (reference path).
+
+        The fused kernels need the same count in every image (static shapes). Without a promise the
+        counts are read once (a host sync); unequal counts raise with fused_kernels=True and fall back
+        to the reference with "auto"."""
+        switch = self.config.fused_kernels
+        if switch is False:
+            return None
+        if promised is None:
+            counts = mask.sum(1)
+            if bool((counts != counts[0]).any()):
+                if switch is True:
+                    raise ValueError(
+                        "fused_kernels=True needs the same number of masked patches in every image, got counts "
+                        f"{counts.tolist()}; use BlockwiseMaskGenerator (exact counts) or fused_kernels='auto'/False"
+                    )
+                return None
+            promised = int(counts[0])
+        elif not 0 < int(promised) <= mask.shape[1]:
+            raise ValueError(f"num_masked_per_image={promised} outside [1, {mask.shape[1]}]")
+        from beit_fast.kernels import use_fused
+
+        return int(promised) if use_fused(switch, device, "fused MIM kernels") else None
+
+    def _forward_fused(
+        self, pixel_values: torch.Tensor, mask: torch.Tensor, visual_tokens: Optional[torch.Tensor],
+        return_logits: bool, K: int,
+    ) -> MaskedImageModelingOutput:
+        """Same math as the reference path through the Triton kernels (beit_fast.kernels)."""
+        from beit_fast.kernels import check_deferred
+        from beit_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+        from beit_fast.kernels.gather_layer_norm import GatherMaskedLayerNormFunction, masked_row_index
+        from beit_fast.kernels.masked_embed import masked_embed
+
+        check_deferred()  # flags of the previous step (one sync, only when some are pending)
+        B, N = mask.shape
+        D = self.config.embed_dim
+        x = masked_embed(
+            self.patch_embed(pixel_values), mask, self.mask_token.view(D), self.cls_token.view(D),
+            self.pos_embed.view(N + 1, D) if self.pos_embed is not None else None,
+        )
+        x = self.run_blocks(x)
+        rows = masked_row_index(mask, K)  # (B*K,) rows of x viewed as (B*(N+1), D), row-major mask order
+        h = GatherMaskedLayerNormFunction.apply(x, rows, self.norm.weight, self.norm.bias, self.norm.eps)
+        M = B * K
+        loss = accuracy = None
+        if visual_tokens is not None:
+            self._check_token_tensor(visual_tokens, mask)
+            flat = rows - rows // (N + 1) - 1  # the same positions in the (B*N) token grid
+            targets = visual_tokens.reshape(-1)[flat]
+            loss, num_correct = fused_linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets)
+            accuracy = num_correct.float() / M
+        logits = self.lm_head(h) if return_logits else None
+        return MaskedImageModelingOutput(loss=loss, accuracy=accuracy, num_masked=M, logits=logits)
+
+    def _check_token_tensor(self, visual_tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        """Host-side checks (no sync): type, dtype, shape of the token grid."""
         if not torch.is_tensor(visual_tokens):
             raise ValueError(f"visual_tokens must be a tensor, got {type(visual_tokens).__name__}")
         if visual_tokens.dtype.is_floating_point or visual_tokens.dtype == torch.bool:
@@ -415,7 +473,10 @@ class BeitForMaskedImageModeling(BeitModel):
                 f"visual_tokens has shape {tuple(visual_tokens.shape)}, expected the full token grid "
                 f"({B}, {gh * gw}) or ({B}, {gh}, {gw}) (the head selects the masked positions itself)"
             )
-        visual_tokens = visual_tokens.reshape(B, gh * gw)
+
+    def _masked_targets(self, visual_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self._check_token_tensor(visual_tokens, mask)
+        visual_tokens = visual_tokens.reshape(mask.shape)
         # Only the masked positions are targets, so only they are checked.
         targets = visual_tokens[mask].long()
         if targets.numel() == 0:

@@ -33,6 +33,7 @@ import torch
 
 from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.checkpoint import atomic_save
+from beit_fast.kernels import check_deferred
 from beit_fast.data import MIMDataset, StepBatchSampler, TwoViewTransform, build_dataset
 from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from beit_fast.tokenizer import RandomConvTokenizer
@@ -333,9 +334,12 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
             tokens = tokenizer.tokenize(tok_view)
             stats["token_hist"] += torch.bincount(tokens[mask].cpu(), minlength=mcfg.vocab_size)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out_ = model(patches, mask, tokens)
+                # Every mask has exactly num_masking_patches: the fused path needs no host sync.
+                out_ = model(patches, mask, tokens, num_masked_per_image=mcfg.num_masking_patches)
             loss = out_.loss
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))  # the step's one sync; deferred input checks ride on it
+            check_deferred()
+            if not finite:
                 bad_in_row += 1
                 stats["skipped_steps"] += 1
                 optimizer.zero_grad(set_to_none=True)
