@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 300
 
-.PHONY: install test test-fast demo bench info clean
+.PHONY: install test demo bench bench-smoke gpu-wheels info clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,17 @@ demo: install
 
 bench: install
 	$(PY) -m pytest bench -q -s --benchmark-columns=median,ops,rounds
+
+# The kernel suites at tiny shapes on the CPU through the Triton interpreter (checks the code paths).
+bench-smoke: install
+	BEIT_BENCH_SMOKE=1 TRITON_INTERPRET=1 BENCH_OUT=runs/bench-smoke $(PY) -m pytest bench -q -s
+
+# Pure-Python wheels of the fused linear+CE peers, for a GPU machine without network
+# (bench/gpu_suite.sh installs whatever lies in .whl/).
+gpu-wheels:
+	mkdir -p .whl
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+		liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 
 info: install
 	$(VENV)/bin/beit-fast info

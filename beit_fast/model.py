@@ -423,6 +423,8 @@ class BeitForMaskedImageModeling(BeitModel):
                     )
                 return None
             promised = int(counts[0])
+            if promised == 0:
+                return None  # nothing masked: the reference path reports it
         elif not 0 < int(promised) <= mask.shape[1]:
             raise ValueError(f"num_masked_per_image={promised} outside [1, {mask.shape[1]}]")
         from beit_fast.kernels import use_fused

@@ -12,13 +12,14 @@ flags are checked at once: there is no device to wait for.
 from __future__ import annotations
 
 import os
-from typing import List, Tuple, Union
+from typing import Callable, List, Tuple, Union
 
 import torch
 
 __all__ = ["triton_reasons", "use_fused", "defer_check", "check_deferred", "interpreting"]
 
-_PENDING: List[Tuple[torch.Tensor, str]] = []
+Message = Union[str, Callable[[], str]]  # a callable is only evaluated when its check fails
+_PENDING: List[Tuple[torch.Tensor, Message]] = []
 
 
 def interpreting() -> bool:
@@ -65,11 +66,20 @@ def use_fused(switch: Union[str, bool], device: Union[torch.device, str], what: 
     return not reasons
 
 
-def defer_check(bad: torch.Tensor, message: str) -> None:
-    """Register a 0-d bool device tensor that must be False; raise at once on the CPU."""
-    if bad.device.type == "cpu" or torch.compiler.is_compiling():
-        if not torch.compiler.is_compiling() and bool(bad):
-            raise ValueError(message)
+def _text(message: Message) -> str:
+    return message() if callable(message) else message
+
+
+def defer_check(bad: torch.Tensor, message: Message) -> None:
+    """Register a 0-d bool device tensor that must be False; raise at once on the CPU.
+
+    Inside torch.compile the flag is not registered (a compiled graph cannot append to a Python
+    list); validate inputs eagerly before compiled steps if they can be bad."""
+    if torch.compiler.is_compiling():
+        return
+    if bad.device.type == "cpu":
+        if bool(bad):
+            raise ValueError(_text(message))
         return
     _PENDING.append((bad.detach(), message))
 
@@ -81,6 +91,6 @@ def check_deferred() -> None:
     pending = list(_PENDING)
     _PENDING.clear()
     flags = torch.stack([f.reshape(()).to(pending[0][0].device) for f, _ in pending]).cpu().tolist()
-    failed = [msg for (_, msg), bad in zip(pending, flags) if bad]
+    failed = [_text(msg) for (_, msg), bad in zip(pending, flags) if bad]
     if failed:
         raise ValueError("; ".join(failed))

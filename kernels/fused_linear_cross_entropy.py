@@ -230,7 +230,10 @@ def fused_linear_cross_entropy(
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
     target = target.long()
-    defer_check(((target < 0) | (target >= V)).any(), f"target ids out of range [0, {V})")
+    defer_check(
+        ((target < 0) | (target >= V)).any(),
+        lambda: f"target ids out of range: min {int(target.min())}, max {int(target.max())}, vocab size {V}",
+    )
     scale = 1.0 / M if reduction == "mean" else 1.0
     return FusedLinearCrossEntropyFunction.apply(hidden, weight, bias, target, scale)
 

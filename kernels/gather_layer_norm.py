@@ -224,7 +224,10 @@ def masked_row_index(bool_masked_pos: torch.Tensor, num_masked_per_image: Option
     if not 0 <= K <= N:
         raise ValueError(f"num_masked_per_image={K} outside [0, {N}]")
     counts = bool_masked_pos.sum(1)
-    defer_check((counts != K).any(), f"num_masked_per_image={K} promised, but some image has a different count")
+    defer_check(
+        (counts != K).any(),
+        lambda: f"num_masked_per_image={K} promised, but the images have {sorted(set(counts.tolist()))} masked patches",
+    )
     # False (0) sorts before True (1) for ~mask, and the sort is stable: masked positions come first, ascending.
     order = torch.sort((~bool_masked_pos).to(torch.uint8), dim=1, stable=True).indices[:, :K]
     base = torch.arange(B, device=bool_masked_pos.device).unsqueeze(1) * (N + 1) + 1

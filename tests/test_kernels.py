@@ -139,7 +139,8 @@ def test_flce_matches_ref(monkeypatch, M, D, V, bias, reduction, chunk):
 def test_flce_ties_argmax_first_like_torch():
     h, w = torch.zeros(4, 8), torch.zeros(5, 8)  # every logit equal: argmax is index 0
     t = torch.tensor([0, 1, 4, 0])
-    assert int(fused_linear_cross_entropy(h, w, None, t)[1]) == int(fused_linear_cross_entropy_ref(h, w, None, t)[1]) == 2
+    ours, ref = fused_linear_cross_entropy(h, w, None, t)[1], fused_linear_cross_entropy_ref(h, w, None, t)[1]
+    assert int(ours) == int(ref) == 2
     # Ties across V blocks: the maximum at 3 and 900 (V=1000 spans one block; V=9000 spans two at 8192).
     for V, hi in ((1000, 900), (9000, 8500)):
         b = torch.zeros(V)

@@ -13,7 +13,9 @@ import torch
 import beit_fast.train.pretrain as pt
 from beit_fast.train.pretrain import PretrainConfig, config_from_args, lr_at, pretrain
 
-SMALL = dict(depth=2, embed_dim=32, num_heads=2, drop_path_rate=0.1)
+# The loop's own behaviour is tested on the reference path: the kernels have their own tests, and
+# through the Triton CPU interpreter (TRITON_INTERPRET=1, set by conftest) every step would be ~50x slower.
+SMALL = dict(depth=2, embed_dim=32, num_heads=2, drop_path_rate=0.1, fused_kernels=False)
 
 
 def _cfg(out, **kw):
@@ -84,7 +86,8 @@ def test_outputs_and_keep_last(tmp_path):
 def test_learns_above_majority_baseline(tmp_path):
     # A short run must beat predicting the most frequent token: the targets are learnable.
     summary = pretrain(_cfg(tmp_path / "learn", max_steps=60, batch_size=16, num_images=256, save_every=0,
-                            lr=2e-3, model=dict(depth=2, embed_dim=64, num_heads=4, drop_path_rate=0.0)))
+                            lr=2e-3, model=dict(depth=2, embed_dim=64, num_heads=4, drop_path_rate=0.0,
+                                                fused_kernels=False)))
     assert summary["final_mlm_acc"] > summary["majority_baseline"] + 0.02, summary
 
 
@@ -128,6 +131,7 @@ def test_config_from_args(tmp_path):
 
 def _cli(*args, cwd=None):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)  # as a user's shell: the CPU runs the reference path
     return subprocess.run([sys.executable, "-m", "beit_fast.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
@@ -150,7 +154,7 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_cli_pretrain_and_info(tmp_path):
     out = tmp_path / "cli"
     r = _cli("pretrain", "--preset", "tiny", "--data", "builtin", "--max-steps", "2", "--out", str(out), "--seed", "1",
-             "--batch-size=4", "--num-images=16", "--num-workers=0", "--depth=1")
+             "--batch-size=4", "--num-images=16", "--num-workers=0", "--depth=1", "--fused-kernels=false")
     assert r.returncode == 0, r.stderr
     assert "final mlm_acc" in r.stdout and "checkpoint:" in r.stdout
     steps, _ = _losses(out)
@@ -172,3 +176,14 @@ def test_image_folder_training_skips_corrupt(tmp_path):
     (root / "a" / "broken.jpg").write_bytes(b"not a jpeg")
     summary = pretrain(_cfg(tmp_path / "run", data=str(root), max_steps=3, batch_size=4, save_every=0))
     assert summary["step"] == 3
+
+
+def test_fused_kernels_in_the_loop(tmp_path):
+    # Two steps with the Triton kernels (interpreted on the CPU) match the reference path's losses.
+    losses = {}
+    for fused in (False, True):
+        out = tmp_path / f"fused_{fused}"
+        pretrain(_cfg(out, max_steps=2, batch_size=4, save_every=0,
+                      model=dict(SMALL, drop_path_rate=0.0, fused_kernels=fused)))
+        losses[fused] = _losses(out)[1]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -7,9 +7,10 @@ the end, the last `keep_last` kept; `--resume auto` continues exactly where the 
 stopped (model, optimizer, schedule position, RNG states; the data stream is addressed by
 step, see `beit_fast.data.StepBatchSampler`).
 
-The DeepSpeed ZeRO engine, the DALL-E tokenizer and the fused kernels plug in here with
-their issues; until the tokenizer lands, targets come from a fixed random conv tokenizer and
-the log says so.
+The model runs the Triton MIM kernels where they can run (`fused_kernels="auto"`: on a GPU), told
+the exact mask count so the step needs no host synchronisation beyond reading the loss. The
+DeepSpeed ZeRO engine and the DALL-E tokenizer plug in here with their issues; until the tokenizer
+lands, targets come from a fixed random conv tokenizer and the log says so.
 """
 
 from __future__ import annotations
