@@ -44,8 +44,14 @@ def info() -> int:
     print(f"attention backends ({dev}, {str(dtype).replace('torch.', '')}, bias with gradient):")
     for name, reasons in available_backends(dev, dtype).items():
         print(f"  {name:>9}: " + ("can run" if not reasons else "cannot run: " + "; ".join(reasons)))
+    from beit_fast.kernels import interpreting, triton_reasons
+
+    reasons = triton_reasons(dev)
     print("fused MIM kernels (masked_embed, gather_masked_layer_norm, fused_linear_cross_entropy):")
-    print("  cannot run: not in this build yet (issue 3); fused_kernels='auto' uses the torch reference path")
+    if reasons:
+        print("  cannot run: " + "; ".join(reasons) + " -> fused_kernels='auto' uses the torch reference path")
+    else:
+        print("  can run" + (" (through the Triton CPU interpreter: correct, slow)" if interpreting() else ""))
     return 0
 
 

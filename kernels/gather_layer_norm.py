@@ -129,7 +129,7 @@ def gather_masked_layer_norm_fwd(
         x, rows, weight.contiguous(), bias.contiguous(), y, mean, rstd,
         M, D, eps,
         x.stride(0), y.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_D >= 2048 else 4,
+        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_M * BLOCK_D >= 8192 else 4,
     )
     return y, mean, rstd
 
@@ -158,7 +158,7 @@ def gather_masked_layer_norm_bwd(
             x, rows, weight.contiguous(), dy, mean, rstd, dx, dw_part, db_part,
             M, D,
             x.stride(0), dy.stride(0), dx.stride(0),
-            BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_D >= 2048 else 4,
+            BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_M * BLOCK_D >= 8192 else 4,
         )
     return dx.view(hidden.shape), dw_part.sum(0), db_part.sum(0)
 
