@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -232,31 +232,48 @@ def _relative_position_index(grid: Tuple[int, int]) -> torch.Tensor:
     return relative_position_index(grid)
 
 
+def _map_hf_key(k: str) -> Optional[str]:
+    """This project's name for a transformers key (q/k/v weights and the key bias excepted); None: unknown."""
+    m = _HF_LAYER_RE.match(k)
+    if m:
+        rest = _HF_BLOCK.get(m.group(2))
+        return f"blocks.{int(m.group(1))}.{rest}" if rest else None
+    return _HF_TOP.get(k)
+
+
 def _convert_hf(sd: StateDict) -> StateDict:
-    sd = {k[len("beit.") :] if k.startswith("beit.") else k: v for k, v in sd.items()}
     out: StateDict = {}
+    source_of: Dict[str, str] = {}
     qkv: Dict[int, Dict[str, torch.Tensor]] = {}
-    unknown = []
-    for k, v in sd.items():
-        if k.endswith("relative_position_index"):
-            out[k] = v  # checked and dropped below
-            continue
+    unknown, collisions = [], []
+    for original, v in sd.items():
+        k = original[len("beit.") :] if original.startswith("beit.") else original
         m = _HF_LAYER_RE.match(k)
-        if m:
-            i, rest = int(m.group(1)), m.group(2)
-            if rest in _HF_QKV:
-                qkv.setdefault(i, {})[_HF_QKV[rest]] = v
-            elif rest in _HF_KEY_BIAS:
-                if torch.count_nonzero(v):
-                    raise CheckpointError(f"{k} is non-zero, but BEiT has no key bias")
-            elif rest in _HF_BLOCK:
-                out[f"blocks.{i}.{_HF_BLOCK[rest]}"] = v
-            else:
-                unknown.append(k)
-        elif k in _HF_TOP:
-            out[_HF_TOP[k]] = v
+        if m and m.group(2) in _HF_QKV:
+            qkv.setdefault(int(m.group(1)), {})[_HF_QKV[m.group(2)]] = v
+            continue
+        if m and m.group(2) in _HF_KEY_BIAS:
+            if torch.count_nonzero(v):
+                raise CheckpointError(f"{original} is non-zero, but BEiT has no key bias")
+            continue
+        if k.endswith("relative_position_index"):  # renamed like its table, then checked and dropped
+            table = _map_hf_key(k[: -len("relative_position_index")] + "relative_position_bias_table")
+            new = table[: -len("relative_position_bias_table")] + "relative_position_index" if table else None
         else:
-            unknown.append(k)
+            new = _map_hf_key(k)
+        if new is None:
+            unknown.append(original)
+        elif new in out:
+            collisions.append(f"{source_of[new]} and {original} -> {new}")
+        else:
+            out[new], source_of[new] = v, original
+    if collisions:
+        # e.g. a BeitForMaskedImageModeling with use_mean_pooling=False: a final LayerNorm in the
+        # backbone (beit.layernorm) AND one in the head (layernorm); BEiT has one, so one would be lost.
+        raise CheckpointError(
+            "transformers keys that map to the same parameter (this network has only one of each; refusing "
+            f"to drop one): {collisions}"
+        )
     for i, parts in sorted(qkv.items()):
         missing = [p for p in "qkv" if p not in parts]
         if missing:

@@ -7,13 +7,27 @@ import platform
 import sys
 from typing import List, Optional
 
-USAGE = """beit-fast <command> [options]
+USAGE = """usage: beit-fast <command> [options]   (beit-fast --version; beit-fast <command> --help)
 
 commands:
   info        versions, the device, and which kernels / attention backends can run here (and why not)
   pretrain    BEiT masked-image-modeling pretraining (beit-fast pretrain --help)
   mask-bench  masks per second of the blockwise mask generator on one core
 """
+COMMANDS = ("info", "pretrain", "mask-bench")
+
+
+def _error(prog: str, message: str) -> int:
+    """Every usage error of the CLI: one line on stderr, exit status 2."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (no usage block), as everywhere in this CLI."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _version(module: str) -> str:
@@ -24,7 +38,12 @@ def _version(module: str) -> str:
         return f"not available ({type(exc).__name__})"
 
 
-def info() -> int:
+def info(argv: Optional[List[str]] = None) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: beit-fast info\n\nversions, the device, and which kernels / attention backends can run here")
+        return 0
+    if argv:
+        return _error("beit-fast info", f"unexpected argument(s) {' '.join(argv)!r}; info takes none")
     import torch
 
     import beit_fast
@@ -60,12 +79,17 @@ def mask_bench(argv: List[str]) -> int:
 
     from beit_fast.masking import BlockwiseMaskGenerator
 
-    p = argparse.ArgumentParser(prog="beit-fast mask-bench")
-    p.add_argument("--input-size", type=int, default=14)
-    p.add_argument("--num-masking-patches", type=int, default=75)
-    p.add_argument("--n", type=int, default=20000)
+    p = _OneLineParser(prog="beit-fast mask-bench")
+    p.add_argument("--input-size", type=int, default=14, help="mask grid side (patches)")
+    p.add_argument("--num-masking-patches", type=int, default=75, help="masked patches per mask")
+    p.add_argument("--n", type=int, default=20000, help="masks to generate")
     a = p.parse_args(argv)
-    gen = BlockwiseMaskGenerator(a.input_size, a.num_masking_patches, seed=0)
+    if a.n <= 0:
+        return _error(p.prog, f"--n must be positive, got {a.n}")
+    try:
+        gen = BlockwiseMaskGenerator(a.input_size, a.num_masking_patches, seed=0)
+    except ValueError as exc:
+        return _error(p.prog, str(exc))
     t0 = time.perf_counter()
     for _ in range(a.n):
         gen()
@@ -75,21 +99,31 @@ def mask_bench(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit status: 0 done, 2 usage error (one line on stderr; usage itself on stderr when no command
+    is given), 1 a run that failed, as each command documents."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
+    if not argv:
+        print(USAGE, file=sys.stderr, end="")
+        return 2
     cmd, rest = argv[0], argv[1:]
+    if cmd in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0
+    if cmd in ("-V", "--version"):
+        import beit_fast
+
+        print(f"beit-fast {beit_fast.__version__}")
+        return 0
     if cmd == "info":
-        return info()
+        return info(rest)
     if cmd == "pretrain":
         from beit_fast.train.pretrain import main as pretrain_main
 
         return pretrain_main(rest)
     if cmd == "mask-bench":
         return mask_bench(rest)
-    print(f"beit-fast: error: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    what = "option" if cmd.startswith("-") else "command"
+    return _error("beit-fast", f"unknown {what} {cmd!r}; commands: {', '.join(COMMANDS)} (beit-fast --help)")
 
 
 if __name__ == "__main__":

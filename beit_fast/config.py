@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Union
 
@@ -37,12 +38,15 @@ class BeitConfig:
     vocab_size: int = 8192  # visual-token vocabulary of the tokenizer (DALL-E dVAE: 8192)
     layer_norm_eps: float = 1e-6  # LayerNorm epsilon (unilm and timm use 1e-6)
     init_std: float = 0.02  # normal std (cut at +-1 std, as unilm) for Linear, patch conv, cls/mask token, lm head
-    num_masking_patches: int = 75  # masked patches per image (~40% of the grid)
+    num_masking_patches: Optional[int] = None  # masked per image; None: 75 per 196 patches of the grid (75 at 224/16)
     attn_backend: str = "auto"  # one of ATTN_BACKENDS; "auto" picks the fastest that supports the case
     fused_kernels: FusedSwitch = "auto"  # Triton MIM kernels: "auto" | True | False
     extra: Dict[str, Any] = field(default_factory=dict, repr=False)  # free-form notes, saved with the config
 
     def __post_init__(self) -> None:
+        if self.num_masking_patches is None and _is_int(self.img_size) and _is_int(self.patch_size):
+            if self.patch_size > 0 and self.img_size >= self.patch_size:
+                self.num_masking_patches = max(1, round((self.img_size // self.patch_size) ** 2 * 75 / 196))
         self.validate()
 
     # -- derived -------------------------------------------------------------------------------------------------
@@ -68,15 +72,22 @@ class BeitConfig:
             raise ValueError(f"BeitConfig.{name}={getattr(self, name)!r}: {why}")
 
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 bad(name, "must be a positive int")
+        for name in ("qkv_bias", "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
+        for name in ("mlp_ratio", "drop_path_rate", "attn_drop_rate", "layer_norm_eps", "init_std"):
+            if not _is_real(getattr(self, name)):
+                bad(name, "must be a finite number")
+        if self.init_values is not None and not _is_real(self.init_values):
+            bad("init_values", "must be None (no layer scale) or a finite number")
         if self.img_size % self.patch_size:
             bad("img_size", f"must be a multiple of patch_size={self.patch_size}")
         if self.embed_dim % self.num_heads:
             bad("embed_dim", f"must be divisible by num_heads={self.num_heads}")
-        if not self.mlp_ratio > 0:
-            bad("mlp_ratio", "must be positive")
+        if not self.mlp_ratio > 0 or int(self.embed_dim * self.mlp_ratio) < 1:
+            bad("mlp_ratio", "must be positive (and give an MLP width of at least 1)")
         for name in ("drop_path_rate", "attn_drop_rate"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 bad(name, "must be in [0, 1)")
@@ -88,14 +99,16 @@ class BeitConfig:
             bad("init_std", "must be positive")
         if self.use_rel_pos_bias and self.use_shared_rel_pos_bias:
             bad("use_rel_pos_bias", "per-layer and shared relative position bias are exclusive; pick one")
-        if isinstance(self.num_masking_patches, bool) or not isinstance(self.num_masking_patches, int):
-            bad("num_masking_patches", "must be an int")
+        if not _is_int(self.num_masking_patches):
+            bad("num_masking_patches", "must be an int (or None: 75 per 196 patches)")
         if not 0 < self.num_masking_patches <= self.num_patches:
             bad("num_masking_patches", f"must be in [1, num_patches={self.num_patches}]")
-        if self.attn_backend not in ATTN_BACKENDS:
+        if not isinstance(self.attn_backend, str) or self.attn_backend not in ATTN_BACKENDS:
             bad("attn_backend", f"must be one of {ATTN_BACKENDS}")
         if not (self.fused_kernels == "auto" or self.fused_kernels is True or self.fused_kernels is False):
             bad("fused_kernels", 'must be "auto", True or False')
+        if not isinstance(self.extra, dict):
+            bad("extra", "must be a dict")
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -116,7 +129,10 @@ class BeitConfig:
         return cls(**values)
 
     def replace(self, **overrides: Any) -> "BeitConfig":
-        return self.from_dict({**self.to_dict(), **overrides})
+        values = {**self.to_dict(), **overrides}
+        if ("img_size" in overrides or "patch_size" in overrides) and "num_masking_patches" not in overrides:
+            values["num_masking_patches"] = None  # re-derive for the new grid
+        return self.from_dict(values)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,11 +141,18 @@ class BeitConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 # Presets. `base` and `large` are SPEC section 1; `tiny` trains in minutes on 2 CPU cores.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "tiny": dict(
-        img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=4, vocab_size=512, num_masking_patches=26,
-        drop_path_rate=0.0,
+        img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=4, vocab_size=512, drop_path_rate=0.0,
     ),
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12, init_values=0.1),

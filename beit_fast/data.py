@@ -29,6 +29,7 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DataError",
     "BuiltinShapes",
     "ImageFolderDataset",
     "TwoViewTransform",
@@ -40,6 +41,10 @@ __all__ = [
 
 SHAPE_CLASSES = ("disc", "square", "triangle", "ring", "cross", "stripes_disc", "diamond", "checker_square")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(RuntimeError):
+    """The data cannot feed a run (e.g. no image of a folder decodes); the CLI reports it as one line."""
 
 
 # -- built-in procedural data ----------------------------------------------------------------------------------------
@@ -136,7 +141,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """`root/<class>/<image>` (labels from sorted class folders) or a flat `root/<image>` (label -1).
 
     A file that cannot be decoded is logged and replaced by the next readable one; `num_skipped`
-    counts them (per process: each data-loader worker has its own count)."""
+    counts them (per process: each data-loader worker has its own count). Construction only lists
+    the files; `check_readable()` decodes up front until one image reads (a run calls it so that a
+    folder of nothing but corrupt files fails before training, with `DataError`)."""
 
     def __init__(self, root: Union[str, Path]) -> None:
         root = Path(root)
@@ -171,7 +178,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             except Exception as exc:  # PIL raises several types for truncated / corrupt files
                 self.num_skipped += 1
                 log.warning("skipping unreadable image %s: %s", path, exc)
-        raise RuntimeError(f"no readable image under {self.root}")
+        raise DataError(f"no readable image under {self.root} ({len(self.samples)} files, none decodes)")
+
+    def check_readable(self) -> int:
+        """Decode files in order until one reads; returns its index. Raises `DataError` if none does.
+
+        Cheap on a healthy folder (the first file reads); a folder of corrupt files fails here, before
+        any work starts, instead of in a data-loader worker mid-run."""
+        first_error = ""
+        for index, (path, _) in enumerate(self.samples):
+            try:
+                with Image.open(path) as im:
+                    im.convert("RGB")
+                return index
+            except Exception as exc:  # as in __getitem__: PIL raises several types
+                first_error = first_error or f"{path}: {type(exc).__name__}: {exc}".splitlines()[0]
+        raise DataError(
+            f"none of the {len(self.samples)} image files under {self.root} can be decoded (first: {first_error})"
+        )
 
 
 def _is_image(name: str) -> bool:
@@ -227,7 +251,9 @@ class TwoViewTransform:
 
 # -- MIM samples and step-addressed sampling -------------------------------------------------------------------------
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+    """The seed of sample (epoch, index), folded into [0, 2**63): torch.manual_seed takes at most a
+    signed 64-bit value (run seeds above ~1.8e6 overflowed it). Below that the value is unchanged."""
+    return int((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
 
 
 class MIMDataset(torch.utils.data.Dataset):

@@ -204,18 +204,24 @@ class BeitModel(nn.Module):
         self.blocks = nn.ModuleList(
             Block(config, dpr[i], grid if config.use_rel_pos_bias else None) for i in range(config.depth)
         )
+        if type(self) is BeitModel:  # the heads call it themselves, after adding their layers
+            self.init_weights(pretraining=False)
 
     # -- init (SPEC section 1) ---------------------------------------------------------------------------------
-    def init_weights(self) -> None:
-        # unilm's `trunc_normal_(t, std)` wraps timm's with a=-std, b=std: the draw is cut at ONE
-        # standard deviation (effective std ~0.54 * 0.02), unlike timm's Beit (cut at +-2, i.e. none).
+    def init_weights(self, pretraining: bool = True) -> None:
+        """The reference initialisation. Pretraining (unilm `modeling_pretrain.py`): its `trunc_normal_`
+        wraps timm's with a=-std, b=std, so every draw is cut at ONE standard deviation (effective std
+        ~0.54 * init_std), the patch conv included. Fine-tuning (`modeling_finetune.py`): timm's
+        `trunc_normal_` as is (cut at +-2, i.e. a plain N(0, init_std)), the patch conv left at
+        PyTorch's default. Then proj / fc2 of layer l are divided by sqrt(2 l)."""
         std = self.config.init_std
+        lo, hi = (-std, std) if pretraining else (-2.0, 2.0)
 
         def trunc(t: torch.Tensor) -> None:
-            nn.init.trunc_normal_(t, std=std, a=-std, b=std)
+            nn.init.trunc_normal_(t, std=std, a=lo, b=hi)
 
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, nn.Linear) or (pretraining and isinstance(m, nn.Conv2d)):
                 trunc(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -231,8 +237,9 @@ class BeitModel(nn.Module):
                 blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
     def no_weight_decay(self) -> set:
-        """Names excluded from weight decay besides 1-D params and biases (the reference's set)."""
-        return {"cls_token", "mask_token", "pos_embed", "relative_position_bias_table"}
+        """Parameter names excluded from weight decay besides 1-D params and biases: the reference's set
+        (unilm decays the mask token and the relative position bias table, which are not 1-D)."""
+        return {"cls_token", "pos_embed"}
 
     # -- input checks ------------------------------------------------------------------------------------------
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
@@ -397,7 +404,7 @@ class BeitForMaskedImageModeling(BeitModel):
         logits = self.lm_head(h)
         loss = accuracy = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float(), targets)
+            loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
             with torch.no_grad():
                 accuracy = (logits.argmax(-1) == targets).float().mean()
         return MaskedImageModelingOutput(
@@ -499,7 +506,7 @@ class BeitForImageClassification(BeitModel):
         self.num_classes = num_classes
         self.fc_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.head = nn.Linear(config.embed_dim, num_classes)
-        self.init_weights()
+        self.init_weights(pretraining=False)
         with torch.no_grad():
             self.head.weight.mul_(head_init_scale)
             self.head.bias.mul_(head_init_scale)

@@ -460,3 +460,31 @@ def test_atomic_save_keeps_normal_file_mode(tmp_path):
     torch.save({"w": torch.zeros(1)}, ref)
     path = atomic_save({"w": torch.zeros(1)}, tmp_path / "ck.pth")
     assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(ref.stat().st_mode) == 0o666 & ~umask
+
+
+def test_hf_two_final_layernorms_refused_not_merged():
+    # transformers' MIM model with use_mean_pooling=False has a backbone LayerNorm (beit.layernorm) AND a
+    # head LayerNorm (layernorm); BEiT has one. Mapping both onto `norm` would silently drop one.
+    import transformers
+
+    hc = transformers.BeitConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+                                 image_size=32, patch_size=8, use_mask_token=True, use_mean_pooling=False,
+                                 vocab_size=100)
+    sd = transformers.BeitForMaskedImageModeling(hc).state_dict()
+    with pytest.raises(CheckpointError, match="beit.layernorm.weight and layernorm.weight"):
+        convert_state_dict(sd, "hf")
+
+
+def test_hf_old_layout_index_checked_against_its_table():
+    from helpers import spec_index
+
+    sd = {
+        "beit.embeddings.cls_token": torch.zeros(1, 1, 8),
+        "beit.encoder.relative_position_bias.relative_position_bias_table": torch.zeros(ROWS, 2),
+        "beit.encoder.relative_position_bias.relative_position_index": spec_index(10, 10),
+    }
+    with pytest.raises(CheckpointError, match="10x10"):
+        convert_state_dict(sd, "hf")
+    sd["beit.encoder.relative_position_bias.relative_position_index"] = spec_index(14, 14)
+    out = convert_state_dict(sd, "hf")
+    assert set(out) == {"cls_token", "rel_pos_bias.relative_position_bias_table"}

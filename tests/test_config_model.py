@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from beit_fast import PRESETS, BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, BeitModel
+from beit_fast import (
+    PRESETS,
+    BeitConfig,
+    BeitForImageClassification,
+    BeitForMaskedImageModeling,
+    BeitModel,
+    BlockwiseMaskGenerator,
+)
 from beit_fast import model as model_module
 from helpers import rel_err, perturb  # noqa: E402
 
@@ -21,7 +28,7 @@ def no_init(monkeypatch):
     """Build models without spending time on weight init (only shapes / counts matter)."""
     for cls in (nn.Linear, nn.Conv2d, nn.LayerNorm):
         monkeypatch.setattr(cls, "reset_parameters", lambda self: None)
-    monkeypatch.setattr(model_module.BeitModel, "init_weights", lambda self: None)
+    monkeypatch.setattr(model_module.BeitModel, "init_weights", lambda self, pretraining=True: None)
 
 
 def n_params(m: nn.Module) -> int:
@@ -168,11 +175,12 @@ def test_init_per_layer_tables_and_classification_head():
     cfg = BeitConfig.from_preset("base", depth=1, use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
     m = BeitForImageClassification(cfg, num_classes=1000)
     assert torch.count_nonzero(m.blocks[0].attn.relative_position_bias_table) == 0
-    assert abs(_std(m.head.weight) / (STD * 0.001) - 1) < 0.02, _std(m.head.weight)
+    # Fine-tuning init (unilm modeling_finetune): timm's trunc_normal_ cut at +-2, i.e. a plain N(0, 0.02).
+    assert abs(_std(m.head.weight) / (0.02 * 0.001) - 1) < 0.02, _std(m.head.weight)
     assert torch.count_nonzero(m.head.bias) == 0
     assert torch.equal(m.fc_norm.weight, torch.ones(768))
     m2 = BeitForImageClassification(cfg, num_classes=1000, head_init_scale=1.0)
-    assert abs(_std(m2.head.weight) / STD - 1) < 0.02
+    assert abs(_std(m2.head.weight) / 0.02 - 1) < 0.02
     with pytest.raises(ValueError, match="num_classes"):
         BeitForImageClassification(cfg, num_classes=0)
 
@@ -439,3 +447,40 @@ def test_all_false_mask_raises_instead_of_nan():
         m(x, mask, torch.zeros(2, 64, dtype=torch.long))
     out = m(x, mask)  # without targets there is no loss to define; logits are (0, V)
     assert out.loss is None and out.num_masked == 0
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("init_values", "a"), ("mlp_ratio", None), ("mlp_ratio", float("inf")), ("layer_norm_eps", "1e-6"),
+     ("drop_path_rate", None), ("use_abs_pos_emb", "false"), ("qkv_bias", 0), ("init_values", float("nan")),
+     ("num_masking_patches", 7.5), ("extra", 5), ("depth", True)],
+)
+def test_config_rejects_bad_types_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=key):
+        BeitConfig.from_preset("tiny", **{key: value})
+
+
+def test_num_masking_patches_follows_the_grid():
+    assert BeitConfig().num_masking_patches == 75  # SPEC: 75 of 196
+    assert BeitConfig.from_preset("base", img_size=64).num_masking_patches == 6  # 16 patches: no unrelated error
+    assert BeitConfig.from_preset("base", img_size=384).num_masking_patches == 220
+    assert BeitConfig.from_preset("base").replace(img_size=32).num_masking_patches == 2  # round(4 * 75 / 196)
+    assert BeitConfig.from_preset("base", num_masking_patches=60).replace(depth=2).num_masking_patches == 60
+    BeitForImageClassification(BeitConfig.from_preset("tiny", img_size=32, depth=1), num_classes=3)
+
+
+def test_backbone_alone_is_initialised_and_decay_set_is_the_reference():
+    torch.manual_seed(0)
+    m = BeitModel(BeitConfig.from_preset("small", depth=1))
+    assert float(m.cls_token.abs().max()) > 0  # not left at zeros
+    assert abs(_std(m.blocks[0].attn.qkv.weight) / 0.02 - 1) < 0.02  # fine-tuning init: plain N(0, 0.02)
+    assert BeitForMaskedImageModeling(BeitConfig.from_preset("tiny", depth=1)).no_weight_decay() == {
+        "cls_token", "pos_embed"}
+
+
+def test_float64_model_gets_a_float64_loss():
+    cfg = BeitConfig.from_preset("tiny", depth=1, fused_kernels=False)
+    m = BeitForMaskedImageModeling(cfg).double()
+    mask = BlockwiseMaskGenerator(8, 26, min_num_patches=4, seed=0).batch(2)
+    out = m(torch.randn(2, 3, 64, 64, dtype=torch.float64), mask, torch.randint(0, 512, (2, 64)))
+    assert out.loss.dtype == torch.float64
