@@ -83,7 +83,10 @@ def mask_bench(argv: List[str]) -> int:
     p.add_argument("--input-size", type=int, default=14, help="mask grid side (patches)")
     p.add_argument("--num-masking-patches", type=int, default=75, help="masked patches per mask")
     p.add_argument("--n", type=int, default=20000, help="masks to generate")
-    a = p.parse_args(argv)
+    try:
+        a = p.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, reported): main() returns, never exits
+        return exc.code if isinstance(exc.code, int) else 2
     if a.n <= 0:
         return _error(p.prog, f"--n must be positive, got {a.n}")
     try:

@@ -10,11 +10,13 @@ from PIL import Image
 from beit_fast.data import (
     SHAPE_CLASSES,
     BuiltinShapes,
+    DataError,
     ImageFolderDataset,
     MIMDataset,
     StepBatchSampler,
     TwoViewTransform,
     build_dataset,
+    sample_seed,
 )
 from beit_fast.masking import BlockwiseMaskGenerator
 from beit_fast.tokenizer import RandomConvTokenizer
@@ -132,3 +134,34 @@ def test_random_tokenizer():
     assert not any(p.requires_grad for p in tok.parameters())
     with pytest.raises(ValueError):
         tok.tokenize(torch.zeros(2, 3, 16, 16))
+
+
+def test_unreadable_folder_raises_data_error(tmp_path):
+    (tmp_path / "bad").mkdir()
+    for name in ("a.jpg", "b.png", "c.webp"):
+        (tmp_path / "bad" / name).write_bytes(b"garbage")
+    ds = ImageFolderDataset(tmp_path / "bad")  # construction lists files, decodes none
+    assert len(ds) == 3 and ds.num_skipped == 0
+    with pytest.raises(DataError, match="none of the 3 image files"):
+        ds.check_readable()
+    with pytest.raises(DataError, match="no readable image"):
+        ds[0]
+    assert isinstance(DataError("x"), RuntimeError)  # callers catching RuntimeError still do
+    # One readable file anywhere is enough; the probe stops at it.
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "bad" / "d.png")
+    ds = ImageFolderDataset(tmp_path / "bad")
+    assert ds.check_readable() == 3  # sorted: a.jpg, b.png, c.webp, then d.png (the readable one)
+    assert ds[0][0].size == (8, 8)
+
+
+def test_sample_seed_fits_torch_and_is_unchanged_for_small_seeds():
+    for seed in (0, 3, 900_000):
+        assert sample_seed(seed, 2, 5) == (seed * 1_000_003 + 2) * 10_000_019 + 5  # resumable runs keep their data
+    for seed in (2_000_000, 2**32 - 1, 2**40):
+        s = sample_seed(seed, 7, 11)
+        assert isinstance(s, int) and 0 <= s < 2**63
+        torch.manual_seed(s)  # overflowed ("Overflow when unpacking long long") for seeds above ~1.8e6
+    base = BuiltinShapes(4, 96)
+    ds = MIMDataset(base, TwoViewTransform(64), BlockwiseMaskGenerator(8, 26, min_num_patches=4), seed=2**32 - 1)
+    a, b = ds[(3, 1)], ds[(3, 1)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and int(a[2].sum()) == 26

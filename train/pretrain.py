@@ -27,21 +27,77 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
 
 from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.checkpoint import atomic_save
-from beit_fast.kernels import check_deferred
-from beit_fast.data import MIMDataset, StepBatchSampler, TwoViewTransform, build_dataset
+from beit_fast.attention import AttentionCase, select_backend
+from beit_fast.data import DataError, ImageFolderDataset, MIMDataset, StepBatchSampler, TwoViewTransform, build_dataset
+from beit_fast.kernels import check_deferred, use_fused
 from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from beit_fast.tokenizer import RandomConvTokenizer
 
 log = logging.getLogger("beit_fast.pretrain")
 
-__all__ = ["PretrainConfig", "pretrain", "build_optimizer", "lr_at", "find_latest_checkpoint"]
+__all__ = ["PretrainConfig", "TrainingStopped", "pretrain", "build_optimizer", "lr_at", "find_latest_checkpoint"]
+
+# Keys a resumed run may change; every other key must match the checkpoint's (the model config too).
+RESUME_MAY_DIFFER = frozenset(
+    {"max_steps", "out", "resume", "log_every", "save_every", "keep_last", "num_workers", "device", "max_bad_steps"}
+)
+MAX_SEED = 2**32  # numpy's legacy seed range; every RNG the run seeds accepts [0, 2**32)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (too many non-finite losses in a row); the CLI reports it as one line."""
+
+
+# -- value types (YAML / command line / programmatic configs) ----------------------------------------------------------
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Does `value` fit the annotation `tp`? (bool is not an int; an int is a float.)"""
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    origin = get_origin(tp)
+    if origin is Union:
+        return any(_type_ok(value, a) for a in get_args(tp))
+    if origin is not None:
+        tp = origin  # Dict[str, Any] -> dict
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _describe(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if get_origin(tp) is Union:
+        return " or ".join(_describe(a) for a in get_args(tp))
+    tp = get_origin(tp) or tp
+    names = {bool: "true/false", int: "an int", float: "a number", str: "a string", dict: "a mapping"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _field_types(cls: type) -> Dict[str, Any]:
+    try:
+        return get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: no type checks rather than no run
+        return {}
+
+
+def _check_types(where: str, values: Dict[str, Any], types: Dict[str, Any]) -> None:
+    for name, value in values.items():
+        tp = types.get(name, Any)
+        if not _type_ok(value, tp):
+            raise ValueError(f"{where}{name}={value!r}: expects {_describe(tp)}, got {type(value).__name__}")
 
 
 @dataclass
@@ -56,7 +112,7 @@ class PretrainConfig:
     lr: float = 1.5e-3  # peak learning rate (SPEC: 1.5e-3 at batch 2048)
     min_lr: float = 1e-5  # end of the cosine
     warmup_steps: int = 30  # linear warmup from 0
-    weight_decay: float = 0.05  # AdamW decay (not on 1-D params, biases, tokens, bias tables)
+    weight_decay: float = 0.05  # AdamW decay (not on 1-D params, ".bias" names, model.no_weight_decay(); as unilm)
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -74,17 +130,41 @@ class PretrainConfig:
     tokenizer: str = "random"  # "random": fixed random conv tokenizer (until the DALL-E tokenizer lands)
 
     def validate(self) -> None:
+        """Raise ValueError (one line, naming the key) for a wrong type or an invalid value."""
+
         def bad(name: str, why: str) -> None:
             raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
 
+        types = _field_types(PretrainConfig)
+        _check_types("", {f.name: getattr(self, f.name) for f in fields(self)}, types)
+        if "extra" in self.model:
+            raise ValueError("model.extra: free-form notes are not a model override")
+        _check_types("model.", self.model, _field_types(BeitConfig))
         for name in ("max_steps", "batch_size", "log_every", "keep_last", "num_images", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 bad(name, "must be positive")
         for name in ("warmup_steps", "save_every", "num_workers"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "eps", "clip_grad"):
+            if not math.isfinite(getattr(self, name)):
+                bad(name, "must be a finite number")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             bad("lr", f"need lr > 0 and 0 <= min_lr ({self.min_lr}) <= lr")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "must be in [0, 1)")
+        if not self.eps > 0:
+            bad("eps", "must be positive")
+        if self.clip_grad < 0:
+            bad("clip_grad", "must be >= 0 (0 disables clipping)")
+        if not 0 <= self.seed < MAX_SEED:
+            bad("seed", "must be in [0, 2**32)")
+        for name in ("out", "data", "preset"):
+            if not getattr(self, name).strip():
+                bad(name, "must not be empty")
         if self.masking not in ("block", "random"):
             bad("masking", 'must be "block" or "random"')
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -96,7 +176,10 @@ class PretrainConfig:
         self.model_config()  # raises on bad preset / model keys
 
     def model_config(self) -> BeitConfig:
-        return BeitConfig.from_preset(self.preset, **self.model)
+        try:
+            return BeitConfig.from_preset(self.preset, **self.model)
+        except TypeError as exc:  # a value of a type BeitConfig's own checks did not foresee
+            raise ValueError(f"model config {self.model}: {exc}") from None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,13 +187,14 @@ class PretrainConfig:
 
 # -- optimisation ----------------------------------------------------------------------------------------------------
 def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the reference groups: no decay on 1-D params, biases, cls/mask tokens, bias tables."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    """AdamW with the reference (unilm `optim_factory.get_parameter_groups`) groups: no decay on 1-D params,
+    names ending in ".bias", and the names in `model.no_weight_decay()` matched exactly; all else decays."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or any(s in name for s in skip):
+        if p.ndim == 1 or name.endswith(".bias") or name in skip:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -234,6 +318,53 @@ def _device(cfg: PretrainConfig) -> torch.device:
     return dev
 
 
+def _check_backends(mcfg: BeitConfig, device: torch.device, use_bf16: bool) -> None:
+    """An explicit attention backend or fused_kernels=True that cannot run here fails now, not at step 1."""
+    try:
+        use_fused(mcfg.fused_kernels, device, "fused MIM kernels")
+        case = AttentionCase(
+            device_type=device.type,
+            dtype=torch.bfloat16 if use_bf16 else torch.float32,
+            head_dim=mcfg.head_dim,
+            bias_requires_grad=mcfg.use_shared_rel_pos_bias or mcfg.use_rel_pos_bias,
+            dropout_p=mcfg.attn_drop_rate,
+        )
+        select_backend(mcfg.attn_backend, case)
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _load_checkpoint(path: Path) -> Dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load raises many types for a file that is not a checkpoint
+        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    missing = [k for k in ("model", "optimizer", "step", "config", "model_config", "rng", "stats")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a pretraining checkpoint of this engine (missing {missing})")
+    return ckpt
+
+
+def _resume_differences(ckpt: Dict[str, Any], cfg: PretrainConfig, mcfg: BeitConfig) -> List[str]:
+    """`key: old -> new` for every setting that differs from the checkpoint's and may not (see RESUME_MAY_DIFFER).
+    The model is compared as the resolved BeitConfig, so `preset` + overrides spelt differently still match."""
+    defaults = PretrainConfig().to_dict()
+    old, new = ckpt["config"], cfg.to_dict()
+    diffs = []
+    for key in new:
+        if key in RESUME_MAY_DIFFER or key in ("model", "preset"):
+            continue
+        before = old.get(key, defaults[key])
+        if before != new[key]:
+            diffs.append(f"{key}: {before!r} -> {new[key]!r}")
+    old_m, new_m = ckpt["model_config"], mcfg.to_dict()
+    for key in sorted(set(old_m) | set(new_m)):
+        if old_m.get(key) != new_m.get(key):
+            diffs.append(f"model.{key}: {old_m.get(key)!r} -> {new_m.get(key)!r}")
+    return diffs
+
+
 def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     """Run pretraining; returns a summary (final metrics, paths)."""
     cfg.validate()
@@ -243,20 +374,38 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if use_bf16 and device.type != "cuda":
         raise ValueError("precision=bf16 needs a CUDA device (bf16 autocast on the CPU is slow and untested here)")
+    _check_backends(mcfg, device, use_bf16)
 
-    # Data first: a missing directory must fail before any work starts.
+    # Data first: a missing directory, or one where no image decodes, must fail before any work starts.
     data_size = int(mcfg.img_size * 1.5)
     base = build_dataset(cfg.data, num_images=cfg.num_images, size=data_size, seed=cfg.seed)
     if len(base) < cfg.batch_size:
         raise ValueError(f"dataset has {len(base)} images, fewer than batch_size={cfg.batch_size}")
+    if isinstance(base, ImageFolderDataset):
+        base.check_readable()
 
     resume_path: Optional[Path] = None
     if cfg.resume == "auto":
         resume_path = find_latest_checkpoint(out)
     elif cfg.resume:
         resume_path = Path(cfg.resume)
-        if not resume_path.exists():
+        if not resume_path.is_file():
             raise FileNotFoundError(f"resume checkpoint not found: {resume_path}")
+    ckpt: Optional[Dict[str, Any]] = None
+    if resume_path is not None:
+        # Checked before anything is written: a refused resume leaves the run directory as it was.
+        ckpt = _load_checkpoint(resume_path)
+        diffs = _resume_differences(ckpt, cfg, mcfg)
+        if diffs:
+            raise ValueError(
+                f"refusing to resume from {resume_path}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
+                f"only {', '.join(sorted(RESUME_MAY_DIFFER))} may change"
+            )
+        old_max = ckpt["config"].get("max_steps", cfg.max_steps)
+        if old_max != cfg.max_steps:
+            log.warning("max_steps changed from %s to %d on resume: the cosine schedule after step %d differs "
+                        "from the original run's (and from a straight run to %d)", old_max, cfg.max_steps,
+                        ckpt["step"], cfg.max_steps)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"pretrain": cfg.to_dict(), "model": mcfg.to_dict()}, indent=2))
@@ -271,15 +420,16 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     log.info("targets: %s", tokenizer.description)
 
     start_step, stats = 0, {"skipped_steps": 0, "token_hist": torch.zeros(mcfg.vocab_size, dtype=torch.long)}
-    if resume_path is not None:
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
-        if ckpt["model_config"] != mcfg.to_dict():
-            raise ValueError(f"{resume_path} was written with another model config; refusing to resume")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step, stats = ckpt["step"], ckpt["stats"]
         _set_rng_state(ckpt["rng"])
+        del ckpt
         log.info("resumed from %s at step %d", resume_path, start_step)
+        if start_step >= cfg.max_steps:
+            log.warning("the checkpoint is at step %d, max_steps=%d: nothing to train (raise --max-steps to go on)",
+                        start_step, cfg.max_steps)
 
     if cfg.masking == "block":
         min_block = min(16, max(1, mcfg.num_masking_patches // 4))
@@ -346,7 +496,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", step, loss.item(), bad_in_row)
                 if bad_in_row >= cfg.max_bad_steps:
-                    raise RuntimeError(
+                    raise TrainingStopped(
                         f"{bad_in_row} non-finite losses in a row (max_bad_steps={cfg.max_bad_steps}); stopping. "
                         "Lower the lr, raise warmup, or resume from an earlier checkpoint."
                     )
@@ -377,16 +527,18 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                 metrics_file.flush()
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, stats)
-        last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, stats)
+        if step > start_step or last_ckpt is None:  # a finished run resumed: its checkpoint stays as it is
+            last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, stats)
     finally:
         progress.close()
         metrics_file.close()
 
     hist = stats["token_hist"].double()
-    majority = float(hist.max() / hist.sum()) if hist.sum() > 0 else float("nan")
+    majority = float(hist.max() / hist.sum()) if hist.sum() > 0 else None
     summary = {
         "step": step,
-        "final_mlm_acc": float(np.mean(recent_acc)) if recent_acc else float("nan"),
+        "steps_run": step - start_step,
+        "final_mlm_acc": float(np.mean(recent_acc)) if recent_acc else None,  # None: no step ran (JSON null)
         "chance": 1.0 / mcfg.vocab_size,
         "majority_baseline": majority,
         "skipped_steps": stats["skipped_steps"],
@@ -395,44 +547,67 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         "out": str(out),
         "tokenizer": tokenizer.description,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     return summary
 
 
 # -- command line ----------------------------------------------------------------------------------------------------
-def _coerce(name: str, raw: str, current: Any) -> Any:
+def _accepts(tp: Any, kind: type) -> bool:
+    if get_origin(tp) is Union:
+        return any(_accepts(a, kind) for a in get_args(tp))
+    return (get_origin(tp) or tp) is kind
+
+
+def _coerce(where: str, name: str, value: Any, tp: Any, from_cli: bool) -> Any:
+    """One config value to the type of its field, or ValueError naming it. Command-line values are
+    strings, parsed as YAML scalars unless the field is a plain string; YAML-file values come parsed."""
     import yaml
 
-    value = yaml.safe_load(raw) if isinstance(raw, str) else raw
-    if value is None and raw in ("null", "none", "None"):
-        return None  # Optional fields (init_values); the config check rejects it elsewhere
-    if isinstance(current, str) and isinstance(value, bool):
-        return value  # "auto" | True | False switches (fused_kernels)
-    if isinstance(current, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"--{name} expects true/false, got {raw!r}")
-    elif isinstance(current, int) and not isinstance(current, bool):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"--{name} expects an int, got {raw!r}")
-    elif isinstance(current, float):
-        if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"--{name} expects a number, got {raw!r}")
+    if from_cli and tp is not str:
+        if value.strip().lower() in ("none", "null", "~") and _accepts(tp, type(None)):
+            return None  # Optional fields (init_values, num_masking_patches)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        value = value if isinstance(parsed, (list, dict)) else parsed
+    if isinstance(value, str) and _accepts(tp, float) and not _accepts(tp, str):
+        try:  # YAML 1.1 reads "2e-3" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if not _type_ok(value, tp):
+        raise ValueError(f"{where}{name} expects {_describe(tp)}, got {value!r}")
+    if _accepts(tp, float) and not isinstance(value, bool) and isinstance(value, int):
         value = float(value)
-    elif isinstance(current, str):
-        value = str(raw)
     return value
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        what = "config path is a directory" if path.is_dir() else "config file not found"
+        raise FileNotFoundError(f"{what}: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}: invalid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the config file: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+    return loaded
 
 
 def config_from_args(args: List[str]) -> PretrainConfig:
     """`--config FILE.yaml` then `--key=value` / `--key value` overrides; BeitConfig keys go to `model`
-    (plain, or as `--model.key=value`). Unknown keys raise ValueError."""
-    import yaml
-
+    (plain, or as `--model.key=value`). Unknown keys and values of the wrong type raise ValueError."""
     values: Dict[str, Any] = {}
     pairs: List[Tuple[str, str]] = []
     i = 0
@@ -451,37 +626,46 @@ def config_from_args(args: List[str]) -> PretrainConfig:
             raise ValueError(f"option {a} needs a value")
         pairs.append((k.replace("-", "_"), v))
         i += 1
-    for k, v in pairs:
-        if k == "config":
-            path = Path(v)
-            if not path.exists():
-                raise FileNotFoundError(f"config file not found: {path}")
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{path}: expected a mapping of config keys")
-            values.update(loaded)
-    defaults = PretrainConfig()
+    own_types, model_types = _field_types(PretrainConfig), _field_types(BeitConfig)
     own = {f.name for f in fields(PretrainConfig)}
-    model_keys = {f.name for f in fields(BeitConfig)}
-    model = dict(values.pop("model", {}) or {})
-    for k in list(values):
-        if k not in own:
-            if k in model_keys:
-                model[k] = values.pop(k)
+    model_keys = {f.name for f in fields(BeitConfig)} - {"extra"}  # free-form notes are no override
+    model: Dict[str, Any] = {}
+
+    def model_value(where: str, k: str, v: Any, from_cli: bool) -> None:
+        if k not in model_keys:
+            why = " (free-form notes, not an override)" if k == "extra" else ""
+            raise ValueError(f"unknown model key {where}{k}{why}; valid: {', '.join(sorted(model_keys))}")
+        model[k] = _coerce(where, k, v, model_types.get(k, Any), from_cli)
+
+    for k, v in pairs:
+        if k != "config":
+            continue
+        path = Path(v)
+        loaded = _read_yaml(path)
+        where = f"{path}: "
+        for key, value in loaded.items():
+            if key == "model":
+                if value is None:
+                    continue
+                if not isinstance(value, dict):
+                    raise ValueError(f"{where}model expects a mapping of BeitConfig keys, got {value!r}")
+                for mk, mv in value.items():
+                    model_value(f"{path}: model.", mk, mv, False)
+            elif key in own:
+                values[key] = _coerce(where, key, value, own_types.get(key, Any), False)
+            elif key in model_keys:
+                model_value(f"{path}: ", key, value, False)
             else:
-                raise ValueError(f"unknown config key {k!r}")
+                raise ValueError(f"{where}unknown config key {key!r}")
     for k, v in pairs:
         if k == "config":
             continue
         if k.startswith("model."):
-            k = k[len("model."):]
-            if k not in model_keys:
-                raise ValueError(f"unknown model key {k!r}; valid: {sorted(model_keys)}")
-            model[k] = _coerce(k, v, getattr(BeitConfig(), k))
+            model_value("--model.", k[len("model."):], v, True)
         elif k in own and k != "model":
-            values[k] = _coerce(k, v, getattr(defaults, k))
+            values[k] = _coerce("--", k, v, own_types.get(k, Any), True)
         elif k in model_keys:
-            model[k] = _coerce(k, v, getattr(BeitConfig(), k))
+            model_value("--", k, v, True)
         else:
             raise ValueError(f"unknown option --{k}; pretrain options: {sorted(own - {'model'})}, model keys too")
     cfg = PretrainConfig(**values, model=model)
@@ -489,31 +673,54 @@ def config_from_args(args: List[str]) -> PretrainConfig:
     return cfg
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's message as one line. A DataLoader worker re-raises with the worker's traceback in the
+    message ("Caught X in DataLoader worker process 0. Original Traceback ..."): keep its last line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in lines[1]:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(lines)
+
+
+def print_help() -> None:
+    print(__doc__)
+    print("options (--key=value or --key value):")
+    for f in fields(PretrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else "{}"
+        print(f"  --{f.name.replace('_', '-')}  (default {default})")
+    print("  --config FILE.yaml; any BeitConfig key (e.g. --depth=2 or --model.depth=2)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit 0 done, 2 bad input (config, arguments, missing data), 1 the data or the run failed, 130 interrupted.
+    Every expected failure is one line on stderr; anything else keeps its traceback (a bug to report)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("options (--key=value):")
-        for f in fields(PretrainConfig):
-            default = f.default if f.default is not dataclasses.MISSING else "{}"
-            print(f"  --{f.name.replace('_', '-')}  (default {default})")
-        print("  --config FILE.yaml; any BeitConfig key (e.g. --depth=2 or --model.depth=2)")
+    if "-h" in argv or "--help" in argv:
+        print_help()
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         cfg = config_from_args(argv)
         summary = pretrain(cfg)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"beit-fast pretrain: error: {exc}", file=sys.stderr)
+        print(f"beit-fast pretrain: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except (DataError, TrainingStopped, OSError) as exc:
+        print(f"beit-fast pretrain: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("beit-fast pretrain: interrupted; the last checkpoint is intact (resume with --resume auto)",
               file=sys.stderr)
         return 130
+    acc, majority = summary["final_mlm_acc"], summary["majority_baseline"]
+    acc_s = "n/a (no steps run)" if acc is None else f"{acc:.4f} (mean of the last 20 steps)"
+    majority_s = "n/a" if majority is None else f"{majority:.4f}"
     print(
-        f"done: {summary['step']} steps | final mlm_acc {summary['final_mlm_acc']:.4f} (mean of the last 20 steps) "
-        f"vs chance {summary['chance']:.4f} (1/{round(1 / summary['chance'])}) and majority-token baseline "
-        f"{summary['majority_baseline']:.4f}"
+        f"done: {summary['step']} steps | final mlm_acc {acc_s} vs chance {summary['chance']:.4f} "
+        f"(1/{round(1 / summary['chance'])}) and majority-token baseline {majority_s}"
     )
     print(f"targets: {summary['tokenizer']}")
     print(f"checkpoint: {summary['checkpoint']}")
