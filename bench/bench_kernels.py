@@ -97,19 +97,22 @@ def test_bench_fused_linear_cross_entropy(bias, record, benchmark):
     peers, skipped = _peers_flce(bias)
     flop = 3 * 2.0 * M * V * D
     results = {}
+    bench_name = "linear+CE fwd+bwd" + ("" if bias else " (no bias)")
     for name, fn in peers.items():
         run = _fwd_bwd(lambda fn=fn: fn(h, w, b, t), inputs)
         loss, grads = run()
-        assert _rel(loss, ref) < 1e-2, (name, float(loss), float(ref))
-        for gg, rr in zip(grads, ref_g):
-            assert _rel(gg, rr) < 5e-2, (name, _rel(gg, rr))
+        errors = [_rel(loss, ref)] + [_rel(gg, rr) for gg, rr in zip(grads, ref_g)]
+        if errors[0] >= 1e-2 or max(errors[1:]) >= 5e-2:
+            # Ours must be right; a peer that is not is reported (and not timed) instead of ending the run.
+            assert name != "beit-fast", errors
+            record(bench=bench_name, impl=name, ms=float("nan"), note=f"wrong result, not timed: rel errors {errors}")
+            continue
         ms, mem = _time(run)
         results[name] = ms
-        record(bench="linear+CE fwd+bwd" + ("" if bias else " (no bias)"), impl=name, ms=ms,
-               time_vs_ours=ms / results["beit-fast"], tflops=flop / ms / 1e9, peak_extra_gb=mem)
+        record(bench=bench_name, impl=name, ms=ms, time_vs_ours=ms / results["beit-fast"], tflops=flop / ms / 1e9,
+               peak_extra_gb=mem)
     for name, why in skipped.items():
-        record(bench="linear+CE fwd+bwd" + ("" if bias else " (no bias)"), impl=name, ms=float("nan"),
-               note=f"not importable: {why}")
+        record(bench=bench_name, impl=name, ms=float("nan"), note=f"not importable: {why}")
     ours = results["beit-fast"]
     for name, ms in results.items():
         print(f"{name:>14}: {ms:.3f} ms  ({ms / ours:.2f}x ours)")

@@ -45,6 +45,7 @@ def environment() -> Dict[str, str]:
 def record():
     def _record(**row):
         _ROWS.append(row)
+        _write(final=False)  # after every row: a suite killed by its time limit keeps what it measured
 
     return _record
 
@@ -55,10 +56,15 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def pytest_sessionfinish(session, exitstatus):
+_ENV: Dict[str, str] = {}
+
+
+def _write(final: bool) -> None:
     if not _ROWS:
         return
-    env = environment()
+    if not _ENV:
+        _ENV.update(environment())
+    env = _ENV
     out = Path(os.environ.get("BENCH_OUT", Path(__file__).parent / "results" / "latest"))
     out.mkdir(parents=True, exist_ok=True)
     cols: List[str] = []
@@ -69,5 +75,10 @@ def pytest_sessionfinish(session, exitstatus):
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in _ROWS]
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     (out / "bench.json").write_text(json.dumps({"environment": env, "rows": _ROWS}, indent=2))
-    print("\n" + "\n".join(lines), file=sys.stderr)
-    print(f"\nresults written to {out}/bench.md and bench.json", file=sys.stderr)
+    if final:
+        print("\n" + "\n".join(lines), file=sys.stderr)
+        print(f"\nresults written to {out}/bench.md and bench.json", file=sys.stderr)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _write(final=True)
