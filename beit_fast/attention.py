@@ -1,32 +1,60 @@
 """Attention with BEiT's relative position bias, behind one dispatcher.
 
-Every backend computes `softmax(q @ k^T * scale + bias) @ v` for q, k, v of shape
-(B, H, N, Dh) and a float bias broadcastable to (B, H, N, N) that may need a gradient (the
-relative position bias table is learned). A backend declares what it supports through
-`not_supported_reasons(case)`; `"auto"` takes the first one in `AUTO_ORDER` that has no
-reasons; an explicitly requested backend that cannot run raises with its reasons.
+Every backend computes `softmax(q k^T * scale + bias) v` for the packed qkv projection
+(B, N, 3*D) and returns (B, N, D) with the heads merged. The bias is BEiT's learned relative
+position bias, given as a `RelPosBias`: the (T, H) table and its (N, N) index (the Triton kernel
+gathers inside the kernel), and, for the other backends, the dense (H, N, N) gather computed once
+per forward and shared by every layer.
+
+A backend declares what it supports through `not_supported_reasons(backend, case)`; `"auto"`
+takes the first one in `AUTO_ORDER` with no reasons; an explicitly requested backend that cannot
+run raises with its reasons (`beit-fast info` prints them).
 
 Backends:
+- `triton`: `beit_fast.kernels.relpos_attention` - flash attention with the table gathered
+  in-kernel and the table gradient reduced in-kernel. On the CPU it runs only through the Triton
+  interpreter, and only when asked for by name ("auto" never picks the interpreter).
+- `xformers`: `memory_efficient_attention` with a tensor bias, only when its CUDA kernels really
+  load (probed once with a tiny call, the answer cached).
+- `sdpa`: `F.scaled_dot_product_attention` with the bias as `attn_mask`; on CUDA the
+  memory-efficient kernel is pinned when the bias needs a gradient (the only one that gives it).
 - `math`: the reference, plain matmul + softmax in the input dtype (what unilm runs).
-- `sdpa`: `torch.nn.functional.scaled_dot_product_attention` with the bias as `attn_mask`.
-  On CUDA only the memory-efficient kernel takes a float bias that needs a gradient, so it
-  is pinned there when the bias requires grad.
-- `triton`, `xformers`: fused-bias kernels (issue 4); declared here so that `beit-fast info`
-  and an explicit request can say why they do not run yet.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionCase", "attention", "available_backends", "not_supported_reasons", "select_backend"]
+__all__ = [
+    "AttentionCase",
+    "RelPosBias",
+    "attention_qkv",
+    "available_backends",
+    "not_supported_reasons",
+    "select_backend",
+]
 
 AUTO_ORDER = ("triton", "xformers", "sdpa", "math")
+
+
+class RelPosBias(NamedTuple):
+    """table (T, H) and index (N, N): bias[h, i, j] = table[index[i, j], h]; `dense` is that gather
+    as (H, N, N) when a non-Triton backend needs it (None otherwise)."""
+
+    table: torch.Tensor
+    index: torch.Tensor
+    dense: Optional[torch.Tensor] = None
+
+    def materialise(self) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense
+        n = self.index.shape[0]
+        return self.table[self.index.reshape(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
 
 
 @dataclass(frozen=True)
@@ -39,99 +67,137 @@ class AttentionCase:
     bias_requires_grad: bool
     dropout_p: float = 0.0
 
-    @classmethod
-    def of(cls, q: torch.Tensor, bias: Optional[torch.Tensor], dropout_p: float = 0.0) -> "AttentionCase":
-        return cls(
-            device_type=q.device.type,
-            dtype=q.dtype,
-            head_dim=q.shape[-1],
-            bias_requires_grad=bool(bias is not None and bias.requires_grad and torch.is_grad_enabled()),
-            dropout_p=dropout_p,
-        )
 
-
-def _math_attention(q, k, v, bias, scale, dropout_p, training):
+def _math(qkv, num_heads, bias, scale, dropout_p, training):
+    B, N, three_d = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     attn = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
-        attn = attn + bias
+        attn = attn + bias.materialise()
     attn = attn.softmax(dim=-1)
     if dropout_p > 0 and training:
         attn = F.dropout(attn, p=dropout_p)
-    return attn @ v
+    return (attn @ v).transpose(1, 2).reshape(B, N, three_d // 3)
 
 
-def _sdpa_attention(q, k, v, bias, scale, dropout_p, training):
-    if bias is not None:
-        bias = bias.to(q.dtype)
-        if bias.dim() == 3:
-            bias = bias.unsqueeze(0)
+def _sdpa(qkv, num_heads, bias, scale, dropout_p, training):
+    B, N, three_d = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    mask = bias.materialise().to(q.dtype).unsqueeze(0) if bias is not None else None
     ctx = contextlib.nullcontext()
-    if q.is_cuda and bias is not None and bias.requires_grad and torch.is_grad_enabled():
+    if q.is_cuda and mask is not None and mask.requires_grad and torch.is_grad_enabled():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         ctx = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
     with ctx:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=dropout_p if training else 0.0, scale=scale
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0,
+                                             scale=scale)
+    return out.transpose(1, 2).reshape(B, N, three_d // 3)
 
 
-def _reasons_math(case: AttentionCase) -> List[str]:
+def _triton(qkv, num_heads, bias, scale, dropout_p, training):
+    from beit_fast.kernels.relpos_attention import relpos_attention_qkv
+
+    if bias is None:
+        return relpos_attention_qkv(qkv, num_heads, scale=scale)
+    return relpos_attention_qkv(qkv, num_heads, bias.table, bias.index, scale=scale)
+
+
+def _xformers(qkv, num_heads, bias, scale, dropout_p, training):
+    import xformers.ops as xops
+
+    B, N, three_d = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, num_heads, -1).unbind(2)  # (B, N, H, Dh): xformers' layout
+    attn_bias = None
+    if bias is not None:
+        # xformers wants the bias' last dim padded to a multiple of 8 (then sliced back).
+        pad = (N + 7) // 8 * 8
+        full = q.new_zeros((B, num_heads, N, pad))
+        full[..., :N] = bias.materialise().to(q.dtype)
+        attn_bias = full[..., :N]
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=attn_bias, p=dropout_p if training else 0.0,
+                                          scale=scale)
+    return out.reshape(B, N, three_d // 3)
+
+
+def _reasons_math(case: AttentionCase, auto: bool) -> List[str]:
     return []
 
 
-def _reasons_sdpa(case: AttentionCase) -> List[str]:
-    reasons = []
-    if not hasattr(F, "scaled_dot_product_attention"):
-        reasons.append("torch has no scaled_dot_product_attention")
+def _reasons_sdpa(case: AttentionCase, auto: bool) -> List[str]:
     if case.device_type == "cuda" and case.bias_requires_grad and case.dtype == torch.float64:
-        reasons.append("the memory-efficient SDPA kernel (the only one with a bias gradient) has no float64")
+        return ["the memory-efficient SDPA kernel (the only one with a bias gradient) has no float64"]
+    return []
+
+
+def _reasons_triton(case: AttentionCase, auto: bool) -> List[str]:
+    from beit_fast.kernels import interpreting, triton_reasons
+
+    reasons = list(triton_reasons(case.device_type))
+    if case.device_type == "cpu" and interpreting() and auto:
+        reasons.append("on the CPU the Triton interpreter is for tests; ask for attn_backend='triton' by name")
+    if case.head_dim > 128:
+        reasons.append(f"head_dim {case.head_dim} > 128")
+    if case.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {case.dtype} (fp16, bf16 and fp32 only)")
+    if case.dropout_p > 0:
+        reasons.append("attention dropout is not implemented in the kernel")
     return reasons
-
-
-def _reasons_triton(case: AttentionCase) -> List[str]:
-    return ["the Triton relative-position-bias attention kernel is not in this build yet (issue 4)"]
 
 
 _XFORMERS_PROBE: Optional[List[str]] = None
 
 
-def _reasons_xformers(case: AttentionCase) -> List[str]:
+def _probe_xformers() -> List[str]:
+    """Import xformers and run one tiny biased attention on CUDA: its kernels often do not load
+    against another torch build (ANCHORS.md), and only a real call says so."""
     global _XFORMERS_PROBE
     if _XFORMERS_PROBE is None:
         try:
-            import xformers  # noqa: F401
+            import xformers.ops as xops
 
-            _XFORMERS_PROBE = ["the xformers backend is not wired in this build yet (issue 4)"]
-        except Exception as exc:  # ImportError, or a broken CUDA extension raising at import
-            _XFORMERS_PROBE = [f"xformers does not import: {type(exc).__name__}: {exc}".splitlines()[0]]
-    reasons = list(_XFORMERS_PROBE)
+            if not torch.cuda.is_available():
+                _XFORMERS_PROBE = ["no CUDA device (xformers has no CPU kernels)"]
+            else:
+                x = torch.zeros(1, 8, 1, 16, device="cuda", dtype=torch.float16)
+                b = torch.zeros(1, 1, 8, 8, device="cuda", dtype=torch.float16)
+                xops.memory_efficient_attention(x, x, x, attn_bias=b)
+                _XFORMERS_PROBE = []
+        except Exception as exc:  # ImportError, missing operators, CUDA errors
+            _XFORMERS_PROBE = [f"xformers does not run here: {type(exc).__name__}: {exc}".splitlines()[0][:200]]
+    return _XFORMERS_PROBE
+
+
+def _reasons_xformers(case: AttentionCase, auto: bool) -> List[str]:
     if case.device_type != "cuda":
-        reasons.append("xformers has no CPU kernels")
+        return ["xformers has no CPU kernels"]
+    reasons = list(_probe_xformers())
+    if case.dtype == torch.float64:
+        reasons.append("no float64")
     return reasons
 
 
-_REASONS: Dict[str, Callable[[AttentionCase], List[str]]] = {
+_REASONS: Dict[str, Callable[[AttentionCase, bool], List[str]]] = {
     "triton": _reasons_triton,
     "xformers": _reasons_xformers,
     "sdpa": _reasons_sdpa,
     "math": _reasons_math,
 }
-_IMPLS = {"sdpa": _sdpa_attention, "math": _math_attention}
+_IMPLS = {"triton": _triton, "xformers": _xformers, "sdpa": _sdpa, "math": _math}
 
 
-def not_supported_reasons(backend: str, case: AttentionCase) -> List[str]:
+def not_supported_reasons(backend: str, case: AttentionCase, auto: bool = False) -> List[str]:
     """Why `backend` cannot run `case` (empty list: it can)."""
     if backend not in _REASONS:
         raise ValueError(f"unknown attention backend {backend!r}; choose from {('auto',) + AUTO_ORDER}")
-    return _REASONS[backend](case)
+    return _REASONS[backend](case, auto)
 
 
 def select_backend(requested: str, case: AttentionCase) -> str:
     """Resolve `requested` ("auto" or a backend name) for `case`; raises if an explicit one cannot run."""
     if requested == "auto":
         for name in AUTO_ORDER:
-            if not not_supported_reasons(name, case):
+            if not not_supported_reasons(name, case, auto=True):
                 return name
         raise RuntimeError("no attention backend supports this case")  # math supports everything
     reasons = not_supported_reasons(requested, case)
@@ -141,22 +207,19 @@ def select_backend(requested: str, case: AttentionCase) -> str:
 
 
 def available_backends(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> Dict[str, List[str]]:
-    """For `beit-fast info`: every backend with its reasons not to run on (device_type, dtype)."""
+    """For `beit-fast info`: every backend with its reasons not to run under "auto" on (device_type, dtype)."""
     case = AttentionCase(device_type=device_type, dtype=dtype, head_dim=64, bias_requires_grad=True)
-    return {name: not_supported_reasons(name, case) for name in AUTO_ORDER}
+    return {name: not_supported_reasons(name, case, auto=True) for name in AUTO_ORDER}
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    backend: str = "auto",
+def attention_qkv(
+    qkv: torch.Tensor,
+    num_heads: int,
+    bias: Optional[RelPosBias],
+    scale: float,
+    backend: str,
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v. q, k, v: (B, H, N, Dh); bias: (H, N, N) or (B, H, N, N) or None."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    name = select_backend(backend, AttentionCase.of(q, bias, dropout_p))
-    return _IMPLS[name](q, k, v, bias, scale, dropout_p, training)
+    """Run a RESOLVED backend (see `select_backend`) on the packed projection: (B, N, 3*D) -> (B, N, D)."""
+    return _IMPLS[backend](qkv, num_heads, bias, scale, dropout_p, training)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import AttentionCase, RelPosBias, attention_qkv, select_backend
 from .config import BeitConfig
 
 __all__ = [
@@ -127,22 +127,21 @@ class Attention(nn.Module):
             self.relative_position_bias_table = None
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, N, C = x.shape
+    def forward(self, x: torch.Tensor, rel_pos: Optional[RelPosBias], backend: str) -> torch.Tensor:
+        """x (B, N, D); rel_pos: the shared bias (or None); backend: a resolved attention backend name."""
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
-
-        bias = shared_rel_pos_bias
-        if self.relative_position_bias_table is not None:
-            n = self.relative_position_index.shape[0]
-            own = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-            own = own.view(n, n, -1).permute(2, 0, 1)
-            bias = own if bias is None else bias + own
-        x = attention(q, k, v, bias, self.scale, self.backend, self.attn_drop, self.training)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (B, N, 3D), stays packed: the backends split views
+        if self.relative_position_bias_table is not None:  # this layer's own table (plus the shared one)
+            table = self.relative_position_bias_table
+            if rel_pos is not None:
+                table = rel_pos.table + table  # same index: summing the tables sums the biases
+            rel_pos = RelPosBias(table, self.relative_position_index)
+            if backend != "triton":
+                rel_pos = rel_pos._replace(dense=rel_pos.materialise())
+        x = attention_qkv(qkv, self.num_heads, rel_pos, self.scale, backend, self.attn_drop, self.training)
+        return self.proj(x)
 
 
 class Mlp(nn.Module):
@@ -172,11 +171,11 @@ class Block(nn.Module):
         else:
             self.gamma_1, self.gamma_2 = None, None
 
-    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rel_pos: Optional[RelPosBias], backend: str) -> torch.Tensor:
         if self.gamma_1 is None:
-            x = x + self.drop_path(self.attn(self.norm1(x), shared_rel_pos_bias))
+            x = x + self.drop_path(self.attn(self.norm1(x), rel_pos, backend))
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), shared_rel_pos_bias))
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rel_pos, backend))
         return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
 
@@ -306,11 +305,16 @@ class BeitModel(nn.Module):
         self, x: torch.Tensor, return_layers: Optional[Sequence[int]] = None
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         """The Transformer blocks on embedded tokens (B, N+1, D), with the shared bias computed once."""
-        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        backend = self.attention_backend(x)
+        rel_pos = None
+        if self.rel_pos_bias is not None:
+            rpb = self.rel_pos_bias
+            rel_pos = RelPosBias(rpb.relative_position_bias_table, rpb.relative_position_index,
+                                 None if backend == "triton" else rpb())  # the kernel gathers in-kernel
         wanted = set(return_layers or ())
         layers = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, rel_pos_bias)
+            x = blk(x, rel_pos, backend)
             if i in wanted:
                 layers.append(x)
         if return_layers is not None:
@@ -325,6 +329,18 @@ class BeitModel(nn.Module):
         return_layers: Optional[Sequence[int]] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         return self.forward_features(pixel_values, bool_masked_pos, return_layers)
+
+    def attention_backend(self, x: torch.Tensor) -> str:
+        """The attention backend this forward uses (config.attn_backend resolved for x's device and dtype)."""
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        tables = [m for n, m in self.named_parameters() if n.endswith("relative_position_bias_table")]
+        case = AttentionCase(
+            device_type=dev, dtype=dtype, head_dim=self.config.head_dim,
+            bias_requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tables),
+            dropout_p=self.config.attn_drop_rate if self.training else 0.0,
+        )
+        return select_backend(self.config.attn_backend, case)
 
     def feature_maps(self, pixel_values: torch.Tensor, layers: Sequence[int] = (3, 5, 7, 11)) -> List[torch.Tensor]:
         """Outputs of `layers` (0-based) as (B, D, h, w) maps, cls dropped (segmentation backbone)."""

@@ -349,7 +349,8 @@ def test_math_and_sdpa_backends_agree(per_layer):
 
 
 @pytest.mark.parametrize("backend", ["triton", "xformers"])
-def test_explicit_unavailable_backend_raises_with_reason(tiny, backend):
+def test_explicit_unavailable_backend_raises_with_reason(tiny, backend, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a plain CPU: no Triton, no xformers kernels
     m = BeitForMaskedImageModeling(tiny.config.replace(attn_backend=backend))
     x, mask, tok = tiny_inputs()
     with pytest.raises(RuntimeError, match=backend) as exc:
@@ -407,11 +408,15 @@ def test_return_layers_shapes_and_values(deep_tiny):
         assert len(feats) == 4 and all(f.shape == (2, 65, 96) for f in feats)
         assert torch.equal(feats[-1], last)
         # block by block by hand
+        from beit_fast.attention import RelPosBias
+
         h = m.embed(x)
-        bias = m.rel_pos_bias()
+        rpb = m.rel_pos_bias
+        bias = RelPosBias(rpb.relative_position_bias_table, rpb.relative_position_index, rpb())
+        backend = m.attention_backend(h)
         manual = []
         for blk in m.blocks:
-            h = blk(h, bias)
+            h = blk(h, bias, backend)
             manual.append(h)
         for i, f in zip([3, 5, 7, 11], feats):
             assert torch.equal(f, manual[i])
