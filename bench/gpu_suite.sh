@@ -21,10 +21,10 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . || { echo "gpu_suite: 
 
 $PY -m beit_fast.cli info 2>&1 | tee "$OUT/info.txt"
 echo "== gpu tests"
-timeout 90 $PY -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt"
+timeout 60 $PY -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
 echo "== benchmarks"
-timeout 270 $PY -m pytest bench -q -s -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench_log.txt"
+timeout 280 $PY -m pytest bench -q -s -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench_log.txt"
 bench_rc=${PIPESTATUS[0]}
 echo "== summary ($(( $(date +%s) - start )) s; gpu tests rc=$tests_rc, benchmarks rc=$bench_rc)"
 [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
