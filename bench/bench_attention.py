@@ -5,8 +5,9 @@ Peers in the same process: SDPA memory-efficient (the only PyTorch kernel with a
 gradient), SDPA math, xformers when its kernels load, and FlexAttention with a `score_mod`
 reading the table when it compiles (BEiT-B shape only, to bound compile time). Each is fed the
 way a user would: the table gathered into an (H, N, N) bias every call (its gradient flows back
-to the table). Correctness is checked against the fp32 reference before timing. Reported: median ms, TFLOP/s (forward 4*B*H*N^2*Dh; backward
-2.5x that, the FlashAttention convention), peak extra memory, time relative to ours.
+to the table). Correctness is checked against the fp32 reference before timing. Reported: median
+ms, TFLOP/s (forward 4*B*H*N^2*Dh; backward 2.5x that, the FlashAttention convention), peak extra
+memory, time relative to ours.
 """
 
 from __future__ import annotations
