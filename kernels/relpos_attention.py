@@ -247,12 +247,13 @@ def relpos_attention_bwd(
         q, k, v, do, lse, delta, tab, idx, bias, dk, dv, dbias, H, N, scale,
         *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv), s_tab, s_bias,
         HEAD_DIM=Dh, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BIAS_MODE=mode, WANT_DBIAS=want_dbias,
-        num_warps=warps,
+        num_warps=max(warps, 8) if q.is_cuda else warps,  # two fp32 accumulators + the dS tile
     )
     _relpos_attn_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
         q, k, v, do, lse, delta, tab, idx, bias, dq, H, N, scale,
         *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq), s_tab, s_bias,
-        HEAD_DIM=Dh, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BIAS_MODE=mode, num_warps=warps,
+        HEAD_DIM=Dh, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BIAS_MODE=mode,
+        num_warps=max(warps, 8) if q.is_cuda else warps,
     )
     return dbias if want_dbias else None
 
