@@ -28,7 +28,9 @@ def _table_and_index(N, H, g):
     return torch.randn(rows, H, generator=g), index
 
 
-@pytest.mark.parametrize("B,H,N,Dh", [(2, 2, 37, 32), (1, 3, 50, 64), (1, 2, 197, 64), (2, 1, 17, 80), (1, 1, 10, 128)])
+@pytest.mark.parametrize(
+    "B,H,N,Dh", [(2, 2, 37, 32), (1, 3, 50, 64), (1, 2, 197, 64), (2, 1, 17, 80), (1, 1, 10, 128), (1, 1, 577, 64)]
+)
 def test_table_bias_matches_ref(B, H, N, Dh):
     g = torch.Generator().manual_seed(N * 7 + Dh)
     q, k, v = (torch.randn(B, H, N, Dh, generator=g).requires_grad_() for _ in range(3))
