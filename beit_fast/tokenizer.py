@@ -1,26 +1,69 @@
 """Visual tokenizers: images -> a grid of discrete token ids, the targets of BEiT pretraining.
 
-`VisualTokenizer` is the interface every tokenizer implements. The DALL-E dVAE and a
-trainable dVAE arrive with the tokenizer issue; until then `RandomConvTokenizer` - a fixed,
-randomly initialised patchify conv + nearest random code (cosine) - gives targets that depend on
-local image content, so masked prediction is learnable (it is NOT a semantic tokenizer:
-runs with it say so in their logs).
+`VisualTokenizer` is the interface every tokenizer implements.
+
+- `DalleTokenizer`: the DALL-E dVAE (SPEC section 4) as plain `nn.Conv2d` networks
+  (`DalleEncoder`, `DalleDecoder`), loadable from the published `encoder.pkl` / `decoder.pkl`
+  without the `dall_e` package and without running pickled code (`load_dalle_encoder`,
+  `load_dalle_decoder`: a restricted unpickler admits only the classes such a file needs), from
+  plain state dicts of our modules, or from a `beit-fast dvae` checkpoint of `train/tokenizer.py`.
+- `RandomConvTokenizer`: a fixed, randomly initialised patchify conv + nearest random code
+  (cosine) - gives targets that depend on local image content, so masked prediction is learnable
+  (it is NOT a semantic tokenizer: runs with it say so in their logs).
 """
 
 from __future__ import annotations
+
+import _compat_pickle
+import math
+import os
+import pickle
+import re
+import types
+import warnings
+import zipfile
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["VisualTokenizer", "RandomConvTokenizer", "map_pixels"]
+__all__ = [
+    "VisualTokenizer",
+    "RandomConvTokenizer",
+    "DalleTokenizer",
+    "DalleEncoder",
+    "DalleDecoder",
+    "load_dalle_encoder",
+    "load_dalle_decoder",
+    "PickleRefusedError",
+    "map_pixels",
+    "unmap_pixels",
+    "decoded_images",
+    "LOGIT_LAPLACE_EPS",
+]
 
 LOGIT_LAPLACE_EPS = 0.1
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 def map_pixels(x: torch.Tensor) -> torch.Tensor:
     """DALL-E's logit-Laplace pixel map: [0, 1] -> [eps, 1 - eps]."""
     return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
+
+
+def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `map_pixels`, clamped to [0, 1]."""
+    return ((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)).clamp(0, 1)
+
+
+def decoded_images(out: torch.Tensor) -> torch.Tensor:
+    """Decoder output (B, 2*C, H, W) logit-Laplace parameters -> images (B, C, H, W) in [0, 1].
+
+    The first C channels are the location (in logit space) of each mapped pixel: sigmoid, then unmap."""
+    return unmap_pixels(torch.sigmoid(out[:, : out.shape[1] // 2].float()))
 
 
 class VisualTokenizer(nn.Module):
@@ -69,3 +112,643 @@ class RandomConvTokenizer(VisualTokenizer):
         self.check_images(images)
         h = F.normalize(self.embed(map_pixels(images.float()) - 0.5), dim=1)
         return self.head(h).argmax(1).flatten(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The DALL-E dVAE as plain nn.Conv2d networks. Module names follow the `dall_e` package exactly
+# (blocks.group_1.block_1.res_path.conv_1 ...), so its parameters map 1:1 (w -> weight, b -> bias).
+
+
+def _dalle_conv(n_in: int, n_out: int, kw: int) -> nn.Conv2d:
+    """dall_e.utils.Conv2d: 'same' padding, weights N(0, 1 / fan_in), zero bias."""
+    conv = nn.Conv2d(n_in, n_out, kw, padding=(kw - 1) // 2)
+    with torch.no_grad():
+        conv.weight.normal_(std=1 / math.sqrt(n_in * kw**2))
+        conv.bias.zero_()
+    return conv
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r}: must be a positive int")
+
+
+class _DalleBlock(nn.Module):
+    """x -> id_path(x) + res_path(x) / n_layers**2, with n_layers the blocks of the whole network.
+
+    id_path is a 1x1 conv when the width changes, else the identity; res_path is
+    relu, conv(n_in -> n_out/4), relu, conv, relu, conv, relu, conv(-> n_out) with kernel sizes
+    `KERNELS` (encoder 3,3,3,1; decoder 1,3,3,3)."""
+
+    KERNELS: Tuple[int, int, int, int]
+    DALLE_NAME: str
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
+        super().__init__()
+        if n_out % 4:
+            raise ValueError(f"block width {n_out} must be a multiple of 4")
+        self.n_in, self.n_out, self.n_layers = n_in, n_out, n_layers
+        n_hid = n_out // 4
+        self.post_gain = 1 / (n_layers**2)
+        self.id_path = _dalle_conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        k1, k2, k3, k4 = self.KERNELS
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()),
+            ("conv_1", _dalle_conv(n_in, n_hid, k1)),
+            ("relu_2", nn.ReLU()),
+            ("conv_2", _dalle_conv(n_hid, n_hid, k2)),
+            ("relu_3", nn.ReLU()),
+            ("conv_3", _dalle_conv(n_hid, n_hid, k3)),
+            ("relu_4", nn.ReLU()),
+            ("conv_4", _dalle_conv(n_hid, n_out, k4)),
+        ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DalleEncoderBlock(_DalleBlock):
+    KERNELS = (3, 3, 3, 1)
+    DALLE_NAME = "dall_e.encoder.EncoderBlock"
+
+
+class DalleDecoderBlock(_DalleBlock):
+    KERNELS = (1, 3, 3, 3)
+    DALLE_NAME = "dall_e.decoder.DecoderBlock"
+
+
+class DalleEncoder(nn.Module):
+    """The DALL-E dVAE encoder: mapped pixels (B, C, H, W) -> logits (B, vocab_size, H/d, W/d), d = 2**(groups-1).
+
+    input 7x7 conv C -> n_hid; group g (1..group_count) of `n_blk_per_group` blocks at width
+    n_hid * 2**(g-1), a 2x2 max-pool after every group but the last; output relu + 1x1 conv to
+    `vocab_size`. The defaults are the published model (8x down, 112px -> 14x14, 8192 codes).
+    `group_count` != 4 goes beyond the `dall_e` package, whose four groups are hard-wired (there
+    group_count only sets the residual gain); such models train and load from our own files.
+    Unlike the package, widths below 64 and vocabularies below 512 are allowed (small presets).
+    """
+
+    DALLE_NAME = "dall_e.encoder.Encoder"
+
+    def __init__(
+        self,
+        group_count: int = 4,  # groups of blocks; 2**(group_count - 1) downsampling
+        n_hid: int = 256,  # width of the first group (DALL-E: 256; the last group is 8x at 4 groups)
+        n_blk_per_group: int = 2,  # residual blocks per group
+        input_channels: int = 3,
+        vocab_size: int = 8192,  # codebook size
+    ) -> None:
+        super().__init__()
+        _check_positive(group_count=group_count, n_hid=n_hid, n_blk_per_group=n_blk_per_group,
+                        input_channels=input_channels, vocab_size=vocab_size)
+        if n_hid % 4:
+            raise ValueError(f"n_hid={n_hid}: must be a multiple of 4")
+        self.group_count, self.n_hid, self.n_blk_per_group = group_count, n_hid, n_blk_per_group
+        self.input_channels, self.vocab_size = input_channels, vocab_size
+        n_layers = group_count * n_blk_per_group
+        layers: List[Tuple[str, nn.Module]] = [("input", _dalle_conv(input_channels, n_hid, 7))]
+        width = n_hid
+        for g in range(group_count):
+            out = n_hid * 2**g
+            group: List[Tuple[str, nn.Module]] = []
+            for i in range(n_blk_per_group):
+                group.append((f"block_{i + 1}", DalleEncoderBlock(width, out, n_layers)))
+                width = out
+            if g < group_count - 1:
+                group.append(("pool", nn.MaxPool2d(kernel_size=2)))
+            layers.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
+        layers.append(("output", nn.Sequential(OrderedDict([
+            ("relu", nn.ReLU()),
+            ("conv", _dalle_conv(width, vocab_size, 1)),
+        ]))))
+        self.blocks = nn.Sequential(OrderedDict(layers))
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (self.group_count - 1)
+
+    @property
+    def feature_channels(self) -> int:
+        return self.n_hid * 2 ** (self.group_count - 1)
+
+    @property
+    def head(self) -> nn.Conv2d:
+        """The final 1x1 conv (feature_channels -> vocab_size), `blocks.output.conv`. A property, not a
+        submodule alias, so the state dict keeps the package's names only."""
+        return self.blocks.output.conv
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.input_channels:
+            raise ValueError(f"encoder expects (B, {self.input_channels}, H, W) mapped pixels, got {tuple(x.shape)}")
+        if x.shape[2] % self.downsample or x.shape[3] % self.downsample:
+            raise ValueError(f"image side must be a multiple of {self.downsample}, got {tuple(x.shape[2:])}")
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """Mapped pixels (B, C, H, W) -> features (B, feature_channels, H/d, W/d), before the output ReLU."""
+        self._check_input(x)
+        for name, module in self.blocks.named_children():
+            if name != "output":
+                x = module(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mapped pixels (B, C, H, W) (`map_pixels` already applied, as for `dall_e`) -> logits (B, vocab, h, w)."""
+        return self.blocks.output(self.body(x))
+
+
+class DalleDecoder(nn.Module):
+    """The DALL-E dVAE decoder: codes (B, vocab_size, h, w) (one-hot or soft) -> (B, 2*C, h*d, w*d).
+
+    input 1x1 conv vocab -> n_init; group g (1..group_count) of blocks at width
+    n_hid * 2**(group_count-g), nearest 2x upsampling after every group but the last; output relu +
+    1x1 conv to 2 * output_channels logit-Laplace parameters (`decoded_images` turns them into pixels).
+    """
+
+    DALLE_NAME = "dall_e.decoder.Decoder"
+
+    def __init__(
+        self,
+        group_count: int = 4,
+        n_init: int = 128,  # width after the input conv (DALL-E: 128)
+        n_hid: int = 256,  # width of the last group (the first is 8x at 4 groups)
+        n_blk_per_group: int = 2,
+        output_channels: int = 3,
+        vocab_size: int = 8192,
+    ) -> None:
+        super().__init__()
+        _check_positive(group_count=group_count, n_init=n_init, n_hid=n_hid, n_blk_per_group=n_blk_per_group,
+                        output_channels=output_channels, vocab_size=vocab_size)
+        if n_hid % 4:
+            raise ValueError(f"n_hid={n_hid}: must be a multiple of 4")
+        self.group_count, self.n_init, self.n_hid, self.n_blk_per_group = group_count, n_init, n_hid, n_blk_per_group
+        self.output_channels, self.vocab_size = output_channels, vocab_size
+        n_layers = group_count * n_blk_per_group
+        layers: List[Tuple[str, nn.Module]] = [("input", _dalle_conv(vocab_size, n_init, 1))]
+        width = n_init
+        for g in range(group_count):
+            out = n_hid * 2 ** (group_count - 1 - g)
+            group: List[Tuple[str, nn.Module]] = []
+            for i in range(n_blk_per_group):
+                group.append((f"block_{i + 1}", DalleDecoderBlock(width, out, n_layers)))
+                width = out
+            if g < group_count - 1:
+                group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
+            layers.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
+        layers.append(("output", nn.Sequential(OrderedDict([
+            ("relu", nn.ReLU()),
+            ("conv", _dalle_conv(width, 2 * output_channels, 1)),
+        ]))))
+        self.blocks = nn.Sequential(OrderedDict(layers))
+
+    @property
+    def upsample(self) -> int:
+        return 2 ** (self.group_count - 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes (B, vocab, h, w) -> logit-Laplace parameters (B, 2 * output_channels, h*d, w*d)."""
+        if z.dim() != 4 or z.shape[1] != self.vocab_size:
+            raise ValueError(f"decoder expects (B, {self.vocab_size}, h, w) codes, got {tuple(z.shape)}")
+        return self.blocks(z)
+
+
+# ----------------------------------------------------------------------------------------------
+# Restricted loading. The published weights are whole pickled modules of the `dall_e` package;
+# plain pickle would import that package and call whatever the file names. Here every global the
+# file references goes through an allow-list: the package's classes and the torch.nn containers
+# become inert stand-ins that only collect their pickled __dict__, tensors are rebuilt by torch's
+# own rebuild functions, and anything else is refused before it is looked up.
+
+
+class PickleRefusedError(pickle.UnpicklingError):
+    """A pickle referenced a global outside the allow-list; the message names it."""
+
+
+class _StandIn:
+    """An inert placeholder for a pickled module: no methods run beyond storing the pickled state."""
+
+    QUALNAME = "?"
+    state: Dict[str, Any] = {}  # replaced by the pickled state on BUILD
+    dump_patches = False  # read by torch's legacy loader for pickled module classes
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
+            state = state[0]
+        if not isinstance(state, dict):
+            kind = type(state).__name__
+            raise pickle.UnpicklingError(f"{self.QUALNAME}: expected a dict as pickled state, got {kind}")
+        self.state = dict(state)
+
+    def __repr__(self) -> str:
+        return f"<pickled {self.QUALNAME}>"
+
+
+_STANDIN_NAMES = (
+    DalleEncoder.DALLE_NAME,
+    DalleDecoder.DALLE_NAME,
+    DalleEncoderBlock.DALLE_NAME,
+    DalleDecoderBlock.DALLE_NAME,
+    "dall_e.utils.Conv2d",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.pooling.MaxPool2d",
+    "torch.nn.modules.upsampling.Upsample",
+    "torch.nn.modules.linear.Identity",
+)
+_STANDINS: Dict[str, Type[_StandIn]] = {
+    name: type(f"StandIn_{name.rsplit('.', 1)[1]}", (_StandIn,), {"QUALNAME": name}) for name in _STANDIN_NAMES
+}
+
+# Our module types -> the pickled class that sits at the same place in a `dall_e` module tree.
+_DALLE_KINDS: Dict[type, str] = {
+    nn.Conv2d: "dall_e.utils.Conv2d",
+    nn.Sequential: "torch.nn.modules.container.Sequential",
+    nn.ReLU: "torch.nn.modules.activation.ReLU",
+    nn.MaxPool2d: "torch.nn.modules.pooling.MaxPool2d",
+    nn.Upsample: "torch.nn.modules.upsampling.Upsample",
+    nn.Identity: "torch.nn.modules.linear.Identity",
+}
+
+# Storages (torch.FloatStorage, ...) never reach find_class: torch's loader resolves any name
+# containing "Storage" to its own dtype marker first.
+_ALLOWED_GLOBALS: Dict[str, Any] = {
+    "collections.OrderedDict": OrderedDict,
+    "builtins.set": set,
+    "torch.device": torch.device,
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": torch._utils._rebuild_parameter_with_state,
+    **_STANDINS,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler whose find_class only answers names in `_ALLOWED_GLOBALS` (and never imports)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles spell some names the Python 2 way (__builtin__.set); rename as pickle does.
+        py3_module, py3_name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        py3_module = _compat_pickle.IMPORT_MAPPING.get(py3_module, py3_module)
+        qualname = f"{py3_module}.{py3_name}"
+        try:
+            return _ALLOWED_GLOBALS[qualname]
+        except KeyError:
+            spelled = f" (pickled as `{module}.{name}`)" if qualname != f"{module}.{name}" else ""
+            raise PickleRefusedError(
+                f"refused to unpickle `{qualname}`{spelled}: not one of the classes a DALL-E dVAE pickle or a "
+                "state dict needs (nothing was imported or called)"
+            ) from None
+
+
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+# What torch.load needs of a `pickle_module`: `Unpickler` (it subclasses it, adding the storage
+# lookup and persistent_load) and `load` (the legacy format's header records).
+_RESTRICTED_PICKLE = types.ModuleType("beit_fast.tokenizer.restricted_pickle")
+_RESTRICTED_PICKLE.Unpickler = _RestrictedUnpickler  # type: ignore[attr-defined]
+_RESTRICTED_PICKLE.load = _restricted_load  # type: ignore[attr-defined]
+_RESTRICTED_PICKLE.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
+
+
+def _restricted_torch_load(path: PathLike) -> Any:
+    """torch.load through the restricted unpickler, on the CPU. TorchScript archives are refused:
+    torch.load would hand them to torch.jit.load, past the unpickler."""
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            f.seek(0)
+            with zipfile.ZipFile(f) as zf:
+                if any(n.split("/", 1)[-1] == "constants.pkl" for n in zf.namelist()):
+                    raise PickleRefusedError(f"{path}: refused a TorchScript archive (torch.load would run it)")
+        f.seek(0)
+        with warnings.catch_warnings():
+            # The legacy format compares a pickled module's source with its class; stand-ins have none.
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
+            return torch.load(f, map_location="cpu", pickle_module=_RESTRICTED_PICKLE, weights_only=False, mmap=False)
+
+
+def _modules_of(root: _StandIn) -> Dict[str, _StandIn]:
+    """Flatten a pickled module tree: {dotted path: stand-in} ('' is the root). A pickle can share or
+    nest objects any way it likes, so a module met twice is an error (and cannot recurse forever)."""
+    out: Dict[str, _StandIn] = {}
+    seen: set = set()
+    todo: List[Tuple[str, _StandIn]] = [("", root)]
+    while todo:
+        path, standin = todo.pop()
+        if id(standin) in seen:
+            raise ValueError(f"pickled module {path}: the same module object appears twice in the tree")
+        seen.add(id(standin))
+        out[path] = standin
+        children = standin.state.get("_modules", {})
+        if not isinstance(children, Mapping):
+            raise ValueError(f"pickled module {path or '<root>'}: _modules is a {type(children).__name__}")
+        for name, child in children.items():
+            child_path = f"{path}.{name}" if path else str(name)
+            if not isinstance(child, _StandIn):
+                raise ValueError(f"pickled module {child_path}: expected a module, got {type(child).__name__}")
+            todo.append((child_path, child))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12)
+    return a == b
+
+
+def _expected_attrs(module: nn.Module) -> Dict[str, Any]:
+    """Pickled attributes of the `dall_e` counterpart of `module` that change what it computes."""
+    if isinstance(module, nn.Conv2d):
+        return {"n_in": module.in_channels, "n_out": module.out_channels, "kw": module.kernel_size[0]}
+    if isinstance(module, _DalleBlock):
+        return {"n_in": module.n_in, "n_out": module.n_out, "post_gain": module.post_gain}
+    if isinstance(module, nn.MaxPool2d):
+        return {k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}
+    if isinstance(module, nn.Upsample):
+        return {"size": module.size, "scale_factor": module.scale_factor, "mode": module.mode}
+    return {}
+
+
+def _dalle_kind(module: nn.Module) -> str:
+    name = getattr(type(module), "DALLE_NAME", None)
+    return name if name is not None else _DALLE_KINDS[type(module)]
+
+
+def _state_dict_from_standins(model: nn.Module, root: _StandIn) -> Dict[str, torch.Tensor]:
+    """Check that the pickled tree is `model`'s architecture (module names, kinds, kernel sizes, gains,
+    pooling) and return its parameters under our names (w -> weight, b -> bias)."""
+    pickled = _modules_of(root)
+    ours = dict(model.named_modules())
+    missing, extra = sorted(set(ours) - set(pickled)), sorted(set(pickled) - set(ours))
+    if missing or extra:
+        raise ValueError(f"pickled module tree differs from the architecture: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    state: Dict[str, torch.Tensor] = {}
+    for path, module in ours.items():
+        standin = pickled[path]
+        where = path or "<root>"
+        if standin.QUALNAME != _dalle_kind(module):
+            raise ValueError(f"pickled module {where} is a {standin.QUALNAME}, expected {_dalle_kind(module)}")
+        for key, want in _expected_attrs(module).items():
+            got = standin.state.get(key, "<missing>")
+            if not _same(got, want):
+                raise ValueError(f"pickled module {where}: {key}={got!r}, the architecture has {want!r}")
+        for group in ("_parameters", "_buffers"):
+            tensors = standin.state.get(group, {})
+            if not isinstance(tensors, Mapping):
+                raise ValueError(f"pickled module {where}: {group} is a {type(tensors).__name__}")
+            for name, t in tensors.items():
+                if t is None:
+                    continue
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"pickled module {where}: {group}[{name!r}] is a {type(t).__name__}")
+                key = {"w": "weight", "b": "bias"}.get(name, name)
+                state[f"{path}.{key}" if path else key] = t.detach()
+    return state
+
+
+_CONFIG_KEYS = {
+    DalleEncoder: ("group_count", "n_hid", "n_blk_per_group", "input_channels", "vocab_size"),
+    DalleDecoder: ("group_count", "n_init", "n_hid", "n_blk_per_group", "output_channels", "vocab_size"),
+}
+
+
+def _config_from_standin(cls: type, root: _StandIn) -> Dict[str, int]:
+    config = {}
+    for key in _CONFIG_KEYS[cls]:
+        # group_count is a plain class attribute of the package's attrs classes, not a field: it is
+        # not in the pickled state and is always 4 there.
+        v = root.state.get(key, 4 if key == "group_count" else None)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"pickled {root.QUALNAME}: hyper-parameter {key}={v!r} is not an int")
+        config[key] = v
+    if config["group_count"] != 4:  # the package always builds four groups
+        raise ValueError(f"pickled {root.QUALNAME} has group_count={config['group_count']}: the dall_e package "
+                         "hard-wires four groups, so only group_count=4 has our architecture")
+    return config
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def _normalise_keys(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our names; a `dall_e` state dict (`.w`, `.b`) is renamed."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"\.w$", ".weight", k)
+        k = re.sub(r"\.b$", ".bias", k)
+        out[k] = v.detach()
+    return out
+
+
+def _config_from_state_dict(cls: type, sd: Mapping[str, torch.Tensor]) -> Dict[str, int]:
+    """Every hyper-parameter follows from the shapes: group count and blocks per group from the names,
+    widths, channels and vocabulary from the input and output convs."""
+    try:
+        groups = {int(m.group(1)) for k in sd for m in [re.match(r"blocks\.group_(\d+)\.", k)] if m}
+        blocks = {int(m.group(1)) for k in sd for m in [re.match(r"blocks\.group_1\.block_(\d+)\.", k)] if m}
+        w_in, w_out = sd["blocks.input.weight"], sd["blocks.output.conv.weight"]
+        if not groups or not blocks or w_in.dim() != 4 or w_out.dim() != 4:
+            raise KeyError("blocks.group_1.block_1")
+    except KeyError as exc:
+        raise ValueError(f"not a {cls.__name__} state dict: no {exc.args[0]!r} entry") from None
+    config = {"group_count": max(groups), "n_blk_per_group": max(blocks)}
+    if cls is DalleEncoder:
+        config.update(n_hid=w_in.shape[0], input_channels=w_in.shape[1], vocab_size=w_out.shape[0])
+    else:
+        config.update(n_init=w_in.shape[0], vocab_size=w_in.shape[1], n_hid=w_out.shape[1],
+                      output_channels=w_out.shape[0] // 2)
+    return config
+
+
+_DVAE_FORMAT = "beit-fast dvae"  # train/tokenizer.py: {"format", "encoder", "decoder", "image_size", ...}
+
+
+def _build(cls: type, path: PathLike, obj: Any, part: str) -> nn.Module:
+    """A loaded object (stand-in tree, state dict, or dvae checkpoint) -> `cls` with its weights."""
+    if isinstance(obj, Mapping) and obj.get("format") == _DVAE_FORMAT:
+        if part not in obj:
+            raise ValueError(f"{path}: the {_DVAE_FORMAT} checkpoint has no {part!r} entry")
+        obj = obj[part]
+    # Built on the meta device first: the hyper-parameters come from the file, and nothing is allocated
+    # until the file's own tensors are known to have exactly the shapes they imply.
+    if isinstance(obj, _StandIn):
+        if obj.QUALNAME != cls.DALLE_NAME:
+            raise ValueError(f"{path}: holds a pickled {obj.QUALNAME}, expected a {cls.DALLE_NAME}")
+        with torch.device("meta"):
+            model = cls(**_config_from_standin(cls, obj))
+        state = _state_dict_from_standins(model, obj)
+    elif _is_state_dict(obj):
+        state = _normalise_keys(obj)
+        with torch.device("meta"):
+            model = cls(**_config_from_state_dict(cls, state))
+    else:
+        raise ValueError(f"{path}: expected a pickled {cls.DALLE_NAME}, a {cls.__name__} state dict or a "
+                         f"{_DVAE_FORMAT} checkpoint, got {type(obj).__name__}")
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if want != got:
+        missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        wrong = [f"{k}: {got[k]} vs {want[k]}" for k in sorted(set(want) & set(got)) if got[k] != want[k]]
+        raise ValueError(f"{path}: weights do not fit {cls.__name__}: missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}, wrong shapes (file vs model) {wrong[:4]}")
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(state[name])
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_dalle_encoder(path: PathLike) -> DalleEncoder:
+    """Read `encoder.pkl` (a torch.save'd `dall_e.encoder.Encoder`), a `DalleEncoder` state dict, or a
+    `beit-fast dvae` checkpoint, without importing `dall_e` or running pickled code.
+
+    Returns a frozen (eval, no grad) fp32 `DalleEncoder` on the CPU; its forward takes mapped pixels.
+    Raises `PickleRefusedError` (a pickle.UnpicklingError) naming any global outside the allow-list,
+    ValueError for a file of another kind or with weights that do not fit."""
+    return _build(DalleEncoder, path, _restricted_torch_load(path), "encoder")
+
+
+def load_dalle_decoder(path: PathLike) -> DalleDecoder:
+    """`load_dalle_encoder` for `decoder.pkl` (`dall_e.decoder.Decoder`) -> a frozen `DalleDecoder`."""
+    return _build(DalleDecoder, path, _restricted_torch_load(path), "decoder")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class DalleTokenizer(VisualTokenizer):
+    """DALL-E dVAE tokenizer: images (B, 3, S, S) in [0, 1] -> ids (B, (S/d)**2), argmax of the encoder logits.
+
+    `fast` (house rule 4): False is the fp32 reference; "auto" takes the fast path when the images are
+    on a CUDA device; True requires it and raises with the reasons where it cannot run. The fast path
+    runs the body under bf16 autocast in channels_last; the head + argmax go through `_logits_argmax`,
+    where the fused Triton kernel plugs in (the fast path has not been measured on any card yet). The
+    wrapped modules are frozen (eval, no grad). On a GPU the [0, 1] input check is deferred, not a sync:
+    it is reported by the next `beit_fast.kernels.check_deferred()`.
+    """
+
+    def __init__(
+        self,
+        encoder: DalleEncoder,
+        decoder: Optional[DalleDecoder] = None,
+        image_size: int = 112,
+        fast: Union[bool, str] = False,
+        source: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if fast not in (True, False, "auto"):
+            raise ValueError(f"fast={fast!r}: must be True, False or 'auto'")
+        if image_size % encoder.downsample:
+            raise ValueError(f"image_size {image_size} must be a multiple of the encoder's {encoder.downsample}x "
+                             "downsampling")
+        if encoder.input_channels != 3:
+            raise ValueError(f"the encoder takes {encoder.input_channels} channels; a tokenizer takes RGB")
+        if decoder is not None and (decoder.vocab_size != encoder.vocab_size or decoder.upsample != encoder.downsample):
+            raise ValueError(f"decoder (vocab {decoder.vocab_size}, {decoder.upsample}x) does not match the encoder "
+                             f"(vocab {encoder.vocab_size}, {encoder.downsample}x)")
+        self.encoder, self.decoder = encoder, decoder
+        self.requires_grad_(False).eval()
+        self.fast = fast
+        self._channels_last = False
+        self.vocab_size = encoder.vocab_size
+        self.image_size = image_size
+        self.grid_size = image_size // encoder.downsample
+        self.description = (
+            f"DALL-E dVAE tokenizer (n_hid {encoder.n_hid}, {encoder.group_count} groups x "
+            f"{encoder.n_blk_per_group} blocks, vocab {encoder.vocab_size}, {image_size}px -> "
+            f"{self.grid_size}x{self.grid_size}{', with decoder' if decoder is not None else ''}"
+            f"{f'; from {source}' if source else ''})"
+        )
+
+    @classmethod
+    def from_files(
+        cls,
+        encoder_path: PathLike,
+        decoder_path: Optional[PathLike] = None,
+        image_size: Optional[int] = None,
+        fast: Union[bool, str] = False,
+    ) -> "DalleTokenizer":
+        """From `encoder.pkl` [+ `decoder.pkl`], state dicts, or one `beit-fast dvae` checkpoint (which
+        carries the decoder and image size too). image_size defaults to the checkpoint's, else 14 codes a side."""
+        obj = _restricted_torch_load(encoder_path)
+        encoder = _build(DalleEncoder, encoder_path, obj, "encoder")
+        decoder = None
+        is_dvae = isinstance(obj, Mapping) and obj.get("format") == _DVAE_FORMAT
+        if decoder_path is not None:
+            decoder = load_dalle_decoder(decoder_path)
+        elif is_dvae and "decoder" in obj:
+            decoder = _build(DalleDecoder, encoder_path, obj, "decoder")
+        if image_size is None:
+            size = obj.get("image_size") if is_dvae else None
+            image_size = size if isinstance(size, int) and not isinstance(size, bool) else 14 * encoder.downsample
+        source = os.fspath(encoder_path) + (f" + {os.fspath(decoder_path)}" if decoder_path is not None else "")
+        return cls(encoder, decoder, image_size=image_size, fast=fast, source=source)
+
+    def fast_reasons(self, device: Union[torch.device, str]) -> List[str]:
+        """Why the fast path cannot run on `device` (empty: it can)."""
+        device = torch.device(device)
+        return [] if device.type == "cuda" else [f"the fast path needs a CUDA device, the images are on {device}"]
+
+    def _use_fast(self, device: torch.device) -> bool:
+        if self.fast is False:
+            return False
+        reasons = self.fast_reasons(device)
+        if self.fast is True and reasons:
+            raise RuntimeError("fast tokenization requested (fast=True) but cannot run: " + "; ".join(reasons))
+        return not reasons
+
+    def _logits_argmax(self, features: torch.Tensor) -> torch.Tensor:
+        """argmax over the vocabulary of head(relu(features)): (B, C, h, w) -> (B, h*w) int64.
+
+        Plain torch; the head runs in its own dtype (fp32, as the package runs its output conv)."""
+        head = self.encoder.head
+        return head(F.relu(features.to(head.weight.dtype))).argmax(1).flatten(1)
+
+    @torch.no_grad()
+    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        """images float (B, 3, S, S) in [0, 1] -> LongTensor (B, grid * grid); `map_pixels` is applied here."""
+        self.check_images(images)
+        if not images.is_floating_point():
+            raise ValueError(f"tokenizer expects float images in [0, 1], got {images.dtype}")
+        from beit_fast.kernels import defer_check  # on a GPU the range check must not synchronise
+
+        defer_check(~((images >= 0) & (images <= 1)).all(),
+                    lambda: f"tokenizer expects pixels in [0, 1], got values in [{float(images.min()):.4g}, "
+                            f"{float(images.max()):.4g}] (NaN: {bool(images.isnan().any())})")
+        x = map_pixels(images.float())
+        if self._use_fast(x.device):
+            if not self._channels_last:
+                self.encoder.to(memory_format=torch.channels_last)
+                self._channels_last = True
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                features = self.encoder.body(x.contiguous(memory_format=torch.channels_last))
+            from beit_fast.kernels import triton_reasons
+
+            if not triton_reasons(features.device):
+                # ReLU + 1x1 conv + argmax in one Triton kernel: the (B, vocab, h, w) logits are never written.
+                from beit_fast.kernels.tokenizer_head import tokenizer_head_argmax
+
+                head = self.encoder.head
+                return tokenizer_head_argmax(features, head.weight, head.bias)
+        else:
+            features = self.encoder.body(x)
+        return self._logits_argmax(features)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """LongTensor (B, grid * grid) -> images (B, 3, image_size, image_size) in [0, 1] (the decoder's means)."""
+        if self.decoder is None:
+            raise RuntimeError("this DalleTokenizer has no decoder: pass decoder_path to from_files (or a decoder)")
+        g = self.grid_size
+        if tokens.dim() != 2 or tokens.shape[1] != g * g or tokens.dtype != torch.long:
+            raise ValueError(f"decode expects LongTensor (B, {g * g}), got {tokens.dtype} {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        w = self.decoder.blocks.input.weight
+        z = F.one_hot(tokens.view(-1, g, g), self.vocab_size).permute(0, 3, 1, 2).to(w.dtype)
+        return decoded_images(self.decoder(z))

@@ -1,0 +1,332 @@
+"""The DALL-E dVAE tokenizer: parity with the `dall_e` package (a test dependency), the restricted
+loader (refuses foreign globals without running them; works with `dall_e` unimportable), our own
+state dicts, and the `DalleTokenizer` interface. CPU, fp32, small widths."""
+
+import contextlib
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from beit_fast.tokenizer import (
+    DalleDecoder,
+    DalleEncoder,
+    DalleTokenizer,
+    PickleRefusedError,
+    decoded_images,
+    load_dalle_decoder,
+    load_dalle_encoder,
+    map_pixels,
+    unmap_pixels,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Max abs error relative to the reference's largest magnitude."""
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def dalle_modules(n_hid: int, n_blk: int, vocab: int, n_init: int = 128):
+    """Random-weight `dall_e` Encoder and Decoder in fp32 on the CPU. The package rejects n_hid < 64 and
+    vocab < 512 in its attrs validators; smaller models build with the validators switched off."""
+    pytest.importorskip("dall_e")
+    import attr
+    from dall_e.decoder import Decoder
+    from dall_e.encoder import Encoder
+
+    kw = dict(n_hid=n_hid, n_blk_per_group=n_blk, vocab_size=vocab, requires_grad=False,
+              use_mixed_precision=False, device=CPU)
+    small = n_hid < 64 or vocab < 512
+    with attr.validators.disabled() if small else contextlib.nullcontext():
+        return Encoder(**kw), Decoder(n_init=n_init, **kw)
+
+
+def _as_if_from_torch_1_7(module: nn.Module) -> nn.Module:
+    """A copy whose pickled state lacks what later torch versions added (the published files predate them:
+    their Upsample has no recompute_scale_factor, which is why they fail to run on torch >= 1.11)."""
+    module = copy.deepcopy(module)
+    newer = ("_backward_pre_hooks", "_is_full_backward_hook", "_forward_hooks_with_kwargs",
+             "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_state_dict_pre_hooks",
+             "_load_state_dict_post_hooks", "_non_persistent_buffers_set", "recompute_scale_factor")
+    for m in module.modules():
+        for name in newer:
+            m.__dict__.pop(name, None)
+    return module
+
+
+@contextlib.contextmanager
+def dall_e_blocked(monkeypatch):
+    """`import dall_e` (and its submodules) raises while inside."""
+    with monkeypatch.context() as m:
+        for name in [n for n in sys.modules if n == "dall_e" or n.startswith("dall_e.")]:
+            m.setitem(sys.modules, name, None)
+        m.setitem(sys.modules, "dall_e", None)
+        yield
+
+
+@pytest.mark.parametrize("n_hid,n_blk,vocab,n_init,size", [(64, 2, 512, 32, 32), (16, 1, 64, 8, 24)])
+def test_parity_with_dall_e(tmp_path, monkeypatch, n_hid, n_blk, vocab, n_init, size):
+    torch.manual_seed(n_hid + vocab)
+    enc_ref, dec_ref = dalle_modules(n_hid, n_blk, vocab, n_init)
+    with torch.no_grad():  # zero biases would hide a bias mix-up
+        for p in list(enc_ref.parameters()) + list(dec_ref.parameters()):
+            if p.dim() == 1:
+                p.normal_(std=0.1)
+    torch.save(enc_ref, tmp_path / "encoder.pkl")  # as the published files were made: the whole module
+    torch.save(dec_ref, tmp_path / "decoder.pkl")
+    torch.save(_as_if_from_torch_1_7(dec_ref), tmp_path / "decoder_old.pkl")
+    with dall_e_blocked(monkeypatch):
+        with pytest.raises(ImportError):
+            import dall_e  # noqa: F401
+        enc, dec = load_dalle_encoder(tmp_path / "encoder.pkl"), load_dalle_decoder(tmp_path / "decoder.pkl")
+        tok = DalleTokenizer.from_files(tmp_path / "encoder.pkl", tmp_path / "decoder.pkl", image_size=size)
+        dec_old = load_dalle_decoder(tmp_path / "decoder_old.pkl")
+    assert isinstance(enc, DalleEncoder) and isinstance(dec, DalleDecoder)
+    assert (enc.n_hid, enc.n_blk_per_group, enc.vocab_size, enc.group_count) == (n_hid, n_blk, vocab, 4)
+    assert (dec.n_init, dec.n_hid, dec.vocab_size, dec.output_channels) == (n_init, n_hid, vocab, 3)
+
+    images = torch.rand(2, 3, size, size)
+    x = map_pixels(images)
+    with torch.no_grad():
+        logits, logits_ref = enc(x), enc_ref(x)
+        assert logits.shape == (2, vocab, size // 8, size // 8)
+        assert rel_err(logits, logits_ref) <= 1e-5
+        tokens_ref = logits_ref.argmax(1)
+        assert torch.equal(logits.argmax(1), tokens_ref)
+        assert torch.equal(tok.tokenize(images), tokens_ref.flatten(1))
+
+        z = F.one_hot(tokens_ref, vocab).permute(0, 3, 1, 2).float()
+        soft = torch.softmax(logits_ref, dim=1)  # soft codes, as in dVAE training
+        for codes in (z, soft):
+            out, out_ref = dec(codes), dec_ref(codes)
+            assert out.shape == (2, 6, size, size)
+            assert rel_err(out, out_ref) <= 1e-5
+            assert rel_err(dec_old(codes), out_ref) <= 1e-5
+        images_ref = unmap_pixels(torch.sigmoid(dec_ref(z)[:, :3]))
+        assert rel_err(tok.decode(tokens_ref.flatten(1)), images_ref) <= 1e-5
+
+
+def test_parity_published_size(tmp_path, monkeypatch):
+    """The published hyper-parameters (n_hid 256, 2 blocks, vocab 8192; 53.8M encoder parameters) on a 16px image."""
+    torch.manual_seed(0)
+    enc_ref, dec_ref = dalle_modules(256, 2, 8192)
+    torch.save(enc_ref, tmp_path / "encoder.pkl")
+    torch.save(dec_ref, tmp_path / "decoder.pkl")
+    with dall_e_blocked(monkeypatch):
+        enc, dec = load_dalle_encoder(tmp_path / "encoder.pkl"), load_dalle_decoder(tmp_path / "decoder.pkl")
+    assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in enc_ref.parameters())
+    x = map_pixels(torch.rand(1, 3, 16, 16))
+    with torch.no_grad():
+        logits, logits_ref = enc(x), enc_ref(x)
+        assert logits.shape == (1, 8192, 2, 2) and rel_err(logits, logits_ref) <= 1e-5
+        assert torch.equal(logits.argmax(1), logits_ref.argmax(1))
+        z = F.one_hot(logits_ref.argmax(1), 8192).permute(0, 3, 1, 2).float()
+        assert rel_err(dec(z), dec_ref(z)) <= 1e-5
+
+
+def test_module_names_match_dall_e():
+    enc_ref, dec_ref = dalle_modules(16, 2, 64, 8)
+    enc = DalleEncoder(n_hid=16, n_blk_per_group=2, vocab_size=64)
+    dec = DalleDecoder(n_init=8, n_hid=16, n_blk_per_group=2, vocab_size=64)
+    for ours, ref in ((enc, enc_ref), (dec, dec_ref)):
+        want = {k[:-2] + (".weight" if k.endswith(".w") else ".bias"): v.shape for k, v in ref.state_dict().items()}
+        assert {k: v.shape for k, v in ours.state_dict().items()} == want
+        assert [n for n, _ in ours.named_modules()] == [n for n, _ in ref.named_modules()]
+    assert enc.head is enc.blocks.output.conv and enc.head.kernel_size == (1, 1)
+    x = torch.rand(2, 3, 32, 32)
+    assert enc.body(x).shape == (2, 8 * 16, 4, 4)
+    assert torch.equal(enc(x), enc.head(F.relu(enc.body(x))))
+
+
+def test_loader_needs_no_dall_e_in_a_fresh_process(tmp_path):
+    """A process that never imported `dall_e`, with the import blocked, loads the pickle and tokenizes."""
+    torch.manual_seed(1)
+    enc_ref, _ = dalle_modules(16, 1, 64, 8)
+    torch.save(enc_ref, tmp_path / "encoder.pkl")
+    images = torch.rand(2, 3, 16, 16)
+    torch.save({"images": images, "tokens": enc_ref(map_pixels(images)).argmax(1).flatten(1)}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["dall_e"] = None  # any import of the package now raises ImportError
+        import torch
+        from beit_fast.tokenizer import DalleTokenizer
+        tok = DalleTokenizer.from_files({str(tmp_path / "encoder.pkl")!r}, image_size=16)
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        loaded = sorted(n for n, m in sys.modules.items() if n.startswith("dall_e") and m is not None)
+        print(json.dumps({{"same": torch.equal(tok.tokenize(io["images"]), io["tokens"]), "dall_e": loaded}}))
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {"same": True, "dall_e": []}
+
+
+class _Payload:
+    """Pickles as a call of `fn(*args)`: what a malicious checkpoint would contain."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _payloads(marker: Path):
+    import builtins
+    import importlib
+
+    return {
+        "os.system": _Payload(os.system, f"touch {marker}"),
+        "builtins.eval": _Payload(builtins.eval, f"open({str(marker)!r}, 'w')"),
+        "io.open": _Payload(builtins.open, str(marker), "w"),  # builtins.open is io.open
+        "importlib.import_module": _Payload(importlib.import_module, "antigravity"),
+        "torch.serialization.load": _Payload(torch.load, str(marker)),
+    }
+
+
+@pytest.mark.parametrize("name", ["os.system", "builtins.eval", "io.open", "importlib.import_module",
+                                  "torch.serialization.load"])
+@pytest.mark.parametrize("layout", ["alone", "inside_state_dict", "legacy_format", "plain_pickle"])
+def test_refuses_globals_outside_the_allow_list(tmp_path, name, layout):
+    marker = tmp_path / "pwned"
+    payload = _payloads(marker)[name]
+    path = tmp_path / "evil.pkl"
+    if layout == "alone":
+        torch.save(payload, path)
+    elif layout == "inside_state_dict":
+        sd = DalleEncoder(n_hid=8, n_blk_per_group=1, vocab_size=16).state_dict()
+        sd["blocks.input.bias"] = payload
+        torch.save(sd, path)
+    elif layout == "legacy_format":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        import pickle
+
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    module, _, fn = name.rpartition(".")
+    module = {"os": "(os|posix)"}.get(module, module)
+    for load in (load_dalle_encoder, load_dalle_decoder, DalleTokenizer.from_files):
+        with pytest.raises(PickleRefusedError, match=rf"`{module}\.{fn}`"):
+            load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated; old files still exist
+def test_refuses_torchscript_archives(tmp_path):
+    torch.jit.save(torch.jit.script(nn.ReLU()), tmp_path / "scripted.pt")
+    with pytest.raises(PickleRefusedError, match="TorchScript"):
+        load_dalle_encoder(tmp_path / "scripted.pt")
+
+
+def test_own_state_dicts_and_checkpoints(tmp_path):
+    torch.manual_seed(2)
+    for group_count in (4, 3):
+        enc = DalleEncoder(group_count=group_count, n_hid=8, n_blk_per_group=1, vocab_size=32)
+        dec = DalleDecoder(group_count=group_count, n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=32)
+        torch.save(enc.state_dict(), tmp_path / "enc.pt")
+        torch.save(dec.state_dict(), tmp_path / "dec.pt")
+        enc2, dec2 = load_dalle_encoder(tmp_path / "enc.pt"), load_dalle_decoder(tmp_path / "dec.pt")
+        assert (enc2.group_count, enc2.n_hid, enc2.vocab_size, enc2.downsample) == (group_count, 8, 32, enc.downsample)
+        assert dec2.n_init == 8 and dec2.output_channels == 3
+        x = torch.rand(2, 3, 16, 16)
+        z = torch.softmax(torch.randn(2, 32, 4, 4), 1)
+        with torch.no_grad():
+            assert torch.equal(enc2(x), enc(x)) and torch.equal(dec2(z), dec(z))
+        assert not any(p.requires_grad for p in enc2.parameters()) and not enc2.training
+
+    # `dall_e`-style names (w, b) and the legacy (non-zip) format load too.
+    torch.save({k[: -len(".weight")] + ".w" if k.endswith(".weight") else k[: -len(".bias")] + ".b": v
+                for k, v in enc.state_dict().items()}, tmp_path / "wb.pt", _use_new_zipfile_serialization=False)
+    with torch.no_grad():
+        assert torch.equal(load_dalle_encoder(tmp_path / "wb.pt")(x), enc(x))
+
+    # The `beit-fast dvae` checkpoint of train/tokenizer.py: encoder, decoder and image size in one file.
+    ckpt = {"format": "beit-fast dvae", "encoder": enc.state_dict(), "decoder": dec.state_dict(),
+            "encoder_kwargs": {"group_count": 3}, "image_size": 16, "config": {"lr": 2e-3, "device": "auto"}}
+    torch.save(ckpt, tmp_path / "tokenizer.pt")
+    tok = DalleTokenizer.from_files(tmp_path / "tokenizer.pt")
+    assert (tok.image_size, tok.grid_size, tok.vocab_size) == (16, 4, 32) and tok.decoder is not None
+    assert tok.decode(tok.tokenize(torch.rand(3, 3, 16, 16))).shape == (3, 3, 16, 16)
+
+
+def test_wrong_files_raise_clear_errors(tmp_path):
+    enc_ref, dec_ref = dalle_modules(16, 1, 64, 8)
+    torch.save(dec_ref, tmp_path / "decoder.pkl")
+    with pytest.raises(ValueError, match="dall_e.decoder.Decoder"):
+        load_dalle_encoder(tmp_path / "decoder.pkl")
+    enc_ref.vocab_size = 10**9  # hyper-parameters that contradict the weights: refused before any allocation
+    torch.save(enc_ref, tmp_path / "lying.pkl")
+    with pytest.raises(ValueError, match="blocks.output.conv: n_out=64, the architecture has 1000000000"):
+        load_dalle_encoder(tmp_path / "lying.pkl")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="got list"):
+        load_dalle_encoder(tmp_path / "list.pt")
+    sd = DalleEncoder(n_hid=8, n_blk_per_group=1, vocab_size=16).state_dict()
+    sd["blocks.group_1.block_1.res_path.conv_2.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save(sd, tmp_path / "bad_shape.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_dalle_encoder(tmp_path / "bad_shape.pt")
+    torch.save({"blocks.input.weight": torch.zeros(8, 3, 7, 7)}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="DalleEncoder state dict"):
+        load_dalle_encoder(tmp_path / "partial.pt")
+
+
+def test_tokenize_and_decode():
+    torch.manual_seed(3)
+    enc = DalleEncoder(n_hid=16, n_blk_per_group=1, vocab_size=128)
+    dec = DalleDecoder(n_init=16, n_hid=16, n_blk_per_group=1, vocab_size=128)
+    tok = DalleTokenizer(enc, dec, image_size=32)
+    assert (tok.vocab_size, tok.grid_size, tok.image_size) == (128, 4, 32)
+    assert "DALL-E" in tok.description and "vocab 128" in tok.description
+    assert not any(p.requires_grad for p in tok.parameters())
+    images = torch.rand(3, 3, 32, 32)
+    tokens = tok.tokenize(images)
+    assert tokens.shape == (3, 16) and tokens.dtype == torch.long
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < 128
+    with torch.no_grad():
+        ref = enc(map_pixels(images)).argmax(1).flatten(1)  # the pixel map is applied inside tokenize
+        assert torch.equal(tokens, ref)
+        assert torch.equal(tok._logits_argmax(enc.body(map_pixels(images))), ref)
+    assert torch.equal(DalleTokenizer(enc, image_size=32, fast="auto").tokenize(images), tokens)  # CPU: reference
+    with pytest.raises(RuntimeError, match="CUDA"):
+        DalleTokenizer(enc, image_size=32, fast=True).tokenize(images)
+
+    for bad in (images * 1.5, images - 0.5, images.masked_fill(images > 0.9, float("nan"))):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            tok.tokenize(bad)
+    with pytest.raises(ValueError, match="float"):
+        tok.tokenize((images * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
+        tok.tokenize(torch.rand(3, 3, 24, 24))
+
+    out = tok.decode(tokens)
+    assert out.shape == (3, 3, 32, 32) and float(out.min()) >= 0 and float(out.max()) <= 1
+    raw = dec(F.one_hot(tokens.view(3, 4, 4), 128).permute(0, 3, 1, 2).float())
+    assert torch.equal(out, decoded_images(raw))
+    with pytest.raises(ValueError, match="token ids"):
+        tok.decode(tokens + 128)
+    with pytest.raises(ValueError, match="LongTensor"):
+        tok.decode(tokens[:, :5])
+    with pytest.raises(RuntimeError, match="no decoder"):
+        DalleTokenizer(enc, image_size=32).decode(tokens)
+    with pytest.raises(ValueError, match="multiple"):
+        DalleTokenizer(enc, image_size=36)
+
+
+def test_pixel_maps():
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.allclose(unmap_pixels(map_pixels(x)), x, atol=1e-6)
+    out = torch.cat([torch.full((1, 3, 2, 2), 50.0), torch.zeros(1, 3, 2, 2)], 1)
+    assert torch.equal(decoded_images(out), torch.ones(1, 3, 2, 2))  # clamped
