@@ -13,8 +13,10 @@ commands:
   info        versions, the device, and which kernels / attention backends can run here (and why not)
   pretrain    BEiT masked-image-modeling pretraining (beit-fast pretrain --help)
   mask-bench  masks per second of the blockwise mask generator on one core
+  train-tokenizer  train a DALL-E-style dVAE tokenizer (beit-fast train-tokenizer --help)
+  tokenize    write a token cache of a dataset with fixed views (beit-fast tokenize --help)
 """
-COMMANDS = ("info", "pretrain", "mask-bench")
+COMMANDS = ("info", "pretrain", "mask-bench", "train-tokenizer", "tokenize")
 
 
 def _error(prog: str, message: str) -> int:
@@ -101,6 +103,57 @@ def mask_bench(argv: List[str]) -> int:
     return 0
 
 
+def tokenize(argv: List[str]) -> int:
+    """Token ids of every image of a dataset under ONE fixed view (center crop, resize): for ablations and
+    linear probes. Writes {"tokens" (N, grid*grid), "labels" (N,), "tokenizer", "image_size", "data"}."""
+    import torch
+
+    p = _OneLineParser(prog="beit-fast tokenize")
+    p.add_argument("--tokenizer", required=True, help="tokenizer file (train-tokenizer's tokenizer.pt, encoder.pkl)")
+    p.add_argument("--data", default="builtin", help='"builtin" or an image folder')
+    p.add_argument("--out", required=True, help="output .pt file")
+    p.add_argument("--num-images", type=int, default=2048, help="size of the built-in dataset")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="built-in dataset seed")
+    try:
+        a = p.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    if a.batch_size <= 0 or a.num_images <= 0:
+        return _error(p.prog, "--batch-size and --num-images must be positive")
+    import pickle
+
+    from torchvision.transforms import functional as TF
+
+    from beit_fast.checkpoint import atomic_save
+    from beit_fast.data import build_dataset
+    from beit_fast.kernels import check_deferred
+    from beit_fast.tokenizer import DalleTokenizer
+
+    try:
+        tok = DalleTokenizer.from_files(a.tokenizer, fast="auto")
+        data = build_dataset(a.data, num_images=a.num_images, seed=a.seed,
+                             size=max(16, tok.image_size * 3 // 2))
+    except (FileNotFoundError, NotADirectoryError, ValueError, pickle.UnpicklingError) as exc:
+        return _error(p.prog, str(exc))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = tok.to(device)
+    tokens, labels = [], []
+    for start in range(0, len(data), a.batch_size):
+        batch = [data[i] for i in range(start, min(len(data), start + a.batch_size))]
+        views = torch.stack([TF.to_tensor(TF.resize(TF.center_crop(img, min(img.size)), [tok.image_size] * 2))
+                             for img, _ in batch])
+        tokens.append(tok.tokenize(views.to(device)).cpu())
+        labels += [label for _, label in batch]
+        check_deferred()
+    ids = torch.cat(tokens)
+    ids = ids.to(torch.int16 if tok.vocab_size <= 32767 else torch.int32)
+    atomic_save({"tokens": ids, "labels": torch.tensor(labels), "tokenizer": tok.description,
+                 "image_size": tok.image_size, "data": a.data}, a.out)
+    print(f"{ids.shape[0]} images -> {tuple(ids.shape)} tokens ({tok.description}) written to {a.out}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit status: 0 done, 2 usage error (one line on stderr; usage itself on stderr when no command
     is given), 1 a run that failed, as each command documents."""
@@ -125,6 +178,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return pretrain_main(rest)
     if cmd == "mask-bench":
         return mask_bench(rest)
+    if cmd == "train-tokenizer":
+        from beit_fast.train.tokenizer import main as train_tokenizer_main
+
+        return train_tokenizer_main(rest)
+    if cmd == "tokenize":
+        return tokenize(rest)
     what = "option" if cmd.startswith("-") else "command"
     return _error("beit-fast", f"unknown {what} {cmd!r}; commands: {', '.join(COMMANDS)} (beit-fast --help)")
 

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import random
 import re
 import sys
@@ -127,7 +128,8 @@ class PretrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     precision: str = "auto"  # "fp32", "bf16" (autocast on CUDA); "auto": bf16 on CUDA, fp32 on CPU
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row (each one is skipped)
-    tokenizer: str = "random"  # "random": fixed random conv tokenizer (until the DALL-E tokenizer lands)
+    tokenizer: str = "random"  # "random" (fixed random conv) or a dVAE file: beit-fast train-tokenizer's
+    # tokenizer.pt, a DALL-E encoder.pkl, or an encoder state dict
 
     def validate(self) -> None:
         """Raise ValueError (one line, naming the key) for a wrong type or an invalid value."""
@@ -169,8 +171,8 @@ class PretrainConfig:
             bad("masking", 'must be "block" or "random"')
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", 'must be "auto", "fp32" or "bf16"')
-        if self.tokenizer != "random":
-            bad("tokenizer", 'only "random" exists until the DALL-E tokenizer lands')
+        if self.tokenizer != "random" and not Path(self.tokenizer).is_file():
+            bad("tokenizer", 'must be "random" or the path of a tokenizer file (beit-fast train-tokenizer writes one)')
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             bad("device", 'must be "auto", "cpu", "cuda" or "cuda:N"')
         self.model_config()  # raises on bad preset / model keys
@@ -303,6 +305,25 @@ class _Progress:
             self.bar.close()
 
 
+def build_tokenizer(cfg: PretrainConfig, mcfg: BeitConfig, device: torch.device):
+    """The target tokenizer: a fixed random one, or a trained dVAE whose code grid and vocabulary must
+    match the model's (its input size sets the tokenizer view's size)."""
+    if cfg.tokenizer == "random":
+        return RandomConvTokenizer(mcfg.vocab_size, mcfg.grid_size, mcfg.img_size // 2, seed=cfg.seed).to(device)
+    from beit_fast.tokenizer import DalleTokenizer
+
+    try:
+        tok = DalleTokenizer.from_files(cfg.tokenizer, fast="auto")
+    except (pickle.UnpicklingError, RuntimeError, KeyError) as exc:
+        raise ValueError(f"tokenizer={cfg.tokenizer!r} cannot be loaded: {exc}") from None
+    if tok.grid_size != mcfg.grid_size or tok.vocab_size != mcfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {cfg.tokenizer} makes a {tok.grid_size}x{tok.grid_size} grid of {tok.vocab_size} codes; the "
+            f"model needs {mcfg.grid_size}x{mcfg.grid_size} of {mcfg.vocab_size} (set vocab_size / img_size to match)"
+        )
+    return tok.to(device)
+
+
 def _worker_init(_: int) -> None:
     # One intra-op thread per worker: the workers' small tensor ops otherwise fight the training
     # step for the same cores (OpenMP spin-waits made steps 10x slower on 2 cores).
@@ -407,6 +428,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                         "from the original run's (and from a straight run to %d)", old_max, cfg.max_steps,
                         ckpt["step"], cfg.max_steps)
 
+    tokenizer = build_tokenizer(cfg, mcfg, device)  # a bad tokenizer file fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"pretrain": cfg.to_dict(), "model": mcfg.to_dict()}, indent=2))
 
@@ -415,8 +437,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     np.random.seed(cfg.seed)
     model = BeitForMaskedImageModeling(mcfg).to(device)
     optimizer = build_optimizer(model, cfg)
-    tok_size = mcfg.img_size // 2
-    tokenizer = RandomConvTokenizer(mcfg.vocab_size, mcfg.grid_size, tok_size, seed=cfg.seed).to(device)
+    tok_size = tokenizer.image_size
     log.info("targets: %s", tokenizer.description)
 
     start_step, stats = 0, {"skipped_steps": 0, "token_hist": torch.zeros(mcfg.vocab_size, dtype=torch.long)}
