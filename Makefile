@@ -39,11 +39,11 @@ bench-smoke: install
 	BEIT_BENCH_SMOKE=1 TRITON_INTERPRET=1 BENCH_OUT=runs/bench-smoke $(PY) -m pytest bench -q -s
 
 # Pure-Python wheels of the fused linear+CE peers, for a GPU machine without network
-# (bench/gpu_suite.sh installs whatever lies in .whl/).
+# and of the dall_e package (the tokenizer peer); bench/gpu_suite.sh installs whatever lies in .whl/.
 gpu-wheels:
 	mkdir -p .whl
 	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-		liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+		liger-kernel==0.8.5 cut-cross-entropy==25.1.1 dall-e==0.1
 
 info: install
 	$(VENV)/bin/beit-fast info
