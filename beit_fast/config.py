@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 __all__ = ["BeitConfig", "PRESETS", "ATTN_BACKENDS"]
 
@@ -139,6 +139,29 @@ class BeitConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def parse_options(args: List[str]) -> List[Tuple[str, str]]:
+    """`--key=value` / `--key value` command-line options -> [(key, value)], dashes in keys read as
+    underscores. Anything else raises ValueError (one line, for the CLIs)."""
+    pairs: List[Tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ValueError(f"unexpected argument {a!r} (options are --key=value)")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+        elif a[2:] == "deepspeed":
+            raise ValueError("--deepspeed: the DeepSpeed engine is not in this build yet; run without it")
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            k, v = a[2:], args[i + 1]
+            i += 1
+        else:
+            raise ValueError(f"option {a} needs a value")
+        pairs.append((k.replace("-", "_"), v))
+        i += 1
+    return pairs
 
 
 def _is_int(v: Any) -> bool:

@@ -45,6 +45,29 @@ def _bias_tile(table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, stride_tabl
 
 
 @triton.jit
+def _load_rows(ptr, b, h, offs_rows, offs_d, stride_b, stride_h, stride_n, N, HEAD_DIM: tl.constexpr):
+    """A (rows, BLOCK_D) tile of one (batch, head) of a (B, H, N, Dh)-strided tensor, zero outside."""
+    mask = (offs_rows < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return tl.load(ptr + b * stride_b + h * stride_h + offs_rows[:, None] * stride_n + offs_d[None, :], mask=mask,
+                   other=0.0)
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, scale,
+                       stride_table_t, stride_bias_h, BIAS_MODE: tl.constexpr):
+    """Backward recompute of one (query block, key block) tile: P = exp(S - lse) and
+    dS = P * (dO V^T - delta), S = Q K^T * scale + bias; zero outside the N x N square."""
+    s = tl.dot(q, tl.trans(k)) * scale
+    if BIAS_MODE != 0:
+        s += _bias_tile(table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, stride_table_t, stride_bias_h,
+                        BIAS_MODE)
+    valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
+    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return p, ds
+
+
+@triton.jit
 def _relpos_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, index_ptr, bias_ptr, o_ptr, lse_ptr,
     H, N, scale,
@@ -110,37 +133,25 @@ def _relpos_attn_bwd_dkdv_kernel(
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    n_ok = offs_n < N
-    kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_ok, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_ok, other=0.0)
+    kv_ok = (offs_n < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = _load_rows(k_ptr, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, N, HEAD_DIM)
+    v = _load_rows(v_ptr, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, N, HEAD_DIM)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for m0 in range(0, N, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
-        qo_ok = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                    mask=qo_ok, other=0.0)
-        do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                     mask=qo_ok, other=0.0)
+        q = _load_rows(q_ptr, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, N, HEAD_DIM)
+        do = _load_rows(do_ptr, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, N, HEAD_DIM)
         lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        if BIAS_MODE != 0:
-            s += _bias_tile(table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, stride_table_t, stride_bias_h,
-                            BIAS_MODE)
-        valid = m_ok[:, None] & n_ok[None, :]
-        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N,
+                                   scale, stride_table_t, stride_bias_h, BIAS_MODE)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         if WANT_DBIAS:
-            tl.atomic_add(dbias_ptr + h * N * N + offs_m[:, None] * N + offs_n[None, :], ds, mask=valid)
+            tl.atomic_add(dbias_ptr + h * N * N + offs_m[:, None] * N + offs_n[None, :], ds,
+                          mask=m_ok[:, None] & (offs_n < N)[None, :])
     tl.store(dk_ptr + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_ok)
     tl.store(dv_ptr + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
@@ -163,31 +174,19 @@ def _relpos_attn_bwd_dq_kernel(
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < N
-    qo_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=qo_ok, other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                 mask=qo_ok, other=0.0)
+    qo_ok = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = _load_rows(q_ptr, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, N, HEAD_DIM)
+    do = _load_rows(do_ptr, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don, N, HEAD_DIM)
     lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        if BIAS_MODE != 0:
-            s += _bias_tile(table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, stride_table_t, stride_bias_h,
-                            BIAS_MODE)
-        p = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        k = _load_rows(k_ptr, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, N, HEAD_DIM)
+        v = _load_rows(v_ptr, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, N, HEAD_DIM)
+        p, ds = _probs_and_dscores(q, k, v, do, lse, delta, table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N,
+                                   scale, stride_table_t, stride_bias_h, BIAS_MODE)
         dq += tl.dot(ds.to(k.dtype), k)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=qo_ok)

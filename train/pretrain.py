@@ -28,12 +28,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
 
 from beit_fast import BeitConfig, BeitForMaskedImageModeling
+from beit_fast.config import parse_options
 from beit_fast.checkpoint import atomic_save
 from beit_fast.attention import AttentionCase, select_backend
 from beit_fast.data import DataError, ImageFolderDataset, MIMDataset, StepBatchSampler, TwoViewTransform, build_dataset
@@ -630,23 +631,7 @@ def config_from_args(args: List[str]) -> PretrainConfig:
     """`--config FILE.yaml` then `--key=value` / `--key value` overrides; BeitConfig keys go to `model`
     (plain, or as `--model.key=value`). Unknown keys and values of the wrong type raise ValueError."""
     values: Dict[str, Any] = {}
-    pairs: List[Tuple[str, str]] = []
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--"):
-            raise ValueError(f"unexpected argument {a!r} (options are --key=value)")
-        if "=" in a:
-            k, v = a[2:].split("=", 1)
-        elif a[2:] in ("deepspeed",):
-            raise ValueError("--deepspeed: the DeepSpeed engine is not in this build yet; run without it")
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            k, v = a[2:], args[i + 1]
-            i += 1
-        else:
-            raise ValueError(f"option {a} needs a value")
-        pairs.append((k.replace("-", "_"), v))
-        i += 1
+    pairs = parse_options(args)
     own_types, model_types = _field_types(PretrainConfig), _field_types(BeitConfig)
     own = {f.name for f in fields(PretrainConfig)}
     model_keys = {f.name for f in fields(BeitConfig)} - {"extra"}  # free-form notes are no override

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from beit_fast.checkpoint import atomic_save
+from beit_fast.config import parse_options
 from beit_fast.data import build_dataset
 from beit_fast.tokenizer import LOGIT_LAPLACE_EPS, DalleDecoder, DalleEncoder, map_pixels
 
@@ -213,20 +214,7 @@ def config_from_args(args: List[str]) -> TokenizerTrainConfig:
     values: Dict[str, Any] = {}
     preset: Optional[str] = None
     own = {f.name: f for f in fields(TokenizerTrainConfig)}
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--"):
-            raise ValueError(f"unexpected argument {a!r} (options are --key=value)")
-        if "=" in a:
-            k, v = a[2:].split("=", 1)
-        elif i + 1 < len(args):
-            k, v = a[2:], args[i + 1]
-            i += 1
-        else:
-            raise ValueError(f"option {a} needs a value")
-        i += 1
-        k = k.replace("-", "_")
+    for k, v in parse_options(args):
         if k == "preset":
             if v not in PRESETS:
                 raise ValueError(f"unknown preset {v!r}; choose from {sorted(PRESETS)}")
