@@ -3,29 +3,41 @@
 - `masked_embed`: cls prepend + mask-token replacement + position add, one pass.
 - `gather_masked_layer_norm`: the MIM head's LayerNorm on the masked rows only, gathered in-kernel.
 - `fused_linear_cross_entropy`: lm_head + softmax cross-entropy (+ mlm_acc) without (M, V) logits.
+- `relpos_attention` / `relpos_attention_qkv`: flash attention with BEiT's relative position bias.
+- `tokenizer_head_argmax`: the dVAE encoder's ReLU + 1x1 conv + argmax, logits never written.
 
-Submodules import Triton, so they load lazily: `import beit_fast.kernels` works without it, and
-`beit_fast.kernels.triton_reasons(device)` says why the kernels cannot run somewhere.
+The kernel modules import Triton; without it `import beit_fast.kernels` still works (the kernel
+names then raise the ImportError on use), and `beit_fast.kernels.triton_reasons(device)` says why
+the kernels cannot run somewhere. On the CPU, set TRITON_INTERPRET=1 before importing this package.
 """
 
 from importlib import import_module
 
 from ._common import check_deferred, defer_check, interpreting, triton_reasons, use_fused
 
-_LAZY = {
-    "masked_embed": "masked_embed",
-    "masked_embed_ref": "masked_embed",
-    "gather_masked_layer_norm": "gather_layer_norm",
-    "gather_masked_layer_norm_ref": "gather_layer_norm",
-    "masked_row_index": "gather_layer_norm",
-    "fused_linear_cross_entropy": "fused_linear_cross_entropy",
-    "fused_linear_cross_entropy_ref": "fused_linear_cross_entropy",
+_KERNELS = {
+    "masked_embed": ("masked_embed", "masked_embed_ref"),
+    "gather_layer_norm": ("gather_masked_layer_norm", "gather_masked_layer_norm_ref", "masked_row_index"),
+    "fused_linear_cross_entropy": ("fused_linear_cross_entropy", "fused_linear_cross_entropy_ref"),
+    "relpos_attention": ("relpos_attention", "relpos_attention_qkv", "relpos_attention_ref"),
+    "tokenizer_head": ("tokenizer_head_argmax", "tokenizer_head_argmax_ref"),
 }
 
-__all__ = ["check_deferred", "defer_check", "interpreting", "triton_reasons", "use_fused", *_LAZY]
+__all__ = ["check_deferred", "defer_check", "interpreting", "triton_reasons", "use_fused"]
+__all__ += [name for names in _KERNELS.values() for name in names]
+
+# Bind the functions now: several share their module's name (masked_embed, ...), and importing a
+# submodule sets the package attribute of that name to the MODULE. Without Triton the names stay
+# unbound and __getattr__ below reports why.
+if not triton_reasons("cuda"):
+    for _module, _names in _KERNELS.items():
+        _mod = import_module(f".{_module}", __name__)
+        for _name in _names:
+            globals()[_name] = getattr(_mod, _name)
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    for module, names in _KERNELS.items():
+        if name in names:
+            return getattr(import_module(f".{module}", __name__), name)  # raises the ImportError if any
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

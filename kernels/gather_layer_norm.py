@@ -238,7 +238,7 @@ def gather_masked_layer_norm(
     hidden: torch.Tensor,
     bool_masked_pos: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor,
+    bias: Optional[torch.Tensor],
     eps: float = 1e-6,
     num_masked_per_image: Optional[int] = None,
 ) -> torch.Tensor:
@@ -251,6 +251,8 @@ def gather_masked_layer_norm(
             f"bool_masked_pos must be torch.bool of shape {(B, N1 - 1)}, got {bool_masked_pos.dtype} "
             f"{tuple(bool_masked_pos.shape)}"
         )
+    if bias is None:  # as F.layer_norm: no shift (a zero bias whose gradient is dropped)
+        bias = torch.zeros_like(weight)
     if weight.shape != (D,) or bias.shape != (D,):
         raise ValueError(f"weight and bias must be ({D},), got {tuple(weight.shape)} and {tuple(bias.shape)}")
     if D > MAX_D:

@@ -209,10 +209,10 @@ def _check(x, mask, mask_token, cls_token, pos_embed) -> None:
     if mask.dtype != torch.bool or tuple(mask.shape) != (B, N):
         raise ValueError(f"bool_masked_pos must be torch.bool of shape {(B, N)}, got {mask.dtype} {tuple(mask.shape)}")
     for name, t in (("mask_token", mask_token), ("cls_token", cls_token)):
-        if t.numel() != D:
+        if t.numel() != D or t.shape[-1] != D:
             raise ValueError(f"{name} must have {D} elements, got shape {tuple(t.shape)}")
-    if pos_embed is not None and pos_embed.numel() != (N + 1) * D:
-        raise ValueError(f"pos_embed must be ({N + 1}, {D}), got {tuple(pos_embed.shape)}")
+    if pos_embed is not None and tuple(pos_embed.shape) not in ((N + 1, D), (1, N + 1, D)):
+        raise ValueError(f"pos_embed must be ({N + 1}, {D}) or (1, {N + 1}, {D}), got {tuple(pos_embed.shape)}")
     devices = {t.device for t in (x, mask, mask_token, cls_token) + ((pos_embed,) if pos_embed is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")

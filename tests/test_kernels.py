@@ -5,12 +5,13 @@ On the CPU they run under TRITON_INTERPRET=1 (set by conftest.py) in fp32 on sma
 float64 reference is at most 2x the same-dtype torch error plus a small atol.
 """
 
+import importlib
+
 import pytest
 import torch
 
 from beit_fast import BeitConfig, BeitForMaskedImageModeling, BlockwiseMaskGenerator
 from beit_fast.kernels import _common, check_deferred
-from beit_fast.kernels import fused_linear_cross_entropy as flce_mod
 from beit_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
 from beit_fast.kernels.gather_layer_norm import (
     gather_masked_layer_norm,
@@ -19,6 +20,9 @@ from beit_fast.kernels.gather_layer_norm import (
 )
 from beit_fast.kernels.masked_embed import masked_embed, masked_embed_ref
 from helpers import rel_err
+
+# The module itself (the package attribute of that name is the function).
+flce_mod = importlib.import_module("beit_fast.kernels.fused_linear_cross_entropy")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5
@@ -323,3 +327,32 @@ def test_gpu_gather_ln_and_masked_embed_error_rule(dtype):
     g64 = torch.autograd.grad(w64, [x, tok, cls, pe], dout.double())
     for a, c, r in zip((got, *gk), (want, *gt), (w64, *g64)):
         assert _err(a, r.double()) <= 2 * _err(c, r.double()) + 1e-3 * float(r.abs().max())
+
+
+def test_package_exports_functions_not_submodules():
+    import beit_fast.kernels as K
+    from beit_fast.kernels import (
+        fused_linear_cross_entropy as f1,
+        gather_masked_layer_norm as f2,
+        masked_embed as f3,
+        relpos_attention as f4,
+        tokenizer_head_argmax as f5,
+    )
+
+    for fn in (f1, f2, f3, f4, f5, K.masked_embed, K.fused_linear_cross_entropy):
+        assert callable(fn) and not isinstance(fn, type(K)), fn
+
+
+def test_gather_layer_norm_without_bias_and_strict_pos_embed_shape():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 11, 96, generator=g).requires_grad_()
+    mask, w = _mask(2, 10, gen=g), torch.randn(96, generator=g).requires_grad_()
+    out, ref = gather_masked_layer_norm(h, mask, w, None), gather_masked_layer_norm_ref(h, mask, w, None)
+    assert rel_err(out, ref) <= TOL
+    dy = torch.randn(out.shape, generator=g)
+    for a, b in zip(_grads(out, [h, w], dy), _grads(ref, [h, w], dy)):
+        assert rel_err(a, b) <= TOL
+    x, m = torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)
+    assert masked_embed(x, m, torch.zeros(8), torch.zeros(8), torch.randn(1, 6, 8)).shape == (2, 6, 8)
+    with pytest.raises(ValueError, match="pos_embed"):
+        masked_embed(x, m, torch.zeros(8), torch.zeros(8), torch.randn(8, 6))  # transposed: refused, not reread

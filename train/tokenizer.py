@@ -221,7 +221,8 @@ def config_from_args(args: List[str]) -> TokenizerTrainConfig:
             preset = v
             continue
         if k not in own:
-            raise ValueError(f"unknown option --{k}; valid: --preset, " + ", ".join(f"--{n}" for n in own))
+            valid = ", ".join(f"--{n.replace('_', '-')}" for n in own)
+            raise ValueError(f"unknown option --{k.replace('_', '-')}; valid: --preset, {valid}")
         default = own[k].default
         try:
             values[k] = type(default)(v) if not isinstance(default, str) else v
@@ -234,7 +235,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        print("options: --preset small|dalle, " + ", ".join(f"--{f.name}" for f in fields(TokenizerTrainConfig)))
+        print("options (--key=value or --key value):\n  --preset  small (default) | dalle")
+        for f in fields(TokenizerTrainConfig):
+            print(f"  --{f.name.replace('_', '-'):<18} default {f.default}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
