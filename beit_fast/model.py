@@ -334,10 +334,12 @@ class BeitModel(nn.Module):
         """The attention backend this forward uses (config.attn_backend resolved for x's device and dtype)."""
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        tables = [m for n, m in self.named_parameters() if n.endswith("relative_position_bias_table")]
+        tables = [blk.attn.relative_position_bias_table for blk in self.blocks]
+        if self.rel_pos_bias is not None:
+            tables.append(self.rel_pos_bias.relative_position_bias_table)
         case = AttentionCase(
             device_type=dev, dtype=dtype, head_dim=self.config.head_dim,
-            bias_requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in tables),
+            bias_requires_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tables),
             dropout_p=self.config.attn_drop_rate if self.training else 0.0,
         )
         return select_backend(self.config.attn_backend, case)
@@ -415,7 +417,7 @@ class BeitForMaskedImageModeling(BeitModel):
             return self._forward_fused(pixel_values, mask, visual_tokens, return_logits, K)
 
         targets = self._masked_targets(visual_tokens, mask) if visual_tokens is not None else None
-        x = self.forward_features(pixel_values, mask)
+        x = self.run_blocks(self.embed(pixel_values, mask))  # inputs already checked above
         h = self.norm(x[:, 1:][mask])  # (M, D): the head runs on masked rows only
         logits = self.lm_head(h)
         loss = accuracy = None

@@ -53,14 +53,23 @@ def _load_rows(ptr, b, h, offs_rows, offs_d, stride_b, stride_h, stride_n, N, HE
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse, delta, table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, scale,
-                       stride_table_t, stride_bias_h, BIAS_MODE: tl.constexpr):
-    """Backward recompute of one (query block, key block) tile: P = exp(S - lse) and
-    dS = P * (dO V^T - delta), S = Q K^T * scale + bias; zero outside the N x N square."""
+def _scores(q, k, table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, scale, stride_table_t, stride_bias_h,
+            BIAS_MODE: tl.constexpr):
+    """S = Q K^T * scale + bias for one (query block, key block) tile, fp32."""
     s = tl.dot(q, tl.trans(k)) * scale
     if BIAS_MODE != 0:
         s += _bias_tile(table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, stride_table_t, stride_bias_h,
                         BIAS_MODE)
+    return s
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, scale,
+                       stride_table_t, stride_bias_h, BIAS_MODE: tl.constexpr):
+    """Backward recompute of one (query block, key block) tile: P = exp(S - lse) and
+    dS = P * (dO V^T - delta), S = Q K^T * scale + bias; zero outside the N x N square."""
+    s = _scores(q, k, table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, scale, stride_table_t, stride_bias_h,
+                BIAS_MODE)
     valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
     p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
     ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
@@ -83,22 +92,16 @@ def _relpos_attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=(offs_m < N)[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(q_ptr, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, N, HEAD_DIM)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n < N)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        if BIAS_MODE != 0:
-            s += _bias_tile(table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, stride_table_t, stride_bias_h,
-                            BIAS_MODE)
+        k = _load_rows(k_ptr, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, N, HEAD_DIM)
+        v = _load_rows(v_ptr, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, N, HEAD_DIM)
+        s = _scores(q, k, table_ptr, index_ptr, bias_ptr, h, offs_m, offs_n, N, scale, stride_table_t,
+                    stride_bias_h, BIAS_MODE)
         s = tl.where((offs_n < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
