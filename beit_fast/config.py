@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 __all__ = ["BeitConfig", "PRESETS", "ATTN_BACKENDS"]
 
@@ -141,9 +141,11 @@ class BeitConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def parse_options(args: List[str]) -> List[Tuple[str, str]]:
+def parse_options(args: List[str], flags: Iterable[str] = ()) -> List[Tuple[str, str]]:
     """`--key=value` / `--key value` command-line options -> [(key, value)], dashes in keys read as
-    underscores. Anything else raises ValueError (one line, for the CLIs)."""
+    underscores. A key in `flags` may also stand alone (`--deepspeed` means `--deepspeed=true`).
+    Anything else raises ValueError (one line, for the CLIs)."""
+    flag_set = {f.replace("-", "_") for f in flags}
     pairs: List[Tuple[str, str]] = []
     i = 0
     while i < len(args):
@@ -152,8 +154,8 @@ def parse_options(args: List[str]) -> List[Tuple[str, str]]:
             raise ValueError(f"unexpected argument {a!r} (options are --key=value)")
         if "=" in a:
             k, v = a[2:].split("=", 1)
-        elif a[2:] == "deepspeed":
-            raise ValueError("--deepspeed: the DeepSpeed engine is not in this build yet; run without it")
+        elif a[2:].replace("-", "_") in flag_set and (i + 1 == len(args) or args[i + 1].startswith("--")):
+            k, v = a[2:], "true"
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             k, v = a[2:], args[i + 1]
             i += 1

@@ -8,9 +8,10 @@
 - `TwoViewTransform`: SPEC section 5 - one random-resized-crop box cut to two views: the
   patch view (img_size, bicubic, normalised) and the tokenizer view (img_size // 2, lanczos,
   pixels in [0, 1]); color jitter and horizontal flip before the crop.
-- `MIMDataset` + `StepBatchSampler`: every sample is a pure function of (seed, epoch,
-  index) - transform randomness and the mask - so a run resumed at step k sees exactly the
-  batches an uninterrupted run would.
+- `SyntheticMIMDataset`: random views with real masks and no decoding (benchmarking the step).
+- `MIMDataset` + `StepBatchSampler` (+ `MicroBatchSampler`, one rank's micro-batches): every
+  sample is a pure function of (seed, epoch, index) - transform randomness and the mask - so a
+  run resumed at step k sees exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ __all__ = [
     "TwoViewTransform",
     "MIMDataset",
     "StepBatchSampler",
+    "MicroBatchSampler",
+    "SyntheticMIMDataset",
     "build_dataset",
     "SHAPE_CLASSES",
 ]
@@ -257,10 +260,16 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MIMDataset(torch.utils.data.Dataset):
-    """(epoch, index) -> (patch view, tokenizer view, bool mask (N,), label); deterministic in (seed, epoch, index)."""
+    """(epoch, index) -> (patch view, tokenizer view, bool mask (N,), label); deterministic in (seed, epoch, index).
 
-    def __init__(self, base: torch.utils.data.Dataset, transform: Callable, mask_generator, seed: int = 0) -> None:
+    With `return_skipped=True` a fifth item counts the unreadable files the base dataset skipped to produce this
+    sample (an `ImageFolderDataset` replaces a corrupt file by the next readable one), so a training loop can sum
+    them over workers and ranks."""
+
+    def __init__(self, base: torch.utils.data.Dataset, transform: Callable, mask_generator, seed: int = 0,
+                 return_skipped: bool = False) -> None:
         self.base, self.transform, self.mask_generator, self.seed = base, transform, mask_generator, seed
+        self.return_skipped = return_skipped
 
     def __len__(self) -> int:
         return len(self.base)
@@ -268,6 +277,7 @@ class MIMDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
         s = sample_seed(self.seed, epoch, index)
+        skipped_before = getattr(self.base, "num_skipped", 0)
         img, label = self.base[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
@@ -275,7 +285,36 @@ class MIMDataset(torch.utils.data.Dataset):
             patches, tok_view = self.transform(img)
         self.mask_generator.seed(s)
         mask = torch.from_numpy(self.mask_generator().reshape(-1).copy())
+        if self.return_skipped:
+            return patches, tok_view, mask, label, getattr(self.base, "num_skipped", 0) - skipped_before
         return patches, tok_view, mask, label
+
+
+class SyntheticMIMDataset(torch.utils.data.Dataset):
+    """Random views with real masks, no decoding or resizing: for measuring the step without the input pipeline.
+
+    (epoch, index) -> (patch view (3, S, S) ~ N(0, 1), tokenizer view (3, S/2, S/2) in [0, 1], mask (N,), -1[, 0]),
+    deterministic in (seed, epoch, index) like `MIMDataset`."""
+
+    def __init__(self, num_samples: int, img_size: int, tokenizer_size: int, mask_generator, seed: int = 0,
+                 return_skipped: bool = False) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.num_samples, self.img_size, self.tokenizer_size = num_samples, img_size, tokenizer_size
+        self.mask_generator, self.seed, self.return_skipped = mask_generator, seed, return_skipped
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, index = key
+        s = sample_seed(self.seed, epoch, index)
+        g = torch.Generator().manual_seed(s)
+        patches = torch.randn(3, self.img_size, self.img_size, generator=g)
+        tok_view = torch.rand(3, self.tokenizer_size, self.tokenizer_size, generator=g)
+        self.mask_generator.seed(s)
+        mask = torch.from_numpy(self.mask_generator().reshape(-1).copy())
+        return (patches, tok_view, mask, -1, 0) if self.return_skipped else (patches, tok_view, mask, -1)
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -302,3 +341,33 @@ class StepBatchSampler(torch.utils.data.Sampler):
             for b in range(offset, self.steps_per_epoch):
                 yield [(epoch, i) for i in perm[b * self.batch_size : (b + 1) * self.batch_size]]
             epoch, offset = epoch + 1, 0
+
+
+class MicroBatchSampler(torch.utils.data.Sampler):
+    """One rank's share of a `StepBatchSampler`'s global batches, cut into micro-batches.
+
+    Global step k's batch of B keys is split into `grad_accum` micro-batches of `world_size` slices each: rank r's
+    micro-batch m is keys[(m * world_size + r) * b : ... + b] with b = B / (grad_accum * world_size). Over all ranks and
+    micro-batches a step sees exactly the keys a single process with the same global batch sees."""
+
+    def __init__(self, steps: StepBatchSampler, rank: int = 0, world_size: int = 1, grad_accum: int = 1) -> None:
+        parts = world_size * grad_accum
+        if steps.batch_size % parts:
+            raise ValueError(
+                f"batch_size {steps.batch_size} is not divisible by world_size x grad_accum_steps = "
+                f"{world_size} x {grad_accum}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.steps, self.rank, self.world_size, self.grad_accum = steps, rank, world_size, grad_accum
+        self.micro_batch = steps.batch_size // parts
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        b = self.micro_batch
+        for keys in self.steps:
+            for m in range(self.grad_accum):
+                start = (m * self.world_size + self.rank) * b
+                yield keys[start : start + b]

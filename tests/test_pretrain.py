@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import beit_fast.train.pretrain as pt
+from beit_fast.train.engine import PlainEngine
 from beit_fast.train.pretrain import PretrainConfig, config_from_args, lr_at, pretrain
 
 # The loop's own behaviour is tested on the reference path: the kernels have their own tests, and
@@ -39,18 +40,18 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 
     # Crash right after the step-3 checkpoint, then `--resume auto`.
     crashed = tmp_path / "crashed"
-    original = pt.save_checkpoint
+    original = PlainEngine.save
 
-    def save_then_crash(out, step, *args, **kwargs):
-        path = original(out, step, *args, **kwargs)
+    def save_then_crash(self, ckpt_dir, step, meta):
+        path = original(self, ckpt_dir, step, meta)
         if step == 3:
             raise RuntimeError("simulated crash")
         return path
 
-    monkeypatch.setattr(pt, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(PlainEngine, "save", save_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain(_cfg(crashed))
-    monkeypatch.setattr(pt, "save_checkpoint", original)
+    monkeypatch.setattr(PlainEngine, "save", original)
     summary = pretrain(_cfg(crashed, resume="auto"))
     steps_b, losses_b = _losses(crashed)
     assert steps_b == steps_a

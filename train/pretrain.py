@@ -1,55 +1,84 @@
-"""BEiT masked-image-modeling pretraining, single process (`beit-fast pretrain`).
+"""BEiT masked-image-modeling pretraining (`beit-fast pretrain`, `python -m beit_fast.train.pretrain`).
 
-One linear script, nanoGPT style: config -> data -> tokenizer -> model -> optimizer -> loop.
-Every `log_every` steps one line: step | loss | mlm_acc | lr | ms/step | img/s | (MFU) | mem.
-Checkpoints are written atomically (temporary file + rename) every `save_every` steps and at
-the end, the last `keep_last` kept; `--resume auto` continues exactly where the newest one
-stopped (model, optimizer, schedule position, RNG states; the data stream is addressed by
-step, see `beit_fast.data.StepBatchSampler`).
+One linear script, nanoGPT style: config -> data -> tokenizer -> model -> engine -> loop. The same script runs
+as one plain process, or under DeepSpeed ZeRO (stage 0-3) with `--deepspeed --zero-stage K`, launched by the
+`deepspeed` launcher or torchrun (see `beit_fast.train.engine`). `batch_size` is the global batch: each of the
+P processes runs `grad_accum_steps` micro-batches of batch_size / (P x grad_accum_steps) images per step.
 
-The model runs the Triton MIM kernels where they can run (`fused_kernels="auto"`: on a GPU), told
-the exact mask count so the step needs no host synchronisation beyond reading the loss. The
-DeepSpeed ZeRO engine and the DALL-E tokenizer plug in here with their issues; until the tokenizer
-lands, targets come from a fixed random conv tokenizer and the log says so.
+Every `log_every` steps one line: step | loss | mlm_acc | lr | ms/step | img/s | MFU (GPU) | memory (GPU); every
+step a row of `metrics.csv` (and TensorBoard scalars when it imports); a PNG plot of loss and mlm_acc at the end.
+Checkpoints are written atomically (temporary name + rename) every `save_every` steps and at the end, the last
+`keep_last` kept; `--resume auto` continues exactly where the newest one stopped (model, optimizer, schedule
+position, RNG states; the data stream is addressed by step, see `beit_fast.data.StepBatchSampler`).
+`beit-fast export CKPT --out FILE` writes a checkpoint's weights in the unilm layout for fine-tuning elsewhere.
+
+The model runs the Triton MIM kernels where they can run (`fused_kernels="auto"`: on a GPU), told the exact
+mask count so the forward needs no host synchronisation; the loop syncs once per micro-batch, to read whether
+the loss is finite (a non-finite micro-batch is left out of its step on every rank, and counted).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
 import math
+import os
 import pickle
 import random
 import re
+import shutil
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
 
 from beit_fast import BeitConfig, BeitForMaskedImageModeling
-from beit_fast.config import parse_options
-from beit_fast.checkpoint import atomic_save
 from beit_fast.attention import AttentionCase, select_backend
-from beit_fast.data import DataError, ImageFolderDataset, MIMDataset, StepBatchSampler, TwoViewTransform, build_dataset
+from beit_fast.checkpoint import atomic_save
+from beit_fast.config import parse_options
+from beit_fast.data import (
+    DataError,
+    ImageFolderDataset,
+    MicroBatchSampler,
+    MIMDataset,
+    StepBatchSampler,
+    SyntheticMIMDataset,
+    TwoViewTransform,
+    build_dataset,
+)
 from beit_fast.kernels import check_deferred, use_fused
 from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from beit_fast.tokenizer import RandomConvTokenizer
+from beit_fast.train.engine import DeepSpeedEngine, PlainEngine, deepspeed_reasons, init_distributed_env
+from beit_fast.train.metrics import MetricsWriter, Progress, plot_metrics
 
 log = logging.getLogger("beit_fast.pretrain")
 
-__all__ = ["PretrainConfig", "TrainingStopped", "pretrain", "build_optimizer", "lr_at", "find_latest_checkpoint"]
+__all__ = [
+    "PretrainConfig",
+    "TrainingStopped",
+    "pretrain",
+    "build_optimizer",
+    "parameter_groups",
+    "lr_at",
+    "find_latest_checkpoint",
+    "read_checkpoint",
+    "export_checkpoint",
+    "main",
+]
 
 # Keys a resumed run may change; every other key must match the checkpoint's (the model config too).
 RESUME_MAY_DIFFER = frozenset(
-    {"max_steps", "out", "resume", "log_every", "save_every", "keep_last", "num_workers", "device", "max_bad_steps"}
+    {"max_steps", "out", "resume", "log_every", "save_every", "keep_last", "num_workers", "device", "max_bad_steps",
+     "compile", "compile_mode", "tensorboard", "plot", "grad_accum_steps", "apex"}
 )
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 MAX_SEED = 2**32  # numpy's legacy seed range; every RNG the run seeds accepts [0, 2**32)
 
 
@@ -106,11 +135,12 @@ def _check_types(where: str, values: Dict[str, Any], types: Dict[str, Any]) -> N
 class PretrainConfig:
     preset: str = "tiny"  # BeitConfig preset: tiny | small | base | large
     model: Dict[str, Any] = field(default_factory=dict)  # BeitConfig overrides, e.g. {"depth": 2}
-    data: str = "builtin"  # "builtin" (procedural shapes) or an image-folder path
-    num_images: int = 4096  # size of the built-in dataset
+    data: str = "builtin"  # "builtin" (procedural shapes), "synthetic" (random views, no decoding) or an image folder
+    num_images: int = 4096  # size of the built-in and synthetic datasets
     out: str = "runs/pretrain"  # run directory: config.json, metrics.csv, checkpoints/
     max_steps: int = 300  # optimizer steps
-    batch_size: int = 64  # images per step
+    batch_size: int = 64  # images per optimizer step, over all processes and micro-batches (the global batch)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step and process
     lr: float = 1.5e-3  # peak learning rate (SPEC: 1.5e-3 at batch 2048)
     min_lr: float = 1e-5  # end of the cosine
     warmup_steps: int = 30  # linear warmup from 0
@@ -131,6 +161,15 @@ class PretrainConfig:
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row (each one is skipped)
     tokenizer: str = "random"  # "random" (fixed random conv) or a dVAE file: beit-fast train-tokenizer's
     # tokenizer.pt, a DALL-E encoder.pkl, or an encoder state dict
+    deepspeed: bool = False  # DeepSpeed ZeRO engine (one process, or several under the deepspeed launcher / torchrun)
+    zero_stage: int = 2  # ZeRO stage with deepspeed: 0 (DDP-like), 1 (optimizer), 2 (+ gradients), 3 (+ parameters)
+    compile: bool = False  # torch.compile the model; the Triton kernels are custom ops, so the graph does not break
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | reduce-overhead (CUDA
+    # graphs) | max-autotune
+    apex: bool = False  # apex FusedAdam + FusedLayerNorm (apex is not on the package index; torch's fused AdamW is
+    # the default)
+    tensorboard: bool = True  # TensorBoard scalars in out/tensorboard (when the tensorboard package imports)
+    plot: bool = True  # out/metrics.png at the end (when matplotlib imports)
 
     def validate(self) -> None:
         """Raise ValueError (one line, naming the key) for a wrong type or an invalid value."""
@@ -143,7 +182,8 @@ class PretrainConfig:
         if "extra" in self.model:
             raise ValueError("model.extra: free-form notes are not a model override")
         _check_types("model.", self.model, _field_types(BeitConfig))
-        for name in ("max_steps", "batch_size", "log_every", "keep_last", "num_images", "max_bad_steps"):
+        for name in ("max_steps", "batch_size", "log_every", "keep_last", "num_images", "max_bad_steps",
+                     "grad_accum_steps"):
             if getattr(self, name) <= 0:
                 bad(name, "must be positive")
         for name in ("warmup_steps", "save_every", "num_workers"):
@@ -168,6 +208,12 @@ class PretrainConfig:
         for name in ("out", "data", "preset"):
             if not getattr(self, name).strip():
                 bad(name, "must not be empty")
+        if self.zero_stage not in (0, 1, 2, 3):
+            bad("zero_stage", "must be 0, 1, 2 or 3")
+        if self.compile_mode not in COMPILE_MODES:
+            bad("compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
+        if self.batch_size % self.grad_accum_steps:
+            bad("batch_size", f"must be divisible by grad_accum_steps={self.grad_accum_steps}")
         if self.masking not in ("block", "random"):
             bad("masking", 'must be "block" or "random"')
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -189,9 +235,9 @@ class PretrainConfig:
 
 
 # -- optimisation ----------------------------------------------------------------------------------------------------
-def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the reference (unilm `optim_factory.get_parameter_groups`) groups: no decay on 1-D params,
-    names ending in ".bias", and the names in `model.no_weight_decay()` matched exactly; all else decays."""
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """The reference (unilm `optim_factory.get_parameter_groups`) groups: no decay on 1-D params, names ending in
+    ".bias", and the names in `model.no_weight_decay()` matched exactly; all else decays."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -201,11 +247,13 @@ def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.
             no_decay.append(p)
         else:
             decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """torch AdamW (fused on CUDA) on `parameter_groups`."""
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    groups = parameter_groups(model, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **fused)
 
 
@@ -243,69 +291,70 @@ def _ckpt_dir(out: Path) -> Path:
     return out / "checkpoints"
 
 
+def _checkpoints(out: Path) -> List[Path]:
+    """Complete checkpoints, oldest first: `step_*.pt` files (plain engine) and `step_*/` directories (DeepSpeed).
+    Temporary `.tmp-*` names of an interrupted write are not checkpoints."""
+    d = _ckpt_dir(out)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if re.fullmatch(r"step_\d{8}(\.pt)?", p.name)
+             and (p.is_file() == p.name.endswith(".pt"))
+             and (p.is_file() or (p / "meta.pt").is_file())]
+    return sorted(found, key=lambda p: p.name)
+
+
 def find_latest_checkpoint(out: Path) -> Optional[Path]:
-    paths = sorted(_ckpt_dir(out).glob("step_*.pt"))
+    paths = _checkpoints(Path(out))
     return paths[-1] if paths else None
 
 
-def _rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """A checkpoint's run state: the whole file for the plain engine, `meta.pt` of a DeepSpeed directory
+    (its weights and optimizer shards stay for DeepSpeed to load). ValueError if it is not one of ours."""
+    path = Path(path)
+    target = path / "meta.pt" if path.is_dir() else path
+    try:
+        ckpt = torch.load(target, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load raises many types for a file that is not a checkpoint
+        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    needed = ("step", "config", "model_config", "stats") + (() if path.is_dir() else ("model", "optimizer", "rng"))
+    missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a pretraining checkpoint of this engine (missing {missing})")
+    ckpt.setdefault("engine", {"kind": "plain", "world_size": 1})
+    return ckpt
 
 
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def checkpoint_model_state(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(full fp32 model state dict, model config dict) of a checkpoint of either engine."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    if path.is_dir():
+        model_file = path / "model.pt"
+        if not model_file.is_file():
+            raise ValueError(f"{path} has no consolidated model.pt")
+        return torch.load(model_file, map_location="cpu", weights_only=False)["model"], ckpt["model_config"]
+    return ckpt["model"], ckpt["model_config"]
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, cfg: PretrainConfig, stats: Dict[str, Any]) -> Path:
-    path = _ckpt_dir(out) / f"step_{step:08d}.pt"
-    atomic_save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "config": cfg.to_dict(),
-            "model_config": model.config.to_dict(),
-            "rng": _rng_state(),
-            "stats": stats,
-        },
-        path,
-    )
-    for old in sorted(_ckpt_dir(out).glob("step_*.pt"))[: -cfg.keep_last]:
-        old.unlink()
-    return path
+def export_checkpoint(path: Union[str, Path], out: Union[str, Path], layout: str = "unilm") -> Path:
+    """Write a pretraining checkpoint's weights as `{"model": state_dict}` in `layout` ("unilm": what unilm's and
+    timm's fine-tuning scripts load), atomically."""
+    sd, mc = checkpoint_model_state(Path(path))
+    model = BeitForMaskedImageModeling(BeitConfig.from_dict(mc))
+    model.load_state_dict(sd)
+    return atomic_save({"model": model.export_state_dict(layout)}, Path(out))
+
+
+def _prune_checkpoints(out: Path, keep_last: int) -> None:
+    for old in _checkpoints(out)[:-keep_last]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 # -- the run ---------------------------------------------------------------------------------------------------------
-class _Progress:
-    """tqdm bar on a terminal, plain log lines otherwise (CI logs, files)."""
-
-    def __init__(self, total: int, initial: int) -> None:
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, line: str, postfix: Dict[str, str], log_now: bool) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            if log_now:
-                self.bar.set_postfix(postfix, refresh=False)
-        elif log_now:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def build_tokenizer(cfg: PretrainConfig, mcfg: BeitConfig, device: torch.device):
     """The target tokenizer: a fixed random one, or a trained dVAE whose code grid and vocabulary must
     match the model's (its input size sets the tokenizer view's size)."""
@@ -331,12 +380,16 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _device(cfg: PretrainConfig) -> torch.device:
+def _device(cfg: PretrainConfig, local_rank: int = 0) -> torch.device:
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank if cfg.deepspeed else torch.cuda.current_device())
+        return torch.device("cpu")
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but CUDA is not available here")
+    if dev.type == "cuda" and cfg.deepspeed and dev.index is None:
+        dev = torch.device("cuda", local_rank)
     return dev
 
 
@@ -354,18 +407,6 @@ def _check_backends(mcfg: BeitConfig, device: torch.device, use_bf16: bool) -> N
         select_backend(mcfg.attn_backend, case)
     except RuntimeError as exc:
         raise ValueError(str(exc)) from None
-
-
-def _load_checkpoint(path: Path) -> Dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch.load raises many types for a file that is not a checkpoint
-        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
-    missing = [k for k in ("model", "optimizer", "step", "config", "model_config", "rng", "stats")
-               if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a pretraining checkpoint of this engine (missing {missing})")
-    return ckpt
 
 
 def _resume_differences(ckpt: Dict[str, Any], cfg: PretrainConfig, mcfg: BeitConfig) -> List[str]:
@@ -387,42 +428,112 @@ def _resume_differences(ckpt: Dict[str, Any], cfg: PretrainConfig, mcfg: BeitCon
     return diffs
 
 
+def _start_distributed(cfg: PretrainConfig) -> None:
+    """DeepSpeed's process group (from the launcher's environment, or a one-process group when run plainly)."""
+    reason = deepspeed_reasons_for(cfg)
+    if reason:
+        raise ValueError(f"deepspeed=true: {reason}")
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    if torch.cuda.is_available() and cfg.device != "cpu":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def deepspeed_reasons_for(cfg: PretrainConfig) -> Optional[str]:
+    want_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    init_distributed_env("cpu" if want_cpu else "cuda")
+    return deepspeed_reasons()
+
+
+def _use_apex(model: torch.nn.Module, cfg: PretrainConfig, groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
+    """apex FusedLayerNorm in place of every nn.LayerNorm (same parameters) and apex FusedAdam (AdamW mode)."""
+    try:
+        from apex.normalization import FusedLayerNorm
+        from apex.optimizers import FusedAdam
+    except Exception as exc:
+        raise ValueError(
+            f"apex=true but apex does not import ({type(exc).__name__}); apex is not on the package index (build it "
+            "from github.com/NVIDIA/apex), and torch's fused AdamW, the default, needs nothing"
+        ) from None
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.LayerNorm:
+                fused = FusedLayerNorm(child.normalized_shape, eps=child.eps).to(child.weight.device)
+                fused.weight, fused.bias = child.weight, child.bias
+                setattr(parent, name, fused)
+    return FusedAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adam_w_mode=True)
+
+
+def _data(cfg: PretrainConfig, mcfg: BeitConfig, tok_size: int, base: Optional[torch.utils.data.Dataset]):
+    """The MIM dataset: masks are drawn in the data-loader workers, from (seed, epoch, index)."""
+    if cfg.masking == "block":
+        min_block = min(16, max(1, mcfg.num_masking_patches // 4))
+        mask_gen = BlockwiseMaskGenerator(mcfg.grid_size, mcfg.num_masking_patches, min_num_patches=min_block)
+    else:
+        mask_gen = RandomMaskGenerator(mcfg.grid_size, mcfg.num_masking_patches)
+    if cfg.data == "synthetic":
+        return SyntheticMIMDataset(cfg.num_images, mcfg.img_size, tok_size, mask_gen, seed=cfg.seed,
+                                   return_skipped=True)
+    return MIMDataset(base, TwoViewTransform(mcfg.img_size, tok_size), mask_gen, seed=cfg.seed, return_skipped=True)
+
+
 def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
-    """Run pretraining; returns a summary (final metrics, paths)."""
+    """Run pretraining; returns a summary (final metrics, paths). Under DeepSpeed every rank calls it."""
     cfg.validate()
     mcfg = cfg.model_config()
     out = Path(cfg.out)
-    device = _device(cfg)
+    if cfg.deepspeed:
+        _start_distributed(cfg)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if cfg.deepspeed else 0
+    device = _device(cfg, local_rank)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if use_bf16 and device.type != "cuda":
         raise ValueError("precision=bf16 needs a CUDA device (bf16 autocast on the CPU is slow and untested here)")
     _check_backends(mcfg, device, use_bf16)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.deepspeed else 1
+    rank = int(os.environ.get("RANK", "0")) if cfg.deepspeed else 0
+    is_main = rank == 0
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by processes x grad_accum_steps = "
+                         f"{world} x {cfg.grad_accum_steps}")
+    if not is_main:
+        log.setLevel(logging.WARNING)
 
     # Data first: a missing directory, or one where no image decodes, must fail before any work starts.
-    data_size = int(mcfg.img_size * 1.5)
-    base = build_dataset(cfg.data, num_images=cfg.num_images, size=data_size, seed=cfg.seed)
-    if len(base) < cfg.batch_size:
-        raise ValueError(f"dataset has {len(base)} images, fewer than batch_size={cfg.batch_size}")
-    if isinstance(base, ImageFolderDataset):
-        base.check_readable()
+    base = None
+    if cfg.data != "synthetic":
+        base = build_dataset(cfg.data, num_images=cfg.num_images, size=int(mcfg.img_size * 1.5), seed=cfg.seed)
+        if len(base) < cfg.batch_size:
+            raise ValueError(f"dataset has {len(base)} images, fewer than batch_size={cfg.batch_size}")
+        if isinstance(base, ImageFolderDataset):
+            base.check_readable()
+    elif cfg.num_images < cfg.batch_size:
+        raise ValueError(f"num_images={cfg.num_images} is fewer than batch_size={cfg.batch_size}")
 
     resume_path: Optional[Path] = None
     if cfg.resume == "auto":
         resume_path = find_latest_checkpoint(out)
     elif cfg.resume:
         resume_path = Path(cfg.resume)
-        if not resume_path.is_file():
+        if not resume_path.exists():
             raise FileNotFoundError(f"resume checkpoint not found: {resume_path}")
     ckpt: Optional[Dict[str, Any]] = None
     if resume_path is not None:
         # Checked before anything is written: a refused resume leaves the run directory as it was.
-        ckpt = _load_checkpoint(resume_path)
+        ckpt = read_checkpoint(resume_path)
         diffs = _resume_differences(ckpt, cfg, mcfg)
         if diffs:
             raise ValueError(
                 f"refusing to resume from {resume_path}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
                 f"only {', '.join(sorted(RESUME_MAY_DIFFER))} may change"
             )
+        old_world = ckpt["engine"].get("world_size", 1)
+        if cfg.deepspeed and old_world != world:
+            raise ValueError(f"refusing to resume from {resume_path}: it was written by {old_world} processes, this "
+                             f"run has {world} (ZeRO partitions the optimizer state by process)")
         old_max = ckpt["config"].get("max_steps", cfg.max_steps)
         if old_max != cfg.max_steps:
             log.warning("max_steps changed from %s to %d on resume: the cosine schedule after step %d differs "
@@ -430,36 +541,47 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                         ckpt["step"], cfg.max_steps)
 
     tokenizer = build_tokenizer(cfg, mcfg, device)  # a bad tokenizer file fails before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"pretrain": cfg.to_dict(), "model": mcfg.to_dict()}, indent=2))
+    tok_size = tokenizer.image_size
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"pretrain": cfg.to_dict(), "model": mcfg.to_dict()}, indent=2))
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = BeitForMaskedImageModeling(mcfg).to(device)
-    optimizer = build_optimizer(model, cfg)
-    tok_size = tokenizer.image_size
+    if cfg.apex:
+        optimizer = _use_apex(model, cfg, parameter_groups(model, cfg.weight_decay))
+    else:
+        optimizer = build_optimizer(model, cfg)
+    common = dict(device=device, bf16=use_bf16, clip_grad=cfg.clip_grad, grad_accum=cfg.grad_accum_steps)
+    if cfg.deepspeed:
+        engine: Any = DeepSpeedEngine(model, optimizer, micro_batch=cfg.batch_size // (world * cfg.grad_accum_steps),
+                                      zero_stage=cfg.zero_stage, **common)
+    else:
+        engine = PlainEngine(model, optimizer, **common)
+    if cfg.compile:
+        engine.compile(cfg.compile_mode)
+    # Each rank draws its own stochastic depth; rank 0 keeps the single-process stream.
+    torch.manual_seed(cfg.seed + rank)
     log.info("targets: %s", tokenizer.description)
+    log.info("engine: %s", engine.describe())
 
-    start_step, stats = 0, {"skipped_steps": 0, "token_hist": torch.zeros(mcfg.vocab_size, dtype=torch.long)}
+    start_step = 0
+    stats: Dict[str, Any] = {"skipped_steps": 0, "skipped_images": 0,
+                             "token_hist": torch.zeros(mcfg.vocab_size, dtype=torch.long)}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, stats = ckpt["step"], ckpt["stats"]
-        _set_rng_state(ckpt["rng"])
+        engine.load(resume_path, ckpt)
+        start_step, stats = ckpt["step"], {**stats, **ckpt["stats"]}
         del ckpt
         log.info("resumed from %s at step %d", resume_path, start_step)
         if start_step >= cfg.max_steps:
             log.warning("the checkpoint is at step %d, max_steps=%d: nothing to train (raise --max-steps to go on)",
                         start_step, cfg.max_steps)
 
-    if cfg.masking == "block":
-        min_block = min(16, max(1, mcfg.num_masking_patches // 4))
-        mask_gen = BlockwiseMaskGenerator(mcfg.grid_size, mcfg.num_masking_patches, min_num_patches=min_block)
-    else:
-        mask_gen = RandomMaskGenerator(mcfg.grid_size, mcfg.num_masking_patches)
-    dataset = MIMDataset(base, TwoViewTransform(mcfg.img_size, tok_size), mask_gen, seed=cfg.seed)
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step)
+    dataset = _data(cfg, mcfg, tok_size, base)
+    sampler = MicroBatchSampler(StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step),
+                                rank=rank, world_size=world, grad_accum=cfg.grad_accum_steps)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -471,92 +593,111 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         worker_init_fn=_worker_init,
     )
 
-    metrics_path = out / "metrics.csv"
-    columns = ["step", "loss", "mlm_acc", "lr", "grad_norm", "ms_per_step", "img_per_s", "skipped_steps"]
-    if start_step == 0 or not metrics_path.exists():
-        with open(metrics_path, "w", newline="") as f:
-            csv.writer(f).writerow(columns)
-    else:  # drop rows past the checkpoint (written after it, before a crash)
-        with open(metrics_path, newline="") as f:
-            rows = [r for r in csv.reader(f)]
-        with open(metrics_path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(columns)
-            w.writerows(r for r in rows[1:] if r and int(r[0]) <= start_step)
-    metrics_file = open(metrics_path, "a", newline="")
-    writer = csv.writer(metrics_file)
-
+    columns = ["step", "loss", "mlm_acc", "lr", "grad_norm", "ms_per_step", "img_per_s", "mfu", "mem_gb",
+               "skipped_steps", "skipped_images"]
+    metrics = MetricsWriter(out, columns, start_step, cfg.tensorboard) if is_main else None
     fpi, peak = flops_per_image(mcfg), peak_flops(device)
-    progress = _Progress(cfg.max_steps, start_step)
+    progress = Progress(cfg.max_steps, start_step, enabled=is_main)
     recent_acc: deque = deque(maxlen=20)
     bad_in_row = 0
     last_ckpt: Optional[Path] = resume_path
+    K = mcfg.num_masking_patches
     model.train()
     t_last = time.perf_counter()
     step = start_step
+
+    def meta() -> Dict[str, Any]:
+        return {"step": step, "config": cfg.to_dict(), "model_config": mcfg.to_dict(), "stats": stats}
+
     data_iter = iter(loader)
     try:
         while step < cfg.max_steps:
-            patches, tok_view, mask, _ = next(data_iter)
-            patches = patches.to(device, non_blocking=True)
-            tok_view = tok_view.to(device, non_blocking=True)
-            mask = mask.to(device, non_blocking=True)
             lr = lr_at(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            tokens = tokenizer.tokenize(tok_view)
-            stats["token_hist"] += torch.bincount(tokens[mask].cpu(), minlength=mcfg.vocab_size)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                # Every mask has exactly num_masking_patches: the fused path needs no host sync.
-                out_ = model(patches, mask, tokens, num_masked_per_image=mcfg.num_masking_patches)
-            loss = out_.loss
-            finite = bool(torch.isfinite(loss))  # the step's one sync; deferred input checks ride on it
-            check_deferred()
-            if not finite:
-                bad_in_row += 1
-                stats["skipped_steps"] += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", step, loss.item(), bad_in_row)
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise TrainingStopped(
-                        f"{bad_in_row} non-finite losses in a row (max_bad_steps={cfg.max_bad_steps}); stopping. "
-                        "Lower the lr, raise warmup, or resume from an earlier checkpoint."
-                    )
+            engine.set_lr(lr)
+            losses: List[torch.Tensor] = []
+            accs: List[torch.Tensor] = []
+            skipped_images = torch.zeros((), dtype=torch.float32)
+            for _ in range(cfg.grad_accum_steps):
+                patches, tok_view, mask, _, skipped = next(data_iter)
+                skipped_images += skipped.sum()
+                patches = patches.to(device, non_blocking=True)
+                tok_view = tok_view.to(device, non_blocking=True)
+                mask = mask.to(device, non_blocking=True)
+                with torch.no_grad():
+                    tokens = tokenizer.tokenize(tok_view)
+                stats["token_hist"] += torch.bincount(tokens[mask].cpu(), minlength=mcfg.vocab_size)
+                # Every mask has exactly K patches: the fused path needs no host sync.
+                out_ = engine.forward(patches, mask, tokens, num_masked_per_image=K)
+                finite = engine.all_finite(out_.loss)  # the micro-batch's one sync; deferred checks ride on it
+                check_deferred()
+                if not finite:
+                    bad_in_row += 1
+                    stats["skipped_steps"] += 1
+                    log.warning("step %d: non-finite loss, micro-batch left out (%d in a row)", step, bad_in_row)
+                    if bad_in_row >= cfg.max_bad_steps:
+                        raise TrainingStopped(
+                            f"{bad_in_row} non-finite losses in a row (max_bad_steps={cfg.max_bad_steps}); stopping. "
+                            "Lower the lr, raise warmup, or resume from an earlier checkpoint."
+                        )
+                    continue
+                bad_in_row = 0
+                engine.backward(out_.loss)
+                losses.append(out_.loss.detach().float())
+                accs.append(out_.accuracy.detach().float())
+            step_stats = engine.reduce_mean(torch.stack([
+                torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=device),
+                torch.stack(accs).mean() if accs else torch.tensor(float("nan"), device=device),
+                skipped_images.to(device),
+            ]))
+            stats["skipped_images"] += int(round(float(step_stats[2]) * world))
+            if not losses:  # every micro-batch left out: no update this step
                 step += 1
                 continue
-            bad_in_row = 0
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else 1e30)
-            optimizer.step()
+            grad_norm = engine.step()
             step += 1
 
-            loss_v, acc_v = loss.item(), out_.accuracy.item()
+            loss_v, acc_v = float(step_stats[0]), float(step_stats[1])
             recent_acc.append(acc_v)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             ips = cfg.batch_size / dt
-            writer.writerow([step, f"{loss_v:.6f}", f"{acc_v:.6f}", f"{lr:.6g}", f"{float(grad_norm):.4f}",
-                             f"{dt * 1e3:.1f}", f"{ips:.1f}", stats["skipped_steps"]])
+            mfu = fpi * ips / (peak * world) if peak else None
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             log_now = step % cfg.log_every == 0 or step == cfg.max_steps
-            mfu = f" | MFU {fpi * ips / peak:.1%}" if peak else ""
-            mem = (f" | mem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB" if device.type == "cuda" else "")
+            if metrics is not None:
+                metrics.write({"step": step, "loss": loss_v, "mlm_acc": acc_v, "lr": lr, "grad_norm": grad_norm,
+                               "ms_per_step": dt * 1e3, "img_per_s": ips, "mfu": mfu, "mem_gb": mem,
+                               "skipped_steps": stats["skipped_steps"], "skipped_images": stats["skipped_images"]})
+                if log_now:
+                    metrics.flush()
+            mfu_s = f" | MFU {mfu:.1%}" if mfu is not None else ""
+            mem_s = f" | mem {mem:.2f} GB" if mem is not None else ""
             line = (f"step {step}/{cfg.max_steps} | loss {loss_v:.4f} | mlm_acc {acc_v:.4f} | lr {lr:.3g} | "
-                    f"{dt * 1e3:.0f} ms | {ips:.0f} img/s{mfu}{mem}")
-            progress.update(step, line, {"loss": f"{loss_v:.3f}", "acc": f"{acc_v:.3f}", "lr": f"{lr:.2g}",
-                                         "img/s": f"{ips:.0f}"}, log_now)
-            if log_now:
-                metrics_file.flush()
+                    f"{dt * 1e3:.0f} ms | {ips:.0f} img/s{mfu_s}{mem_s}")
+            postfix = {"loss": f"{loss_v:.3f}", "acc": f"{acc_v:.3f}", "lr": f"{lr:.2g}", "img/s": f"{ips:.0f}"}
+            if mfu is not None:
+                postfix["MFU"] = f"{mfu:.1%}"
+            if mem is not None:
+                postfix["mem"] = f"{mem:.1f}G"
+            progress.update(line, postfix, log_now)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, stats)
+                last_ckpt = engine.save(_ckpt_dir(out), step, meta())
+                if is_main:
+                    _prune_checkpoints(out, cfg.keep_last)
         if step > start_step or last_ckpt is None:  # a finished run resumed: its checkpoint stays as it is
-            last_ckpt = save_checkpoint(out, step, model, optimizer, cfg, stats)
+            last_ckpt = engine.save(_ckpt_dir(out), step, meta())
+            if is_main:
+                _prune_checkpoints(out, cfg.keep_last)
     finally:
         progress.close()
-        metrics_file.close()
+        if metrics is not None:
+            metrics.close()
 
-    hist = stats["token_hist"].double()
+    hist = engine.reduce_mean(stats["token_hist"].to(device).double()).cpu()  # the same proportions as the sum
     majority = float(hist.max() / hist.sum()) if hist.sum() > 0 else None
+    plot = None
+    if is_main and cfg.plot:
+        plot = plot_metrics(out / "metrics.csv", out / "metrics.png", chance=1.0 / mcfg.vocab_size)
     summary = {
         "step": step,
         "steps_run": step - start_step,
@@ -564,12 +705,19 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         "chance": 1.0 / mcfg.vocab_size,
         "majority_baseline": majority,
         "skipped_steps": stats["skipped_steps"],
+        "skipped_images": stats["skipped_images"],
         "checkpoint": str(last_ckpt) if last_ckpt else None,
-        "metrics": str(metrics_path),
+        "metrics": str(out / "metrics.csv"),
+        "plot": str(plot) if plot else None,
+        "tensorboard": str(out / "tensorboard") if (out / "tensorboard").is_dir() else None,
         "out": str(out),
         "tokenizer": tokenizer.description,
+        "engine": engine.describe(),
+        "rank": rank,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    if is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    engine.close()
     return summary
 
 
@@ -631,7 +779,9 @@ def config_from_args(args: List[str]) -> PretrainConfig:
     """`--config FILE.yaml` then `--key=value` / `--key value` overrides; BeitConfig keys go to `model`
     (plain, or as `--model.key=value`). Unknown keys and values of the wrong type raise ValueError."""
     values: Dict[str, Any] = {}
-    pairs = parse_options(args)
+    flags = [f.name for f in fields(PretrainConfig) if f.type in (bool, "bool")]
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment (LOCAL_RANK) instead.
+    pairs = [(k, v) for k, v in parse_options(args, flags=flags) if k != "local_rank"]
     own_types, model_types = _field_types(PretrainConfig), _field_types(BeitConfig)
     own = {f.name for f in fields(PretrainConfig)}
     model_keys = {f.name for f in fields(BeitConfig)} - {"extra"}  # free-form notes are no override
@@ -721,6 +871,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("beit-fast pretrain: interrupted; the last checkpoint is intact (resume with --resume auto)",
               file=sys.stderr)
         return 130
+    if summary["rank"] != 0:
+        return 0
     acc, majority = summary["final_mlm_acc"], summary["majority_baseline"]
     acc_s = "n/a (no steps run)" if acc is None else f"{acc:.4f} (mean of the last 20 steps)"
     majority_s = "n/a" if majority is None else f"{majority:.4f}"
@@ -730,7 +882,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     print(f"targets: {summary['tokenizer']}")
     print(f"checkpoint: {summary['checkpoint']}")
-    print(f"metrics: {summary['metrics']}")
+    print(f"metrics: {summary['metrics']}" + (f" (TensorBoard: {summary['tensorboard']})" if summary["tensorboard"] else ""))
+    print(f"plot: {summary['plot'] or 'none (pip install -e .[plot] for matplotlib)'}")
     return 0
 
 
