@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # Installed only when the interpreter has no torch (a machine's own CUDA torch is reused through
 # --system-site-packages). These two lie on this project's CI disk; a bare `torch` would download GBs.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEEPSPEED_SPEC ?= 'deepspeed>=0.19.8,<0.20'
 DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 300
 
@@ -20,6 +21,9 @@ $(VENV)/.installed: setup.py
 		$(PY) -m pip install $(TORCH_SPEC); \
 	fi
 	$(PY) -m pip install -e '.[test]'
+	@# DeepSpeed (the ZeRO engine and its tests): an sdist whose build imports torch, so no build isolation
+	@# (isolation would download a second torch). Its C++ ops compile on first use, not here.
+	$(PY) -m pip install --no-build-isolation $(DEEPSPEED_SPEC)
 	touch $@
 
 test: install

@@ -25,9 +25,12 @@ setup(
     # multi-GB CUDA build on machines that already have one (see the Makefile).
     install_requires=["torch>=2.4", "numpy", "pillow", "pyyaml", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "timm", "transformers", "dall-e", "safetensors"],
+        "test": ["pytest", "pytest-benchmark", "timm", "transformers", "dall-e", "safetensors", "matplotlib",
+                 "tensorboard"],
         "xformers": ["xformers"],
-        "deepspeed": ["deepspeed"],
+        # DeepSpeed builds from an sdist that imports torch: install it with --no-build-isolation (the Makefile
+        # does), or pip builds it against a freshly downloaded torch. 0.19.8: unmanaged gradient accumulation.
+        "deepspeed": ["deepspeed>=0.19.8"],
         "plot": ["matplotlib", "tensorboard"],
     },
     entry_points={"console_scripts": ["beit-fast = beit_fast.cli:main"]},

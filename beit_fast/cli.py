@@ -1,4 +1,4 @@
-"""`beit-fast` command line: `info`, `pretrain`, `mask-bench`."""
+"""`beit-fast` command line: `info`, `pretrain`, `export`, `mask-bench`, `train-tokenizer`, `tokenize`."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ USAGE = """usage: beit-fast <command> [options]   (beit-fast --version; beit-fas
 commands:
   info        versions, the device, and which kernels / attention backends can run here (and why not)
   pretrain    BEiT masked-image-modeling pretraining (beit-fast pretrain --help)
+  export      a pretraining checkpoint's weights in the unilm layout, for fine-tuning elsewhere
   mask-bench  masks per second of the blockwise mask generator on one core
   train-tokenizer  train a DALL-E-style dVAE tokenizer (beit-fast train-tokenizer --help)
   tokenize    write a token cache of a dataset with fixed views (beit-fast tokenize --help)
 """
-COMMANDS = ("info", "pretrain", "mask-bench", "train-tokenizer", "tokenize")
+COMMANDS = ("info", "pretrain", "export", "mask-bench", "train-tokenizer", "tokenize")
 
 
 def _error(prog: str, message: str) -> int:
@@ -154,10 +155,43 @@ def tokenize(argv: List[str]) -> int:
     return 0
 
 
+def export(argv: List[str]) -> int:
+    """`beit-fast export CKPT --out FILE`: {"model": unilm state dict} of a pretraining checkpoint (a plain
+    engine's step_*.pt or a DeepSpeed step_*/ directory, or a run directory: its newest checkpoint)."""
+    from pathlib import Path
+
+    p = _OneLineParser(prog="beit-fast export")
+    p.add_argument("checkpoint", help="step_*.pt, a DeepSpeed step_*/ directory, or a run directory (newest one)")
+    p.add_argument("--out", required=True, help="output .pth file")
+    p.add_argument("--layout", default="unilm", choices=["unilm"], help="state-dict layout (default unilm)")
+    try:
+        a = p.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    from beit_fast.train.pretrain import export_checkpoint, find_latest_checkpoint
+
+    path = Path(a.checkpoint)
+    if not path.exists():
+        return _error(p.prog, f"checkpoint not found: {path}")
+    if path.is_dir() and not (path / "meta.pt").is_file():
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            return _error(p.prog, f"{path} is neither a checkpoint nor a run directory with checkpoints")
+        path = latest
+    try:
+        written = export_checkpoint(path, a.out, a.layout)
+    except ValueError as exc:
+        return _error(p.prog, str(exc))
+    print(f"{path} -> {written} ({a.layout} layout)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit status: 0 done, 2 usage error (one line on stderr; usage itself on stderr when no command
     is given), 1 a run that failed, as each command documents."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher puts --local_rank=N right after the script; the rank is read from LOCAL_RANK.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if not argv:
         print(USAGE, file=sys.stderr, end="")
         return 2
@@ -176,6 +210,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from beit_fast.train.pretrain import main as pretrain_main
 
         return pretrain_main(rest)
+    if cmd == "export":
+        return export(rest)
     if cmd == "mask-bench":
         return mask_bench(rest)
     if cmd == "train-tokenizer":

@@ -485,8 +485,10 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     cfg.validate()
     mcfg = cfg.model_config()
     out = Path(cfg.out)
-    if cfg.deepspeed:
-        _start_distributed(cfg)
+    # Everything that can be checked is checked before DeepSpeed starts (its import alone prints to stderr).
+    if not cfg.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"launched as {os.environ['WORLD_SIZE']} processes, but the plain engine is one process: "
+                         "add --deepspeed (with --zero-stage 0-3)")
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if cfg.deepspeed else 0
     device = _device(cfg, local_rank)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -541,6 +543,8 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                         ckpt["step"], cfg.max_steps)
 
     tokenizer = build_tokenizer(cfg, mcfg, device)  # a bad tokenizer file fails before anything is written
+    if cfg.deepspeed:
+        _start_distributed(cfg)
     tok_size = tokenizer.image_size
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
