@@ -42,12 +42,16 @@ bench: install
 bench-smoke: install
 	BEIT_BENCH_SMOKE=1 TRITON_INTERPRET=1 BENCH_OUT=runs/bench-smoke $(PY) -m pytest bench -q -s
 
-# Pure-Python wheels of the fused linear+CE peers, for a GPU machine without network
-# and of the dall_e package (the tokenizer peer); bench/gpu_suite.sh installs whatever lies in .whl/.
-gpu-wheels:
+# Wheels for an offline GPU machine (Python 3.12; bench/gpu_suite.sh installs whatever lies in .whl/): the fused
+# linear+CE peers, the dall_e package (the tokenizer peer), and DeepSpeed (built here from its sdist, pure Python)
+# with the dependencies the GPU image lacks.
+gpu-wheels: install
 	mkdir -p .whl
 	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-		liger-kernel==0.8.5 cut-cross-entropy==25.1.1 dall-e==0.1
+		liger-kernel==0.8.5 cut-cross-entropy==25.1.1 dall-e==0.1 hjson einops py-cpuinfo
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl msgpack ninja
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w .whl $(DEEPSPEED_SPEC)
 
 info: install
 	$(VENV)/bin/beit-fast info

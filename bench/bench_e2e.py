@@ -1,0 +1,230 @@
+"""The whole pretraining step, BEiT-B/16 at 224px, batch 128, 75 masked patches per image, bf16, against the peers
+of `../shared/ANCHORS.md` (bench/peers.py), all in this process on this card.
+
+- backbone step (tokens given): forward + backward + fused AdamW. Ours runs through the training loop's own
+  engine (`PlainEngine`: bf16 autocast, the finite-loss check, gradient clipping at 3.0 - work the peers skip),
+  eager and under `torch.compile`; the peers are timm-composed eager and compiled, and transformers' MIM model.
+- full step with the online tokenizer (112px view -> 14x14 ids with the DALL-E architecture, random weights):
+  ours = `DalleTokenizer(fast=True)` + our step; the peer = the `dall_e` package Encoder (fp16) + timm-composed eager.
+- ZeRO-1/2 on this one GPU (`DeepSpeedEngine`, one process) against the plain engine, when DeepSpeed imports.
+
+Correctness first: ours and timm-composed load the same weights and must give the same loss (fp32) before
+anything is timed. Reported: median ms per step (CUDA events), img/s, absolute peak memory of the step, and
+`speedup_of_ours` = peer ms / our ms. `BEIT_BENCH_SMOKE=1`: the tiny preset at batch 2 on the CPU (code paths only).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from benchutil import AVAILABLE, DEVICE, SMOKE, median_ms
+
+from beit_fast import BeitConfig, BeitForMaskedImageModeling, BlockwiseMaskGenerator
+from beit_fast.train.engine import PlainEngine
+
+pytestmark = pytest.mark.skipif(
+    not AVAILABLE, reason="end-to-end benchmarks need a CUDA device (or BEIT_BENCH_SMOKE=1 for a CPU smoke run)"
+)
+
+if SMOKE:
+    CFG = BeitConfig.from_preset("tiny", depth=2)
+    B, TOK = 2, dict(n_hid=16, n_blk_per_group=1, vocab_size=512)
+else:
+    CFG = BeitConfig.from_preset("base", drop_path_rate=0.1)
+    B, TOK = 128, dict(n_hid=256, n_blk_per_group=2, vocab_size=8192)
+BF16 = DEVICE == "cuda"
+COMPILE_BACKEND = "aot_eager" if SMOKE else "inductor"
+K = CFG.num_masking_patches
+TOK_SIZE = CFG.grid_size * 8  # the dVAE downsamples 8x: 112px -> 14x14 for base
+BENCH = f"e2e {'tiny' if SMOKE else 'base'} B={B} {'bf16' if BF16 else 'fp32'}"
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(B, 3, CFG.img_size, CFG.img_size, generator=g).to(DEVICE)
+    gen = BlockwiseMaskGenerator(CFG.grid_size, K, min_num_patches=min(16, max(1, K // 4)), seed=seed)
+    mask = gen.batch(B).to(DEVICE)
+    tokens = torch.randint(0, CFG.vocab_size, (B, CFG.num_patches), generator=g).to(DEVICE)
+    tok_view = torch.rand(B, 3, TOK_SIZE, TOK_SIZE, generator=g).to(DEVICE)
+    return pixels, mask, tokens, tok_view
+
+
+def _ours(compile_mode: str = ""):
+    from beit_fast.train.pretrain import PretrainConfig, build_optimizer
+
+    model = BeitForMaskedImageModeling(CFG).to(DEVICE).train()
+    engine = PlainEngine(model, build_optimizer(model, PretrainConfig(lr=1e-4)), device=torch.device(DEVICE),
+                         bf16=BF16, clip_grad=3.0, grad_accum=1)
+    if compile_mode:
+        engine._forward = torch.compile(model, backend=COMPILE_BACKEND, mode=None if SMOKE else compile_mode,
+                                        dynamic=False)
+    return model, _engine_step(engine)
+
+
+def _engine_step(engine):
+    def step(pixels, mask, tokens):
+        out = engine.forward(pixels, mask, tokens, num_masked_per_image=K)
+        if engine.all_finite(out.loss):
+            engine.backward(out.loss)
+            engine.step()
+        return out.loss.detach()
+
+    return step
+
+
+def _peak_gb(fn) -> float:
+    if DEVICE != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def _free() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _time(name: str, build, results: dict, record, what: str, ours_key: str = "", tokenize=None,
+          ratio: str = "speedup_of_ours") -> None:
+    """Build one implementation, time its step, record it, free it."""
+    pixels, mask, tokens, tok_view = _inputs()
+    try:
+        model, step = build()
+    except Exception as exc:  # recorded, and the test fails at its end (after the other implementations ran)
+        record(bench=f"{BENCH} {what}", impl=name, ms=float("nan"), note=f"{type(exc).__name__}: {exc}"[:200])
+        results.setdefault("_failed", []).append(f"{name}: {type(exc).__name__}: {exc}"[:300])
+        return
+    if tokenize is not None:
+        def fn():
+            return step(pixels, mask, tokenize(tok_view))
+    else:
+        def fn():
+            return step(pixels, mask, tokens)
+    try:
+        fn()  # compile / autotune outside the timing
+        ms = median_ms(fn, warmup=3, iters=5 if SMOKE else 15)
+        peak = _peak_gb(fn)
+    except Exception as exc:
+        record(bench=f"{BENCH} {what}", impl=name, ms=float("nan"), note=f"{type(exc).__name__}: {exc}"[:200])
+        results.setdefault("_failed", []).append(f"{name}: {type(exc).__name__}: {exc}"[:300])
+        return
+    finally:
+        del model, step
+        _free()
+    results[name] = ms
+    row = dict(bench=f"{BENCH} {what}", impl=name, ms=ms, img_per_s=B / ms * 1e3, peak_gb=peak)
+    if ours_key and ours_key in results:
+        row[ratio] = ms / results[ours_key]
+    record(**row)
+
+
+def _fastest(results: dict) -> str:
+    timed = {k: v for k, v in results.items() if k != "_failed"}
+    return min(timed, key=timed.get) if timed else ""
+
+
+def _no_failures(results: dict) -> None:
+    assert not results.get("_failed"), results["_failed"]
+
+
+def test_e2e_parity_with_timm_composed():
+    """Same weights, same batch: our MIM loss equals the timm-composed peer's (fp32)."""
+    from peers import TimmComposedMIM
+
+    torch.manual_seed(0)
+    ours = BeitForMaskedImageModeling(CFG.replace(drop_path_rate=0.0)).to(DEVICE).eval()
+    peer = TimmComposedMIM(CFG.replace(drop_path_rate=0.0)).to(DEVICE).eval()
+    sd = ours.export_state_dict("unilm")
+    head = ("lm_head", "norm.", "mask_token")
+    missing, unexpected = peer.beit.load_state_dict(
+        {k: v for k, v in sd.items() if not k.startswith(head) and "relative_position_index" not in k}, strict=False
+    )
+    assert not unexpected, unexpected
+    assert all(k.startswith(("fc_norm", "head", "norm")) or "relative_position_index" in k for k in missing), missing
+    with torch.no_grad():
+        peer.mask_token.copy_(ours.mask_token)
+        peer.norm.load_state_dict(ours.norm.state_dict())
+        peer.lm_head.load_state_dict(ours.lm_head.state_dict())
+    pixels, mask, tokens, _ = _inputs(1)
+    n = min(B, 8)
+    with torch.no_grad():
+        a = ours(pixels[:n], mask[:n], tokens[:n]).loss.float()
+        b = peer(pixels[:n], mask[:n], tokens[:n])[0].float()
+    assert torch.allclose(a, b, rtol=2e-3), (float(a), float(b))
+
+
+def test_e2e_backbone_step(record):
+    from peers import hf_mim, timm_composed
+
+    results: dict = {}
+    what = "backbone step (tokens given)"
+    _time("beit-fast (engine, eager)", lambda: _ours(), results, record, what)
+    _time("beit-fast (engine, torch.compile)", lambda: _ours("max-autotune-no-cudagraphs"), results, record, what)
+    ours = _fastest(results)
+    _time("timm-composed eager", lambda: timm_composed(CFG, DEVICE, BF16), results, record, what, ours)
+    _time("timm-composed torch.compile", lambda: timm_composed(CFG, DEVICE, BF16, COMPILE_BACKEND), results, record,
+          what, ours)
+    _time("transformers BeitForMaskedImageModeling (sdpa)", lambda: hf_mim(CFG, DEVICE, BF16), results, record,
+          what, ours)
+    _no_failures(results)
+
+
+def test_e2e_full_step_with_tokenizer(record):
+    from peers import dalle_encoder, timm_composed
+
+    from beit_fast.tokenizer import DalleEncoder, DalleTokenizer
+
+    results: dict = {}
+    what = "full step (online DALL-E tokenizer)"
+    ours_tok = DalleTokenizer(DalleEncoder(**TOK).to(DEVICE), image_size=TOK_SIZE, fast=not SMOKE)
+    _time("beit-fast (DalleTokenizer fast + engine, eager)", lambda: _ours(), results, record, what,
+          tokenize=ours_tok.tokenize)
+    _time("beit-fast (DalleTokenizer fast + engine, torch.compile)", lambda: _ours("max-autotune-no-cudagraphs"),
+          results, record, what, tokenize=ours_tok.tokenize)
+    del ours_tok
+    _free()
+    ours = _fastest(results)
+    label, peer_tok = dalle_encoder(device=DEVICE, **TOK)
+    _time(f"timm-composed eager + {label}", lambda: timm_composed(CFG, DEVICE, BF16), results, record, what, ours,
+          tokenize=peer_tok)
+    _no_failures(results)
+
+
+def test_e2e_zero_one_gpu(record):
+    """ZeRO-1 and ZeRO-2 in one process against the plain engine (target: within 5%)."""
+    from beit_fast.train.engine import DeepSpeedEngine, deepspeed_reasons, init_distributed_env
+    from beit_fast.train.pretrain import PretrainConfig, build_optimizer
+
+    what = "ZeRO on one device"
+    init_distributed_env(DEVICE)
+    reason = deepspeed_reasons()
+    results: dict = {}
+    _time("plain engine (eager)", lambda: _ours(), results, record, what)
+    if reason:
+        record(bench=f"{BENCH} {what}", impl="DeepSpeed ZeRO-1/2", ms=float("nan"), note=reason[:200])
+        return
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+
+    def build(stage):
+        def make():
+            model = BeitForMaskedImageModeling(CFG).to(DEVICE).train()
+            engine = DeepSpeedEngine(model, build_optimizer(model, PretrainConfig(lr=1e-4)),
+                                     device=torch.device(DEVICE), bf16=BF16, clip_grad=3.0, grad_accum=1,
+                                     micro_batch=B, zero_stage=stage)
+            return model, _engine_step(engine)
+
+        return make
+
+    for stage in (1, 2):
+        _time(f"DeepSpeed ZeRO-{stage} (1 process)", build(stage), results, record, what, "plain engine (eager)",
+              ratio="time_vs_plain")
+    _no_failures(results)

@@ -1,0 +1,139 @@
+"""The end-to-end peers of `../shared/ANCHORS.md`, built in this process for `bench_e2e.py`.
+
+- `TimmComposedMIM`: what a user composes from timm today. timm's `Beit` (SDPA with the shared relative position
+  bias as `attn_mask`, layer scale, no absolute position embedding) plus the unilm MIM parts: the mask-token blend
+  `x * (1 - w) + mask_token * w`, the final LayerNorm on every row, `lm_head(x[:, 1:][mask])` and
+  `F.cross_entropy` on fp32 logits. Run eager or under `torch.compile`.
+- `hf_mim`: transformers' `BeitForMaskedImageModeling` (SDPA attention; its head runs on all 196 rows).
+- `dalle_encoder`: the `dall_e` package's Encoder (fp16 convs, the reference tokenizer) when it imports; otherwise
+  the same architecture as plain `nn.Conv2d` under fp16 autocast, and the returned label says which one ran.
+
+Every peer is a callable step `fn(pixels, mask, tokens)` built on the same shapes as ours, with fused AdamW on the
+reference parameter groups, so a step is forward + backward + optimizer, as in the training loop.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from beit_fast.config import BeitConfig
+
+__all__ = ["TimmComposedMIM", "timm_composed", "hf_mim", "dalle_encoder", "adamw"]
+
+
+class TimmComposedMIM(nn.Module):
+    """timm `Beit` blocks + unilm's MIM head, written the way unilm's `modeling_pretrain.py` does it."""
+
+    def __init__(self, c: BeitConfig) -> None:
+        super().__init__()
+        from timm.models.beit import Beit
+
+        self.beit = Beit(
+            img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
+            mlp_ratio=c.mlp_ratio, qkv_bias=True, init_values=c.init_values, use_abs_pos_emb=False,
+            use_rel_pos_bias=False, use_shared_rel_pos_bias=True, drop_path_rate=c.drop_path_rate, num_classes=0,
+            norm_layer=partial(nn.LayerNorm, eps=c.layer_norm_eps),
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.norm = nn.LayerNorm(c.embed_dim, eps=c.layer_norm_eps)
+        self.lm_head = nn.Linear(c.embed_dim, c.vocab_size)
+
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        b = self.beit
+        x = b.patch_embed(pixels)
+        B, N, _ = x.shape
+        w = mask.unsqueeze(-1).type_as(x)
+        x = x * (1 - w) + self.mask_token.expand(B, N, -1) * w
+        x = torch.cat((b.cls_token.expand(B, -1, -1), x), dim=1)
+        rel_pos_bias = b.rel_pos_bias()
+        for blk in b.blocks:
+            x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        x = self.norm(x)
+        logits = self.lm_head(x[:, 1:][mask])
+        targets = tokens[mask]
+        loss = F.cross_entropy(logits.float(), targets)
+        return loss, (logits.argmax(-1) == targets).float().mean()
+
+
+def adamw(model: nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
+    """Fused AdamW (CUDA) on the reference groups: no decay on 1-D parameters and biases."""
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias"))]
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, **fused)
+
+
+def _train_step(loss_fn: Callable, model: nn.Module, bf16: bool, device: str) -> Callable:
+    opt = adamw(model)
+
+    def step(pixels, mask, tokens):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = loss_fn(pixels, mask, tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def timm_composed(c: BeitConfig, device: str, bf16: bool, compile_backend: str = "") -> Tuple[nn.Module, Callable]:
+    """(module, step). `compile_backend`: "" eager, else torch.compile of the forward with that backend."""
+    model = TimmComposedMIM(c).to(device).train()
+    fwd = torch.compile(model, backend=compile_backend, dynamic=False) if compile_backend else model
+    return model, _train_step(fwd, model, bf16, device)
+
+
+def hf_mim(c: BeitConfig, device: str, bf16: bool) -> Tuple[nn.Module, Callable]:
+    import transformers
+
+    cfg = transformers.BeitConfig(
+        image_size=c.img_size, patch_size=c.patch_size, hidden_size=c.embed_dim, num_hidden_layers=c.depth,
+        num_attention_heads=c.num_heads, intermediate_size=c.mlp_hidden_dim, use_mask_token=True,
+        use_shared_relative_position_bias=True, use_relative_position_bias=False,
+        layer_scale_init_value=c.init_values or 0.0, layer_norm_eps=c.layer_norm_eps,
+        use_absolute_position_embeddings=False, vocab_size=c.vocab_size, drop_path_rate=c.drop_path_rate,
+        attn_implementation="sdpa",
+    )
+    model = transformers.BeitForMaskedImageModeling(cfg).to(device).train()
+
+    def loss_fn(pixels, mask, tokens):
+        out = model(pixel_values=pixels, bool_masked_pos=mask, labels=tokens[mask])
+        return out.loss, None
+
+    return model, _train_step(loss_fn, model, bf16, device)
+
+
+def dalle_encoder(n_hid: int, n_blk_per_group: int, vocab_size: int, device: str) -> Tuple[str, Callable]:
+    """(label, tokenize(images in [0, 1]) -> (B, grid*grid) ids) with fresh random weights."""
+    from beit_fast.tokenizer import DalleEncoder, map_pixels
+
+    try:
+        import dall_e
+
+        enc = dall_e.Encoder(n_hid=n_hid, n_blk_per_group=n_blk_per_group, vocab_size=vocab_size,
+                             device=torch.device(device), requires_grad=False,
+                             use_mixed_precision=device == "cuda")
+        label = "dall_e package Encoder (fp16)"
+
+        def tokenize(images):
+            with torch.no_grad():
+                return enc(map_pixels(images)).argmax(1).flatten(1)
+
+        return label, tokenize
+    except Exception as exc:
+        why = f"{type(exc).__name__}"
+        plain = DalleEncoder(n_hid=n_hid, n_blk_per_group=n_blk_per_group, vocab_size=vocab_size).to(device).eval()
+
+        def tokenize(images):
+            with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
+                return plain(map_pixels(images)).argmax(1).flatten(1)
+
+        return f"dall_e architecture as nn.Conv2d fp16 (package not importable: {why})", tokenize
