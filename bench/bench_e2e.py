@@ -90,32 +90,29 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+def _measure(build, tokenize) -> tuple:
+    """(median ms, peak GB) of one implementation's step; its model and optimizer die with this frame."""
+    pixels, mask, tokens, tok_view = _inputs()
+    _, step = build()
+
+    def fn():
+        return step(pixels, mask, tokenize(tok_view) if tokenize is not None else tokens)
+
+    fn()  # compile / autotune outside the timing
+    return median_ms(fn, warmup=3, iters=5 if SMOKE else 15), _peak_gb(fn)
+
+
 def _time(name: str, build, results: dict, record, what: str, ours_key: str = "", tokenize=None,
           ratio: str = "speedup_of_ours") -> None:
-    """Build one implementation, time its step, record it, free it."""
-    pixels, mask, tokens, tok_view = _inputs()
+    """Build one implementation, time its step, record it, free it. A failure is recorded, and the test fails at
+    its end (after the other implementations ran)."""
     try:
-        model, step = build()
-    except Exception as exc:  # recorded, and the test fails at its end (after the other implementations ran)
-        record(bench=f"{BENCH} {what}", impl=name, ms=float("nan"), note=f"{type(exc).__name__}: {exc}"[:200])
-        results.setdefault("_failed", []).append(f"{name}: {type(exc).__name__}: {exc}"[:300])
-        return
-    if tokenize is not None:
-        def fn():
-            return step(pixels, mask, tokenize(tok_view))
-    else:
-        def fn():
-            return step(pixels, mask, tokens)
-    try:
-        fn()  # compile / autotune outside the timing
-        ms = median_ms(fn, warmup=3, iters=5 if SMOKE else 15)
-        peak = _peak_gb(fn)
+        ms, peak = _measure(build, tokenize)
     except Exception as exc:
         record(bench=f"{BENCH} {what}", impl=name, ms=float("nan"), note=f"{type(exc).__name__}: {exc}"[:200])
         results.setdefault("_failed", []).append(f"{name}: {type(exc).__name__}: {exc}"[:300])
         return
     finally:
-        del model, step
         _free()
     results[name] = ms
     row = dict(bench=f"{BENCH} {what}", impl=name, ms=ms, img_per_s=B / ms * 1e3, peak_gb=peak)

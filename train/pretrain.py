@@ -886,7 +886,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     print(f"targets: {summary['tokenizer']}")
     print(f"checkpoint: {summary['checkpoint']}")
-    print(f"metrics: {summary['metrics']}" + (f" (TensorBoard: {summary['tensorboard']})" if summary["tensorboard"] else ""))
+    tb = f" (TensorBoard: {summary['tensorboard']})" if summary["tensorboard"] else ""
+    print(f"metrics: {summary['metrics']}{tb}")
     print(f"plot: {summary['plot'] or 'none (pip install -e .[plot] for matplotlib)'}")
     return 0
 
