@@ -162,7 +162,7 @@ def test_e2e_backbone_step(record):
     results: dict = {}
     what = "backbone step (tokens given)"
     _time("beit-fast (engine, eager)", lambda: _ours(), results, record, what)
-    _time("beit-fast (engine, torch.compile)", lambda: _ours("max-autotune-no-cudagraphs"), results, record, what)
+    _time("beit-fast (engine, torch.compile)", lambda: _ours("default"), results, record, what)
     ours = _fastest(results)
     _time("timm-composed eager", lambda: timm_composed(CFG, DEVICE, BF16), results, record, what, ours)
     _time("timm-composed torch.compile", lambda: timm_composed(CFG, DEVICE, BF16, COMPILE_BACKEND), results, record,
@@ -182,7 +182,7 @@ def test_e2e_full_step_with_tokenizer(record):
     ours_tok = DalleTokenizer(DalleEncoder(**TOK).to(DEVICE), image_size=TOK_SIZE, fast=not SMOKE)
     _time("beit-fast (DalleTokenizer fast + engine, eager)", lambda: _ours(), results, record, what,
           tokenize=ours_tok.tokenize)
-    _time("beit-fast (DalleTokenizer fast + engine, torch.compile)", lambda: _ours("max-autotune-no-cudagraphs"),
+    _time("beit-fast (DalleTokenizer fast + engine, torch.compile)", lambda: _ours("default"),
           results, record, what, tokenize=ours_tok.tokenize)
     del ours_tok
     _free()
