@@ -33,7 +33,7 @@ test: install
 demo: install
 	$(VENV)/bin/beit-fast train-tokenizer --preset small --data builtin --out $(DEMO_OUT)/tokenizer --seed 0
 	$(VENV)/bin/beit-fast pretrain --preset tiny --data builtin --max-steps $(DEMO_STEPS) --out $(DEMO_OUT) --seed 0 \
-		--tokenizer $(DEMO_OUT)/tokenizer/tokenizer.pt
+		--tokenizer $(DEMO_OUT)/tokenizer/tokenizer.pt --overwrite
 
 bench: install
 	$(PY) -m pytest bench -q -s --benchmark-columns=median,ops,rounds

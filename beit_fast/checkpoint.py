@@ -366,6 +366,19 @@ def load_into(
 
 
 # -- saving ----------------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
     """torch.save to a temporary file in the same directory, fsync, then rename over `path`:
     a crash mid-write leaves any previous file at `path` intact."""
@@ -381,6 +394,7 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself reaches the disk
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -180,8 +180,8 @@ def export(argv: List[str]) -> int:
         path = latest
     try:
         written = export_checkpoint(path, a.out, a.layout)
-    except ValueError as exc:
-        return _error(p.prog, str(exc))
+    except (ValueError, OSError, RuntimeError) as exc:  # not a checkpoint, unwritable --out, mismatched weights
+        return _error(p.prog, f"{type(exc).__name__}: {exc}".splitlines()[0])
     print(f"{path} -> {written} ({a.layout} layout)")
     return 0
 

@@ -141,11 +141,12 @@ class BeitConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def parse_options(args: List[str], flags: Iterable[str] = ()) -> List[Tuple[str, str]]:
+def parse_options(args: List[str], flags: Union[Iterable[str], Dict[str, str]] = ()) -> List[Tuple[str, str]]:
     """`--key=value` / `--key value` command-line options -> [(key, value)], dashes in keys read as
-    underscores. A key in `flags` may also stand alone (`--deepspeed` means `--deepspeed=true`).
-    Anything else raises ValueError (one line, for the CLIs)."""
-    flag_set = {f.replace("-", "_") for f in flags}
+    underscores. A key in `flags` may also stand alone: `--deepspeed` means `--deepspeed=true`, or the value
+    `flags` maps it to (a dict). Anything else raises ValueError (one line, for the CLIs)."""
+    bare = flags if isinstance(flags, dict) else {f: "true" for f in flags}
+    flag_set = {f.replace("-", "_"): v for f, v in bare.items()}
     pairs: List[Tuple[str, str]] = []
     i = 0
     while i < len(args):
@@ -155,7 +156,7 @@ def parse_options(args: List[str], flags: Iterable[str] = ()) -> List[Tuple[str,
         if "=" in a:
             k, v = a[2:].split("=", 1)
         elif a[2:].replace("-", "_") in flag_set and (i + 1 == len(args) or args[i + 1].startswith("--")):
-            k, v = a[2:], "true"
+            k, v = a[2:], flag_set[a[2:].replace("-", "_")]
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             k, v = a[2:], args[i + 1]
             i += 1

@@ -95,25 +95,39 @@ def test_grad_accumulation_matches_the_whole_batch(tmp_path):
     assert _losses(tmp_path / "accum") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-5)
 
 
-def test_non_finite_micro_batch_is_left_out_and_counted(tmp_path, monkeypatch):
-    from beit_fast.train.engine import PlainEngine
+NAN_DRIVER = str(Path(__file__).with_name("nan_driver.py"))
 
-    calls = {"n": 0}
-    original = PlainEngine.forward
 
-    def forward(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:  # step 2's first micro-batch
-            out.loss = out.loss * float("nan")
-        return out
+def _nan_run(out, call, extra=(), nproc=0):
+    """A run with the loss of forward call `call` made NaN (tests/nan_driver.py); returns its metrics rows."""
+    args = [*RUN, "--max-steps", "3", "--grad-accum-steps", "2", "--out", str(out), *extra]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               NAN_DRIVER, str(call), *args]
+    else:
+        cmd = [sys.executable, NAN_DRIVER, str(call), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return _metrics(out)
 
-    monkeypatch.setattr(PlainEngine, "forward", forward)
-    summary = pretrain(_cfg(tmp_path / "nan", grad_accum_steps=2, max_steps=3))
-    rows = _metrics(tmp_path / "nan")
-    assert [int(r["step"]) for r in rows] == [1, 2, 3]  # step 2 still updates, from its finite micro-batch
-    assert [int(r["skipped_steps"]) for r in rows] == [0, 1, 1] and summary["skipped_steps"] == 1
-    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+
+def test_non_finite_loss_skips_the_whole_step(tmp_path):
+    # 2 micro-batches per step; forward call 3 is step 2's first micro-batch, call 4 its second (after the first
+    # one's backward has accumulated). Either way step 2 makes no update, so step 3 sees the same weights.
+    first = _nan_run(tmp_path / "first", 3)
+    second = _nan_run(tmp_path / "second", 4)
+    for rows in (first, second):
+        assert [int(r["step"]) for r in rows] == [1, 3]
+        assert [int(r["skipped_steps"]) for r in rows] == [0, 1]
+    assert second[1]["loss"] == first[1]["loss"]  # the accumulated half of step 2 was discarded
+
+
+def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, capsys):
+    rc = pt.main(["--out", str(tmp_path / "nan"), "--lr=1e30", "--warmup-steps=0", "--max-bad-steps=2",
+                  "--max-steps=5", "--batch-size=4", "--grad-accum-steps=2", "--num-images=16", "--num-workers=0",
+                  "--depth=1", "--embed-dim=32", "--num-heads=2", "--fused-kernels=false", "--clip-grad=0"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert rc == 1 and err and "2 non-finite losses in a row" in err[-1]
 
 
 def test_corrupt_images_are_counted(tmp_path):
@@ -153,11 +167,28 @@ def test_outputs_plot_tensorboard_and_export(tmp_path):
 
 
 # -- options ----------------------------------------------------------------------------------------------------------
+def test_checkpoints_of_another_run_are_never_mixed(tmp_path):
+    out = tmp_path / "run"
+    pretrain(_cfg(out, max_steps=4, save_every=2, keep_last=3))
+    # A fresh run into a directory with checkpoints is refused, unless asked to overwrite.
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        pretrain(_cfg(out, max_steps=2))
+    # Resuming from an older checkpoint replaces the later ones: pruning and `--resume auto` see this run only.
+    pretrain(_cfg(out, max_steps=3, save_every=0, keep_last=3, resume=str(out / "checkpoints" / "step_00000002.pt")))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step_00000002.pt", "step_00000003.pt"]
+    assert [int(r["step"]) for r in _metrics(out)] == [1, 2, 3]
+    pretrain(_cfg(out, max_steps=1, overwrite=True, keep_last=3))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001.pt"]
+
+
 def test_engine_options_parse_and_check(tmp_path):
     cfg = config_from_args(["--deepspeed", "--zero-stage", "3", "--compile", "--grad-accum-steps", "2",
                             "--local_rank=1"])
     assert cfg.deepspeed is True and cfg.zero_stage == 3 and cfg.compile is True and cfg.grad_accum_steps == 2
     assert config_from_args(["--deepspeed=false"]).deepspeed is False
+    assert config_from_args(["--resume"]).resume == "auto" and config_from_args(["--resume", "x.pt"]).resume == "x.pt"
+    assert config_from_args(["--resume", "--max-steps", "3"]).resume == "auto"
     for argv, msg in ((["--zero-stage", "4"], "zero_stage"), (["--batch-size", "10", "--grad-accum-steps", "4"],
                       "divisible"), (["--compile-mode", "fast"], "compile_mode"), (["--grad-accum-steps", "0"],
                       "grad_accum_steps")):
@@ -217,6 +248,16 @@ def test_zero_resume_is_exact_and_zero3_with_accumulation_matches(tmp_path):
     r = _cli("export", str(z3), "--out", str(tmp_path / "z3.pth"))
     assert r.returncode == 0, r.stderr
     assert "lm_head.weight" in torch.load(tmp_path / "z3.pth", weights_only=True)["model"]
+
+
+@needs_deepspeed
+def test_zero2_skips_a_non_finite_step_like_the_plain_engine(tmp_path):
+    # Step 2's second micro-batch is NaN after its first one was reduced into ZeRO-2's gradient partitions:
+    # those must be dropped on both ranks, as the plain engine drops its accumulated gradients.
+    plain = _nan_run(tmp_path / "plain", 4)
+    zero = _nan_run(tmp_path / "zero", 4, ["--deepspeed", "--zero-stage", "2"], nproc=2)
+    assert [int(r["step"]) for r in zero] == [1, 3] and [int(r["skipped_steps"]) for r in zero] == [0, 1]
+    assert float(zero[1]["loss"]) == pytest.approx(float(plain[1]["loss"]), rel=1e-5)
 
 
 @needs_deepspeed

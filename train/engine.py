@@ -5,9 +5,10 @@ The pretraining loop (`beit_fast.train.pretrain`) drives either engine the same 
     engine.set_lr(lr)
     for each micro-batch of the step:
         out = engine.forward(...)                    # bf16 autocast when asked
-        if engine.all_finite(out.loss):              # every rank agrees (one all-reduce)
-            engine.backward(out.loss)                # accumulates, scaled by 1 / grad_accum
-    if any micro-batch was finite: engine.step()     # clip, optimizer, zero grads -> grad norm
+        if not engine.all_finite(out.loss): break    # every rank agrees (one all-reduce)
+        engine.backward(out.loss)                    # accumulates, scaled by 1 / grad_accum
+    all finite: engine.step()                        # clip, optimizer, zero grads -> grad norm
+    else:       engine.discard()                     # drop what was accumulated: the step is skipped
 
 `PlainEngine` is one process: torch AdamW (fused on CUDA), `clip_grad_norm_`, plain gradient accumulation.
 
@@ -15,8 +16,8 @@ The pretraining loop (`beit_fast.train.pretrain`) drives either engine the same 
 calls it an "untested optimizer" - it is torch's own AdamW) and DeepSpeed's gradient clipping. bf16 uses DeepSpeed's
 `torch_autocast` mode: fp32 master weights, bf16 compute and bf16 gradient communication of the Linear weights, the
 same numerics as the plain engine's autocast. Gradient accumulation runs in DeepSpeed's unmanaged mode
-(`managed_gradient_accumulation=False`): `backward()` only accumulates and `step()` is the boundary, so a micro-batch
-with a non-finite loss can be left out on every rank without desynchronising DeepSpeed's counters.
+(`managed_gradient_accumulation=False`): `backward()` only accumulates and `step()` is the boundary, so a step can
+be abandoned part-way on every rank (`discard`) without desynchronising DeepSpeed's counters.
 
 Checkpoints: the plain engine writes one file `step_XXXXXXXX.pt`; DeepSpeed writes a directory `step_XXXXXXXX/`
 (its own sharded model/optimizer files, one RNG file per rank, `meta.pt` with the run state and `model.pt` with the
@@ -38,7 +39,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from beit_fast.checkpoint import atomic_save
+from beit_fast.checkpoint import _fsync_dir, atomic_save
 
 log = logging.getLogger("beit_fast.pretrain")
 
@@ -58,19 +59,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class PlainEngine:
@@ -105,6 +93,9 @@ class PlainEngine:
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone()
+
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
 
@@ -115,6 +106,10 @@ class PlainEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def discard(self) -> None:
+        """Drop the gradients accumulated so far in this step (a non-finite micro-batch skips the step)."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -187,7 +182,8 @@ class DeepSpeedEngine:
             "gradient_accumulation_steps": grad_accum,
             "train_batch_size": micro_batch * grad_accum * self.world_size,
             "managed_gradient_accumulation": False,
-            "gradient_clipping": clip_grad,
+            # A huge bound when clipping is off: DeepSpeed then still computes (and we log) the global norm.
+            "gradient_clipping": clip_grad if clip_grad > 0 else 1e30,
             "zero_optimization": zero,
             # torch's AdamW on the reference groups; DeepSpeed only knows its own optimizers by name.
             "zero_allow_untested_optimizer": True,
@@ -203,6 +199,20 @@ class DeepSpeedEngine:
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config)
         self.model = model
         self.compiled = ""
+        if zero_stage == 0:
+            self._record_stage0_norm()
+
+    def _record_stage0_norm(self) -> None:
+        """DeepSpeed's stage-0 step clips (after its all-reduce) without keeping the norm: keep it."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        self._z0_norm = float("nan")
+
+        def clip_and_record() -> None:
+            self._z0_norm = float(clip_grad_norm_(parameters=self.ds.module.parameters(),
+                                                  max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu))
+
+        self.ds.clip_fp32_gradients = clip_and_record
 
     def compile(self, mode: str = "default") -> None:
         self.ds.compile(compile_kwargs={"mode": mode})
@@ -233,13 +243,46 @@ class DeepSpeedEngine:
         dist.all_reduce(t)
         return t / self.world_size
 
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t
+
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
 
     def step(self) -> float:
+        if self.zero_stage == 0:
+            self._z0_norm = float("nan")
+            self.ds.step()
+            return self._z0_norm
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
+
+    def discard(self) -> None:
+        """Drop the gradients accumulated so far in this step, on every rank, the way DeepSpeed itself drops them
+        after an fp16 overflow (ZeRO-1/2 keep reduced partitions, ZeRO-3 partition buffers, between backwards)."""
+        opt = self.ds.optimizer
+        if self.zero_stage == 0:
+            self.ds.zero_grad()
+        elif self.zero_stage == 3:
+            opt._overflow_clean_up(opt.loss_scale)
+        else:
+            opt.zero_grad(set_to_none=True)
+            if hasattr(opt, "_release_preflattened_grad_buffers"):
+                opt._release_preflattened_grad_buffers()
+            if getattr(opt, "cpu_offload", False):
+                opt.reset_cpu_buffers()
+            for k in list(getattr(opt, "averaged_gradients", {})):
+                opt.averaged_gradients[k] = None
+                if hasattr(opt, "all_grad_tensors"):
+                    opt.all_grad_tensors[k] = None
+            opt.micro_step_id = -1  # the next backward starts a new accumulation (DeepSpeed's INITIAL_MICRO_STEP_ID)
+        if hasattr(self.ds, "_unmanaged_backward_count"):
+            self.ds._unmanaged_backward_count = 0
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -272,16 +315,22 @@ class DeepSpeedEngine:
             torch.save({"model": full}, tmp / "model.pt")
             torch.save({**meta, "engine": {"kind": self.kind, "world_size": self.world_size,
                                            "zero_stage": self.zero_stage}}, tmp / "meta.pt")
+        # Every rank flushes (on several nodes, rank 0 cannot flush another node's writes); fsync of a file
+        # another rank wrote is harmless.
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         self.barrier()
         if self.is_main:
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
+            _fsync_dir(tmp)
+            old = ckpt_dir / f".old-{tag}"
+            if final.exists():  # the same step saved again (a finished run resumed and extended): swap, then drop
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(ckpt_dir)
+            shutil.rmtree(old, ignore_errors=True)
         self.barrier()
         return final
 

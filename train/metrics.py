@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -30,10 +31,12 @@ class MetricsWriter:
                     if r and r[0].isdigit() and int(r[0]) <= start_step:
                         by_name = dict(zip(header, r))
                         rows.append([by_name.get(c, "") for c in self.columns])
-        with open(self.path, "w", newline="") as f:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:  # then renamed: a crash here keeps the old file whole
             w = csv.writer(f)
             w.writerow(self.columns)
             w.writerows(rows)
+        os.replace(tmp, self.path)
         self.file = open(self.path, "a", newline="")
         self.writer = csv.writer(self.file)
         self.tb = None

@@ -14,7 +14,7 @@ position, RNG states; the data stream is addressed by step, see `beit_fast.data.
 
 The model runs the Triton MIM kernels where they can run (`fused_kernels="auto"`: on a GPU), told the exact
 mask count so the forward needs no host synchronisation; the loop syncs once per micro-batch, to read whether
-the loss is finite (a non-finite micro-batch is left out of its step on every rank, and counted).
+the loss is finite (a non-finite loss skips the whole step on every rank, and is counted).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ __all__ = [
 # Keys a resumed run may change; every other key must match the checkpoint's (the model config too).
 RESUME_MAY_DIFFER = frozenset(
     {"max_steps", "out", "resume", "log_every", "save_every", "keep_last", "num_workers", "device", "max_bad_steps",
-     "compile", "compile_mode", "tensorboard", "plot", "grad_accum_steps", "apex"}
+     "compile", "compile_mode", "tensorboard", "plot", "grad_accum_steps", "apex", "overwrite"}
 )
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 MAX_SEED = 2**32  # numpy's legacy seed range; every RNG the run seeds accepts [0, 2**32)
@@ -170,6 +170,7 @@ class PretrainConfig:
     # the default)
     tensorboard: bool = True  # TensorBoard scalars in out/tensorboard (when the tensorboard package imports)
     plot: bool = True  # out/metrics.png at the end (when matplotlib imports)
+    overwrite: bool = False  # start afresh in an `out` that holds checkpoints of another run (they are deleted)
 
     def validate(self) -> None:
         """Raise ValueError (one line, naming the key) for a wrong type or an invalid value."""
@@ -388,7 +389,10 @@ def _device(cfg: PretrainConfig, local_rank: int = 0) -> torch.device:
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device!r} but CUDA is not available here")
-    if dev.type == "cuda" and cfg.deepspeed and dev.index is None:
+    if dev.type == "cuda" and cfg.deepspeed:
+        if dev.index is not None:
+            raise ValueError(f"device={cfg.device!r}: under deepspeed each process takes the GPU of its LOCAL_RANK; "
+                             "use device=cuda (pick GPUs with CUDA_VISIBLE_DEVICES or the launcher)")
         dev = torch.device("cuda", local_rank)
     return dev
 
@@ -448,8 +452,8 @@ def deepspeed_reasons_for(cfg: PretrainConfig) -> Optional[str]:
     return deepspeed_reasons()
 
 
-def _use_apex(model: torch.nn.Module, cfg: PretrainConfig, groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
-    """apex FusedLayerNorm in place of every nn.LayerNorm (same parameters) and apex FusedAdam (AdamW mode)."""
+def _apex_classes():
+    """(FusedLayerNorm, FusedAdam) from apex, or ValueError with why not."""
     try:
         from apex.normalization import FusedLayerNorm
         from apex.optimizers import FusedAdam
@@ -458,6 +462,12 @@ def _use_apex(model: torch.nn.Module, cfg: PretrainConfig, groups: List[Dict[str
             f"apex=true but apex does not import ({type(exc).__name__}); apex is not on the package index (build it "
             "from github.com/NVIDIA/apex), and torch's fused AdamW, the default, needs nothing"
         ) from None
+    return FusedLayerNorm, FusedAdam
+
+
+def _use_apex(model: torch.nn.Module, cfg: PretrainConfig, groups: List[Dict[str, Any]]) -> torch.optim.Optimizer:
+    """apex FusedLayerNorm in place of every nn.LayerNorm (same parameters) and apex FusedAdam (AdamW mode)."""
+    FusedLayerNorm, FusedAdam = _apex_classes()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.LayerNorm:
@@ -542,12 +552,32 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                         "from the original run's (and from a straight run to %d)", old_max, cfg.max_steps,
                         ckpt["step"], cfg.max_steps)
 
+    existing = _checkpoints(out)
+    if resume_path is None and existing and not cfg.overwrite:
+        raise ValueError(f"{out} already holds checkpoints of a run (newest {existing[-1].name}): continue it with "
+                         "--resume auto, or start afresh there with --overwrite (deletes them)")
+    # Checkpoints past the one resumed from belong to a run this one replaces: keeping them would make the
+    # next `--resume auto` continue that other run (and pruning by age could delete this run's newest).
+    start_at = ckpt["step"] if ckpt is not None else 0
+    stale = [p for p in existing if int(re.search(r"\d{8}", p.name).group()) > start_at]
+    if cfg.apex:
+        _apex_classes()  # fails with its one-line reason before anything starts
     tokenizer = build_tokenizer(cfg, mcfg, device)  # a bad tokenizer file fails before anything is written
+    if is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(f"out={str(out)!r} is not a writable directory ({type(exc).__name__}: {exc})") from None
+        for p in stale:
+            log.warning("removing %s: it is past the checkpoint this run starts from", p)
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     if cfg.deepspeed:
         _start_distributed(cfg)
     tok_size = tokenizer.image_size
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"pretrain": cfg.to_dict(), "model": mcfg.to_dict()}, indent=2))
 
     torch.manual_seed(cfg.seed)
@@ -572,16 +602,21 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     log.info("engine: %s", engine.describe())
 
     start_step = 0
-    stats: Dict[str, Any] = {"skipped_steps": 0, "skipped_images": 0,
+    # Run statistics, saved in every checkpoint: counts, the recent accuracies, the global token histogram
+    # (for the majority-token baseline; on resume rank 0 carries it, the other ranks start from zero).
+    stats: Dict[str, Any] = {"skipped_steps": 0, "skipped_images": 0, "bad_in_row": 0, "recent_acc": [],
                              "token_hist": torch.zeros(mcfg.vocab_size, dtype=torch.long)}
     if ckpt is not None:
         engine.load(resume_path, ckpt)
         start_step, stats = ckpt["step"], {**stats, **ckpt["stats"]}
+        if not is_main:
+            stats["token_hist"] = torch.zeros(mcfg.vocab_size, dtype=torch.long)
         del ckpt
         log.info("resumed from %s at step %d", resume_path, start_step)
         if start_step >= cfg.max_steps:
             log.warning("the checkpoint is at step %d, max_steps=%d: nothing to train (raise --max-steps to go on)",
                         start_step, cfg.max_steps)
+    token_hist = stats["token_hist"].to(device)  # counted on the device: no host sync per batch
 
     dataset = _data(cfg, mcfg, tok_size, base)
     sampler = MicroBatchSampler(StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step),
@@ -602,16 +637,21 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     metrics = MetricsWriter(out, columns, start_step, cfg.tensorboard) if is_main else None
     fpi, peak = flops_per_image(mcfg), peak_flops(device)
     progress = Progress(cfg.max_steps, start_step, enabled=is_main)
-    recent_acc: deque = deque(maxlen=20)
-    bad_in_row = 0
+    recent_acc: deque = deque(stats["recent_acc"], maxlen=20)
     last_ckpt: Optional[Path] = resume_path
     K = mcfg.num_masking_patches
     model.train()
     t_last = time.perf_counter()
     step = start_step
 
-    def meta() -> Dict[str, Any]:
-        return {"step": step, "config": cfg.to_dict(), "model_config": mcfg.to_dict(), "stats": stats}
+    def save() -> Path:
+        stats["recent_acc"] = list(recent_acc)
+        stats["token_hist"] = engine.reduce_sum(token_hist).cpu()  # the global histogram (a collective)
+        path = engine.save(_ckpt_dir(out), step, {"step": step, "config": cfg.to_dict(),
+                                                  "model_config": mcfg.to_dict(), "stats": stats})
+        if is_main:
+            _prune_checkpoints(out, cfg.keep_last)
+        return path
 
     data_iter = iter(loader)
     try:
@@ -621,42 +661,45 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
             losses: List[torch.Tensor] = []
             accs: List[torch.Tensor] = []
             skipped_images = torch.zeros((), dtype=torch.float32)
+            step_ok = True
             for _ in range(cfg.grad_accum_steps):
                 patches, tok_view, mask, _, skipped = next(data_iter)
                 skipped_images += skipped.sum()
+                if not step_ok:
+                    continue  # the rest of a skipped step: its data is consumed (steps stay addressable), not run
                 patches = patches.to(device, non_blocking=True)
                 tok_view = tok_view.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True)
                 with torch.no_grad():
                     tokens = tokenizer.tokenize(tok_view)
-                stats["token_hist"] += torch.bincount(tokens[mask].cpu(), minlength=mcfg.vocab_size)
+                    token_hist.scatter_add_(0, tokens.reshape(-1).long(), mask.reshape(-1).long())
                 # Every mask has exactly K patches: the fused path needs no host sync.
                 out_ = engine.forward(patches, mask, tokens, num_masked_per_image=K)
-                finite = engine.all_finite(out_.loss)  # the micro-batch's one sync; deferred checks ride on it
+                step_ok = engine.all_finite(out_.loss)  # the micro-batch's one sync; deferred checks ride on it
                 check_deferred()
-                if not finite:
-                    bad_in_row += 1
-                    stats["skipped_steps"] += 1
-                    log.warning("step %d: non-finite loss, micro-batch left out (%d in a row)", step, bad_in_row)
-                    if bad_in_row >= cfg.max_bad_steps:
-                        raise TrainingStopped(
-                            f"{bad_in_row} non-finite losses in a row (max_bad_steps={cfg.max_bad_steps}); stopping. "
-                            "Lower the lr, raise warmup, or resume from an earlier checkpoint."
-                        )
-                    continue
-                bad_in_row = 0
-                engine.backward(out_.loss)
-                losses.append(out_.loss.detach().float())
-                accs.append(out_.accuracy.detach().float())
+                if step_ok:
+                    engine.backward(out_.loss)
+                    losses.append(out_.loss.detach().float())
+                    accs.append(out_.accuracy.detach().float())
             step_stats = engine.reduce_mean(torch.stack([
                 torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=device),
                 torch.stack(accs).mean() if accs else torch.tensor(float("nan"), device=device),
                 skipped_images.to(device),
             ]))
             stats["skipped_images"] += int(round(float(step_stats[2]) * world))
-            if not losses:  # every micro-batch left out: no update this step
+            if not step_ok:  # a non-finite loss on some rank: every rank drops the step's gradients
+                engine.discard()
+                stats["bad_in_row"] += 1
+                stats["skipped_steps"] += 1
+                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step + 1, stats["bad_in_row"])
+                if stats["bad_in_row"] >= cfg.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{stats['bad_in_row']} non-finite losses in a row (max_bad_steps={cfg.max_bad_steps}); "
+                        "stopping. Lower the lr, raise warmup, or resume from an earlier checkpoint."
+                    )
                 step += 1
                 continue
+            stats["bad_in_row"] = 0
             grad_norm = engine.step()
             step += 1
 
@@ -685,19 +728,15 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                 postfix["mem"] = f"{mem:.1f}G"
             progress.update(line, postfix, log_now)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                last_ckpt = engine.save(_ckpt_dir(out), step, meta())
-                if is_main:
-                    _prune_checkpoints(out, cfg.keep_last)
+                last_ckpt = save()
         if step > start_step or last_ckpt is None:  # a finished run resumed: its checkpoint stays as it is
-            last_ckpt = engine.save(_ckpt_dir(out), step, meta())
-            if is_main:
-                _prune_checkpoints(out, cfg.keep_last)
+            last_ckpt = save()
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
 
-    hist = engine.reduce_mean(stats["token_hist"].to(device).double()).cpu()  # the same proportions as the sum
+    hist = engine.reduce_sum(token_hist).double().cpu()
     majority = float(hist.max() / hist.sum()) if hist.sum() > 0 else None
     plot = None
     if is_main and cfg.plot:
@@ -783,7 +822,8 @@ def config_from_args(args: List[str]) -> PretrainConfig:
     """`--config FILE.yaml` then `--key=value` / `--key value` overrides; BeitConfig keys go to `model`
     (plain, or as `--model.key=value`). Unknown keys and values of the wrong type raise ValueError."""
     values: Dict[str, Any] = {}
-    flags = [f.name for f in fields(PretrainConfig) if f.type in (bool, "bool")]
+    flags = {f.name: "true" for f in fields(PretrainConfig) if f.type in (bool, "bool")}
+    flags["resume"] = "auto"  # a bare --resume means --resume auto
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment (LOCAL_RANK) instead.
     pairs = [(k, v) for k, v in parse_options(args, flags=flags) if k != "local_rank"]
     own_types, model_types = _field_types(PretrainConfig), _field_types(BeitConfig)
