@@ -34,3 +34,24 @@ def spec_index(h: int = 14, w: int = 14) -> torch.Tensor:
     idx[:, 0] = rows - 2
     idx[0, 0] = rows - 1
     return idx
+
+
+def pretrain_config(out, default_model: dict, **kw):
+    """A small `PretrainConfig` for loop tests: the tiny preset with model overrides (`model=` in kw, else
+    `default_model`), in-process data, fp32."""
+    from beit_fast.train.pretrain import PretrainConfig
+
+    base = dict(preset="tiny", out=str(out), max_steps=6, batch_size=8, num_images=64,
+                num_workers=0, warmup_steps=2, save_every=3, log_every=1, seed=3, lr=1e-3)
+    base.update(kw)
+    base["model"] = dict(kw.get("model", default_model))
+    return PretrainConfig(**base)
+
+
+def metrics_rows(out) -> list:
+    """The rows of a run's metrics.csv as dicts."""
+    import csv
+    from pathlib import Path
+
+    with open(Path(out) / "metrics.csv") as f:
+        return list(csv.DictReader(f))

@@ -2,7 +2,6 @@
 exact resume under DeepSpeed, synthetic data, skipped images and non-finite losses, outputs (TensorBoard, plot),
 export to the unilm layout, and bad input on the command line."""
 
-import csv
 import os
 import subprocess
 import sys
@@ -15,7 +14,9 @@ import beit_fast.train.pretrain as pt
 from beit_fast.data import MicroBatchSampler, StepBatchSampler, SyntheticMIMDataset
 from beit_fast.masking import BlockwiseMaskGenerator
 from beit_fast.train.engine import deepspeed_reasons
-from beit_fast.train.pretrain import PretrainConfig, config_from_args, pretrain
+from beit_fast.train.pretrain import config_from_args, pretrain
+
+from helpers import metrics_rows, pretrain_config
 
 SMALL = dict(depth=2, embed_dim=32, num_heads=2, drop_path_rate=0.0, fused_kernels=False)
 # The acceptance interface: the tiny preset, built-in data; small batches keep 2 CPU processes quick.
@@ -24,15 +25,10 @@ RUN = ["--preset", "tiny", "--data", "builtin", "--seed", "3", "--batch-size", "
 
 
 def _cfg(out, **kw):
-    base = dict(preset="tiny", model=dict(SMALL), out=str(out), max_steps=4, batch_size=8, num_images=64,
-                num_workers=0, warmup_steps=2, save_every=0, log_every=1, seed=3, lr=1e-3)
-    base.update(kw)
-    return PretrainConfig(**base)
+    return pretrain_config(out, SMALL, **{"max_steps": 4, "save_every": 0, **kw})
 
 
-def _metrics(out):
-    with open(Path(out) / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+_metrics = metrics_rows
 
 
 def _losses(out):

@@ -1,6 +1,5 @@
 """The single-process pretraining loop: exact resume, config checks, CLI errors, outputs."""
 
-import csv
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import torch
 import beit_fast.train.pretrain as pt
 from beit_fast.train.engine import PlainEngine
 from beit_fast.train.pretrain import PretrainConfig, config_from_args, lr_at, pretrain
+from helpers import metrics_rows, pretrain_config
 
 # The loop's own behaviour is tested on the reference path: the kernels have their own tests, and
 # through the Triton CPU interpreter (TRITON_INTERPRET=1, set by conftest) every step would be ~50x slower.
@@ -20,15 +20,11 @@ SMALL = dict(depth=2, embed_dim=32, num_heads=2, drop_path_rate=0.1, fused_kerne
 
 
 def _cfg(out, **kw):
-    base = dict(preset="tiny", model=dict(SMALL), out=str(out), max_steps=6, batch_size=8, num_images=64,
-                num_workers=0, warmup_steps=2, save_every=3, log_every=1, seed=3, lr=1e-3)
-    base.update(kw)
-    return PretrainConfig(**base)
+    return pretrain_config(out, SMALL, **kw)
 
 
 def _losses(out):
-    with open(Path(out) / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = metrics_rows(out)
     return [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
 
 
