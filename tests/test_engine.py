@@ -110,12 +110,15 @@ def _nan_run(out, call, extra=(), nproc=0):
 def test_non_finite_loss_skips_the_whole_step(tmp_path):
     # 2 micro-batches per step; forward call 3 is step 2's first micro-batch, call 4 its second (after the first
     # one's backward has accumulated). Either way step 2 makes no update, so step 3 sees the same weights.
-    first = _nan_run(tmp_path / "first", 3)
+    first = _nan_run(tmp_path / "first", 3, ["--save-every", "2"])
     second = _nan_run(tmp_path / "second", 4)
     for rows in (first, second):
         assert [int(r["step"]) for r in rows] == [1, 3]
         assert [int(r["skipped_steps"]) for r in rows] == [0, 1]
     assert second[1]["loss"] == first[1]["loss"]  # the accumulated half of step 2 was discarded
+    # A checkpoint due at a skipped step is still written.
+    assert sorted(p.name for p in (tmp_path / "first" / "checkpoints").glob("step_*")) == \
+        ["step_00000002.pt", "step_00000003.pt"]
 
 
 def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, capsys):
@@ -174,8 +177,18 @@ def test_checkpoints_of_another_run_are_never_mixed(tmp_path):
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step_00000002.pt", "step_00000003.pt"]
     assert [int(r["step"]) for r in _metrics(out)] == [1, 2, 3]
+    # Another directory's checkpoint resumed into this one: refused too (it would mix two runs).
+    other = tmp_path / "other"
+    pretrain(_cfg(other, max_steps=2, save_every=0))
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        pretrain(_cfg(out, max_steps=3, resume=str(other / "checkpoints" / "step_00000002.pt")))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000003.pt"]
+    # --overwrite: a fresh run; the earlier run's checkpoints and TensorBoard events go.
+    assert (out / "tensorboard").is_dir()
+    old_events = set((out / "tensorboard").iterdir())
     pretrain(_cfg(out, max_steps=1, overwrite=True, keep_last=3))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001.pt"]
+    assert not old_events & set((out / "tensorboard").iterdir())
 
 
 def test_engine_options_parse_and_check(tmp_path):

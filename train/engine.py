@@ -315,10 +315,12 @@ class DeepSpeedEngine:
             torch.save({"model": full}, tmp / "model.pt")
             torch.save({**meta, "engine": {"kind": self.kind, "world_size": self.world_size,
                                            "zero_stage": self.zero_stage}}, tmp / "meta.pt")
-        # Every rank flushes (on several nodes, rank 0 cannot flush another node's writes); fsync of a file
-        # another rank wrote is harmless.
+        # Every rank flushes what it wrote (on several nodes rank 0 cannot flush another node's writes): its ZeRO
+        # shard and RNG file; rank 0 also the shared files (model states, model.pt, meta.pt).
         for f in tmp.iterdir():
-            if f.is_file():
+            shard = "zero_pp_rank_" in f.name or "rng_rank" in f.name
+            mine = f"zero_pp_rank_{self.rank}_" in f.name or f.name == f"rng_rank{self.rank:05d}.pt"
+            if f.is_file() and (mine or (self.is_main and not shard)):
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         self.barrier()

@@ -334,7 +334,11 @@ def checkpoint_model_state(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[st
         model_file = path / "model.pt"
         if not model_file.is_file():
             raise ValueError(f"{path} has no consolidated model.pt")
-        return torch.load(model_file, map_location="cpu", weights_only=False)["model"], ckpt["model_config"]
+        try:
+            sd = torch.load(model_file, map_location="cpu", weights_only=False)["model"]
+        except Exception as exc:  # a truncated or foreign file: torch.load and the lookup raise many types
+            raise ValueError(f"cannot read {model_file}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        return sd, ckpt["model_config"]
     return ckpt["model"], ckpt["model_config"]
 
 
@@ -343,7 +347,10 @@ def export_checkpoint(path: Union[str, Path], out: Union[str, Path], layout: str
     timm's fine-tuning scripts load), atomically."""
     sd, mc = checkpoint_model_state(Path(path))
     model = BeitForMaskedImageModeling(BeitConfig.from_dict(mc))
-    model.load_state_dict(sd)
+    result = model.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: the weights do not fit its model config (missing {result.missing_keys[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]})")
     return atomic_save({"model": model.export_state_dict(layout)}, Path(out))
 
 
@@ -553,12 +560,15 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                         ckpt["step"], cfg.max_steps)
 
     existing = _checkpoints(out)
-    if resume_path is None and existing and not cfg.overwrite:
+    foreign = resume_path is not None and resume_path.resolve().parent != _ckpt_dir(out).resolve()
+    if existing and (resume_path is None or foreign) and not cfg.overwrite:
+        what = "start afresh" if resume_path is None else f"resume {resume_path} there"
         raise ValueError(f"{out} already holds checkpoints of a run (newest {existing[-1].name}): continue it with "
-                         "--resume auto, or start afresh there with --overwrite (deletes them)")
+                         f"--resume auto, or {what} with --overwrite (deletes them)")
     # Checkpoints past the one resumed from belong to a run this one replaces: keeping them would make the
-    # next `--resume auto` continue that other run (and pruning by age could delete this run's newest).
-    start_at = ckpt["step"] if ckpt is not None else 0
+    # next `--resume auto` continue that other run (and pruning by age could delete this run's newest). They are
+    # deleted only once the run has started (the engine built, the checkpoint loaded).
+    start_at = ckpt["step"] if ckpt is not None and not foreign else 0
     stale = [p for p in existing if int(re.search(r"\d{8}", p.name).group()) > start_at]
     if cfg.apex:
         _apex_classes()  # fails with its one-line reason before anything starts
@@ -571,9 +581,6 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
             probe.unlink()
         except OSError as exc:
             raise ValueError(f"out={str(out)!r} is not a writable directory ({type(exc).__name__}: {exc})") from None
-        for p in stale:
-            log.warning("removing %s: it is past the checkpoint this run starts from", p)
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
     if cfg.deepspeed:
         _start_distributed(cfg)
     tok_size = tokenizer.image_size
@@ -617,6 +624,19 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
             log.warning("the checkpoint is at step %d, max_steps=%d: nothing to train (raise --max-steps to go on)",
                         start_step, cfg.max_steps)
     token_hist = stats["token_hist"].to(device)  # counted on the device: no host sync per batch
+    if is_main:
+        why = "--overwrite" if start_at == 0 else f"it is past step {start_at}, where this run starts"
+        for p in stale:
+            log.warning("removing %s (%s)", p, why)
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        if start_step == 0:  # a fresh run: the outputs of an earlier run in this directory go too
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
+            for name in ("summary.json", "metrics.png"):
+                (out / name).unlink(missing_ok=True)
+    engine.barrier()
 
     dataset = _data(cfg, mcfg, tok_size, base)
     sampler = MicroBatchSampler(StepBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_step=start_step),
@@ -644,9 +664,39 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     t_last = time.perf_counter()
     step = start_step
 
+    def _report(step: int, lr: float, grad_norm: float, step_stats: torch.Tensor, t_last: float) -> float:
+        """One metrics row, the progress bar / log line; returns the time it was taken at."""
+        loss_v, acc_v = float(step_stats[0]), float(step_stats[1])
+        recent_acc.append(acc_v)
+        now = time.perf_counter()
+        dt = now - t_last
+        ips = cfg.batch_size / dt
+        mfu = fpi * ips / (peak * world) if peak else None
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+        if metrics is not None:
+            metrics.write({"step": step, "loss": loss_v, "mlm_acc": acc_v, "lr": lr, "grad_norm": grad_norm,
+                           "ms_per_step": dt * 1e3, "img_per_s": ips, "mfu": mfu, "mem_gb": mem,
+                           "skipped_steps": stats["skipped_steps"], "skipped_images": stats["skipped_images"]})
+            if log_now:
+                metrics.flush()
+        mfu_s = f" | MFU {mfu:.1%}" if mfu is not None else ""
+        mem_s = f" | mem {mem:.2f} GB" if mem is not None else ""
+        line = (f"step {step}/{cfg.max_steps} | loss {loss_v:.4f} | mlm_acc {acc_v:.4f} | lr {lr:.3g} | "
+                f"{dt * 1e3:.0f} ms | {ips:.0f} img/s{mfu_s}{mem_s}")
+        postfix = {"loss": f"{loss_v:.3f}", "acc": f"{acc_v:.3f}", "lr": f"{lr:.2g}", "img/s": f"{ips:.0f}"}
+        if mfu is not None:
+            postfix["MFU"] = f"{mfu:.1%}"
+        if mem is not None:
+            postfix["mem"] = f"{mem:.1f}G"
+        progress.update(line, postfix, log_now)
+        return now
+
     def save() -> Path:
         stats["recent_acc"] = list(recent_acc)
         stats["token_hist"] = engine.reduce_sum(token_hist).cpu()  # the global histogram (a collective)
+        if metrics is not None:
+            metrics.flush()  # every row up to the checkpoint is on disk before it
         path = engine.save(_ckpt_dir(out), step, {"step": step, "config": cfg.to_dict(),
                                                   "model_config": mcfg.to_dict(), "stats": stats})
         if is_main:
@@ -698,35 +748,12 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                         "stopping. Lower the lr, raise warmup, or resume from an earlier checkpoint."
                     )
                 step += 1
-                continue
-            stats["bad_in_row"] = 0
-            grad_norm = engine.step()
-            step += 1
-
-            loss_v, acc_v = float(step_stats[0]), float(step_stats[1])
-            recent_acc.append(acc_v)
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            ips = cfg.batch_size / dt
-            mfu = fpi * ips / (peak * world) if peak else None
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            log_now = step % cfg.log_every == 0 or step == cfg.max_steps
-            if metrics is not None:
-                metrics.write({"step": step, "loss": loss_v, "mlm_acc": acc_v, "lr": lr, "grad_norm": grad_norm,
-                               "ms_per_step": dt * 1e3, "img_per_s": ips, "mfu": mfu, "mem_gb": mem,
-                               "skipped_steps": stats["skipped_steps"], "skipped_images": stats["skipped_images"]})
-                if log_now:
-                    metrics.flush()
-            mfu_s = f" | MFU {mfu:.1%}" if mfu is not None else ""
-            mem_s = f" | mem {mem:.2f} GB" if mem is not None else ""
-            line = (f"step {step}/{cfg.max_steps} | loss {loss_v:.4f} | mlm_acc {acc_v:.4f} | lr {lr:.3g} | "
-                    f"{dt * 1e3:.0f} ms | {ips:.0f} img/s{mfu_s}{mem_s}")
-            postfix = {"loss": f"{loss_v:.3f}", "acc": f"{acc_v:.3f}", "lr": f"{lr:.2g}", "img/s": f"{ips:.0f}"}
-            if mfu is not None:
-                postfix["MFU"] = f"{mfu:.1%}"
-            if mem is not None:
-                postfix["mem"] = f"{mem:.1f}G"
-            progress.update(line, postfix, log_now)
+                t_last = time.perf_counter()  # the next row's time is its own step's
+            else:
+                stats["bad_in_row"] = 0
+                grad_norm = engine.step()
+                step += 1
+                t_last = _report(step, lr, grad_norm, step_stats, t_last)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 last_ckpt = save()
         if step > start_step or last_ckpt is None:  # a finished run resumed: its checkpoint stays as it is
