@@ -44,13 +44,16 @@ bench-smoke: install
 
 # Wheels for an offline GPU machine (Python 3.12; bench/gpu_suite.sh installs whatever lies in .whl/): the fused
 # linear+CE peers, the dall_e package (the tokenizer peer), and DeepSpeed (built here from its sdist, pure Python)
-# with the dependencies the GPU image lacks.
+# with the dependencies the GPU image lacks (hjson, pydantic and its own; the image has msgpack, ninja, einops,
+# py-cpuinfo, psutil).
 gpu-wheels: install
 	mkdir -p .whl
 	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-		liger-kernel==0.8.5 cut-cross-entropy==25.1.1 dall-e==0.1 hjson einops py-cpuinfo
+		liger-kernel==0.8.5 cut-cross-entropy==25.1.1 dall-e==0.1 hjson pydantic annotated-types typing-inspection
 	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl msgpack ninja
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+		"pydantic-core==$$($(PY) -m pip download --no-deps -q -d /tmp/pyd pydantic >/dev/null && \
+		unzip -p /tmp/pyd/pydantic-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p')"
 	$(PY) -m pip wheel --no-deps --no-build-isolation -w .whl $(DEEPSPEED_SPEC)
 
 info: install
