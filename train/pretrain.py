@@ -912,12 +912,31 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(lines)
 
 
+def _field_comments() -> Dict[str, str]:
+    """The comment beside each PretrainConfig field (and its continuation lines), for --help."""
+    import inspect
+
+    comments: Dict[str, str] = {}
+    last = None
+    for line in inspect.getsource(PretrainConfig).splitlines():
+        m = re.match(r"\s{4}(\w+): [^#]*?#\s*(.*)$", line)
+        if m:
+            last = m.group(1)
+            comments[last] = m.group(2)
+        elif last and re.match(r"\s{4}#\s*", line):
+            comments[last] += " " + line.strip().lstrip("#").strip()
+        elif not line.strip().startswith("#"):
+            last = None
+    return comments
+
+
 def print_help() -> None:
     print(__doc__)
-    print("options (--key=value or --key value):")
+    print("options (--key=value or --key value; true/false keys also stand alone, a bare --resume means auto):")
+    comments = _field_comments()
     for f in fields(PretrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else "{}"
-        print(f"  --{f.name.replace('_', '-')}  (default {default})")
+        print(f"  --{f.name.replace('_', '-')}  (default {default!r})  {comments.get(f.name, '')}".rstrip())
     print("  --config FILE.yaml; any BeitConfig key (e.g. --depth=2 or --model.depth=2)")
 
 
