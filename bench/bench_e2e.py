@@ -66,7 +66,7 @@ def _ours(compile_mode: str = ""):
 def _engine_step(engine):
     def step(pixels, mask, tokens):
         out = engine.forward(pixels, mask, tokens, num_masked_per_image=K)
-        if engine.all_finite(out.loss):
+        if engine.all_finite(out.loss)[0]:
             engine.backward(out.loss)
             engine.step()
         return out.loss.detach()

@@ -5,7 +5,7 @@ The pretraining loop (`beit_fast.train.pretrain`) drives either engine the same 
     engine.set_lr(lr)
     for each micro-batch of the step:
         out = engine.forward(...)                    # bf16 autocast when asked
-        if not engine.all_finite(out.loss): break    # every rank agrees (one all-reduce)
+        if not engine.all_finite(out.loss)[0]: break # every rank agrees (one all-reduce)
         engine.backward(out.loss)                    # accumulates, scaled by 1 / grad_accum
     all finite: engine.step()                        # clip, optimizer, zero grads -> grad norm
     else:       engine.discard()                     # drop what was accumulated: the step is skipped
@@ -34,7 +34,7 @@ import random
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -87,8 +87,9 @@ class PlainEngine:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self._forward(*args, **kwargs)
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        return bool(torch.isfinite(loss))  # the step's one host sync
+    def all_finite(self, loss: torch.Tensor, ok: bool = True) -> Tuple[bool, bool]:
+        """(is the loss finite, is `ok`) - on every process; here there is one."""
+        return bool(torch.isfinite(loss)), ok  # the micro-batch's one host sync
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -229,12 +230,16 @@ class DeepSpeedEngine:
         out = self.ds(*args, **kwargs)
         return out if self.zero_stage < 3 else _Zero3Outputs.unpack(out)
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
+    def all_finite(self, loss: torch.Tensor, ok: bool = True) -> Tuple[bool, bool]:
+        """(is the loss finite on every rank, is `ok` true on every rank): one all-reduce, so every rank takes the
+        same path - a NaN on one rank skips the step everywhere, a failed input check on one stops them all."""
         import torch.distributed as dist
 
-        flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # one rank's NaN leaves the micro-batch out on every rank
-        return bool(flag.item())
+        flags = torch.stack([torch.isfinite(loss.detach()).to(torch.float32).reshape(()),
+                             torch.tensor(float(ok), device=loss.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        finite, all_ok = flags.tolist()
+        return bool(finite), bool(all_ok)
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist

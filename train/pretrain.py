@@ -725,8 +725,18 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                     token_hist.scatter_add_(0, tokens.reshape(-1).long(), mask.reshape(-1).long())
                 # Every mask has exactly K patches: the fused path needs no host sync.
                 out_ = engine.forward(patches, mask, tokens, num_masked_per_image=K)
-                step_ok = engine.all_finite(out_.loss)  # the micro-batch's one sync; deferred checks ride on it
-                check_deferred()
+                try:  # the kernels' device-side input checks (on the CPU they raised already)
+                    check_deferred()
+                    input_error = None
+                except ValueError as exc:
+                    input_error = exc
+                # The micro-batch's one sync; every rank learns whether any rank's loss or inputs were bad.
+                step_ok, inputs_ok = engine.all_finite(out_.loss, ok=input_error is None)
+                if input_error is not None:
+                    raise input_error
+                if not inputs_ok:
+                    raise TrainingStopped(f"another process failed its input checks at step {step + 1} "
+                                          "(its error is in its log)")
                 if step_ok:
                     engine.backward(out_.loss)
                     losses.append(out_.loss.detach().float())
