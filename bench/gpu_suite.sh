@@ -12,6 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/latest}"
 SUITE="${SUITE:-all}"
+case "$SUITE" in kernels|e2e|all) ;; *) echo "gpu_suite: SUITE must be kernels, e2e or all (got $SUITE)"; exit 2 ;; esac
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 BENCH_OUT="$OUT"
 PY="${PYTHON:-python3}"
@@ -43,8 +44,6 @@ case "$SUITE" in
         e2e_rc=${PIPESTATUS[0]}
         bench_rc=$(( bench_rc != 0 || e2e_rc != 0 ))
         ;;
-    kernels) ;;
-    *) echo "gpu_suite: SUITE must be kernels, e2e or all (got $SUITE)"; exit 2 ;;
 esac
 echo "== summary ($(( $(date +%s) - start )) s; suite $SUITE; gpu tests rc=$tests_rc, benchmarks rc=$bench_rc)"
 [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
