@@ -777,7 +777,10 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     majority = float(hist.max() / hist.sum()) if hist.sum() > 0 else None
     plot = None
     if is_main and cfg.plot:
-        plot = plot_metrics(out / "metrics.csv", out / "metrics.png", chance=1.0 / mcfg.vocab_size)
+        try:
+            plot = plot_metrics(out / "metrics.csv", out / "metrics.png", chance=1.0 / mcfg.vocab_size)
+        except Exception as exc:  # a plot is a convenience: never fail a finished run over it
+            log.warning("no plot: %s: %s", type(exc).__name__, exc)
     summary = {
         "step": step,
         "steps_run": step - start_step,
