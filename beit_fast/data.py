@@ -259,6 +259,12 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
 
 
+def _draw_mask(mask_generator, seed: int) -> torch.Tensor:
+    """The (N,) bool mask of the sample with this seed."""
+    mask_generator.seed(seed)
+    return torch.from_numpy(mask_generator().reshape(-1).copy())
+
+
 class MIMDataset(torch.utils.data.Dataset):
     """(epoch, index) -> (patch view, tokenizer view, bool mask (N,), label); deterministic in (seed, epoch, index).
 
@@ -283,8 +289,7 @@ class MIMDataset(torch.utils.data.Dataset):
             torch.manual_seed(s)
             random.seed(s)
             patches, tok_view = self.transform(img)
-        self.mask_generator.seed(s)
-        mask = torch.from_numpy(self.mask_generator().reshape(-1).copy())
+        mask = _draw_mask(self.mask_generator, s)
         if self.return_skipped:
             return patches, tok_view, mask, label, getattr(self.base, "num_skipped", 0) - skipped_before
         return patches, tok_view, mask, label
@@ -312,8 +317,7 @@ class SyntheticMIMDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(s)
         patches = torch.randn(3, self.img_size, self.img_size, generator=g)
         tok_view = torch.rand(3, self.tokenizer_size, self.tokenizer_size, generator=g)
-        self.mask_generator.seed(s)
-        mask = torch.from_numpy(self.mask_generator().reshape(-1).copy())
+        mask = _draw_mask(self.mask_generator, s)
         return (patches, tok_view, mask, -1, 0) if self.return_skipped else (patches, tok_view, mask, -1)
 
 

@@ -55,3 +55,16 @@ def metrics_rows(out) -> list:
 
     with open(Path(out) / "metrics.csv") as f:
         return list(csv.DictReader(f))
+
+
+def run_cli(*args, env_extra=None, cwd=None, timeout: int = 300):
+    """`python -m beit_fast.cli ARGS` as a user's shell runs it: without TRITON_INTERPRET (the CPU takes the
+    reference path), plus `env_extra`. Returns the CompletedProcess (text output)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **(env_extra or {}))
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-m", "beit_fast.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)

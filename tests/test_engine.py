@@ -16,7 +16,7 @@ from beit_fast.masking import BlockwiseMaskGenerator
 from beit_fast.train.engine import deepspeed_reasons
 from beit_fast.train.pretrain import config_from_args, pretrain
 
-from helpers import metrics_rows, pretrain_config
+from helpers import metrics_rows, pretrain_config, run_cli
 
 SMALL = dict(depth=2, embed_dim=32, num_heads=2, drop_path_rate=0.0, fused_kernels=False)
 # The acceptance interface: the tiny preset, built-in data; small batches keep 2 CPU processes quick.
@@ -35,8 +35,11 @@ def _losses(out):
     return [float(r["loss"]) for r in _metrics(out)]
 
 
+ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
 def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, **ENV)
     env.pop("TRITON_INTERPRET", None)  # the runs use the torch reference path (fused_kernels false)
     return env
 
@@ -50,8 +53,7 @@ def _torchrun(nproc, args, timeout=600):
 
 
 def _cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "beit_fast.cli", *args], capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
+    return run_cli(*args, env_extra=ENV, timeout=timeout)
 
 
 needs_deepspeed = pytest.mark.skipif(deepspeed_reasons() is not None, reason=str(deepspeed_reasons()))

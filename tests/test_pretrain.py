@@ -1,9 +1,6 @@
 """The single-process pretraining loop: exact resume, config checks, CLI errors, outputs."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ import torch
 import beit_fast.train.pretrain as pt
 from beit_fast.train.engine import PlainEngine
 from beit_fast.train.pretrain import PretrainConfig, config_from_args, lr_at, pretrain
-from helpers import metrics_rows, pretrain_config
+from helpers import metrics_rows, pretrain_config, run_cli
 
 # The loop's own behaviour is tested on the reference path: the kernels have their own tests, and
 # through the Triton CPU interpreter (TRITON_INTERPRET=1, set by conftest) every step would be ~50x slower.
@@ -156,10 +153,7 @@ def test_config_from_args(tmp_path):
 
 
 def _cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env.pop("TRITON_INTERPRET", None)  # as a user's shell: the CPU runs the reference path
-    return subprocess.run([sys.executable, "-m", "beit_fast.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    return run_cli(*args, env_extra={"PYTHONWARNINGS": "ignore"}, cwd=cwd)
 
 
 def test_cli_errors_are_one_line(tmp_path):

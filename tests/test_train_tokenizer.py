@@ -1,9 +1,6 @@
 """dVAE tokenizer training (beit-fast train-tokenizer), the token cache, and pretraining on a trained tokenizer."""
 
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from beit_fast.train.tokenizer import (
     tau_at,
     train_tokenizer,
 )
+from helpers import run_cli
 
 TINY = dict(image_size=16, group_count=2, n_hid=16, n_init=16, n_blk_per_group=1, vocab_size=64, batch_size=8,
             num_images=64, log_every=10, usage_window=5)
@@ -88,10 +86,7 @@ def test_tau_schedule_and_config_errors():
 
 
 def _cli(*args):
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, "-m", "beit_fast.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return run_cli(*args)
 
 
 def test_token_cache_and_pretraining_on_the_tokenizer(trained, tmp_path):
