@@ -21,8 +21,9 @@ import pytest
 import torch
 from benchutil import AVAILABLE, DEVICE, SMOKE, median_ms
 
-from beit_fast import BeitConfig, BeitForMaskedImageModeling, BlockwiseMaskGenerator
+from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.train.engine import PlainEngine
+from beit_fast.train.pretrain import build_mask_generator
 
 pytestmark = pytest.mark.skipif(
     not AVAILABLE, reason="end-to-end benchmarks need a CUDA device (or BEIT_BENCH_SMOKE=1 for a CPU smoke run)"
@@ -44,8 +45,7 @@ BENCH = f"e2e {'tiny' if SMOKE else 'base'} B={B} {'bf16' if BF16 else 'fp32'}"
 def _inputs(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randn(B, 3, CFG.img_size, CFG.img_size, generator=g).to(DEVICE)
-    gen = BlockwiseMaskGenerator(CFG.grid_size, K, min_num_patches=min(16, max(1, K // 4)), seed=seed)
-    mask = gen.batch(B).to(DEVICE)
+    mask = build_mask_generator(CFG, "block", seed=seed).batch(B).to(DEVICE)
     tokens = torch.randint(0, CFG.vocab_size, (B, CFG.num_patches), generator=g).to(DEVICE)
     tok_view = torch.rand(B, 3, TOK_SIZE, TOK_SIZE, generator=g).to(DEVICE)
     return pixels, mask, tokens, tok_view

@@ -62,12 +62,11 @@ class TimmComposedMIM(nn.Module):
 
 
 def adamw(model: nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
-    """Fused AdamW (CUDA) on the reference groups: no decay on 1-D parameters and biases."""
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias"))]
+    """Fused AdamW (CUDA) on the reference groups (no decay on 1-D parameters and biases), as ours gets them."""
+    from beit_fast.train.pretrain import parameter_groups
+
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
-                             lr=lr, **fused)
+    return torch.optim.AdamW(parameter_groups(model, 0.05), lr=lr, **fused)
 
 
 def _train_step(loss_fn: Callable, model: nn.Module, bf16: bool, device: str) -> Callable:

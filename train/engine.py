@@ -65,7 +65,6 @@ class PlainEngine:
     """One process, no DeepSpeed."""
 
     kind = "plain"
-    rank, world_size, local_rank, is_main = 0, 1, 0, True
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  bf16: bool, clip_grad: float, grad_accum: int) -> None:
@@ -171,7 +170,6 @@ class DeepSpeedEngine:
 
         self.device, self.bf16, self.grad_accum, self.zero_stage = device, bf16, grad_accum, zero_stage
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.is_main = self.rank == 0
         zero: Dict[str, Any] = {"stage": zero_stage}
         if zero_stage == 2:

@@ -67,6 +67,7 @@ __all__ = [
     "build_optimizer",
     "parameter_groups",
     "lr_at",
+    "build_mask_generator",
     "find_latest_checkpoint",
     "read_checkpoint",
     "export_checkpoint",
@@ -439,9 +440,10 @@ def _resume_differences(ckpt: Dict[str, Any], cfg: PretrainConfig, mcfg: BeitCon
     return diffs
 
 
-def _start_distributed(cfg: PretrainConfig) -> None:
+def _start_distributed(device: torch.device) -> None:
     """DeepSpeed's process group (from the launcher's environment, or a one-process group when run plainly)."""
-    reason = deepspeed_reasons_for(cfg)
+    init_distributed_env(device.type)
+    reason = deepspeed_reasons()
     if reason:
         raise ValueError(f"deepspeed=true: {reason}")
     import deepspeed
@@ -449,14 +451,8 @@ def _start_distributed(cfg: PretrainConfig) -> None:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(verbose=False)
-    if torch.cuda.is_available() and cfg.device != "cpu":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def deepspeed_reasons_for(cfg: PretrainConfig) -> Optional[str]:
-    want_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    init_distributed_env("cpu" if want_cpu else "cuda")
-    return deepspeed_reasons()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def _apex_classes():
@@ -484,13 +480,17 @@ def _use_apex(model: torch.nn.Module, cfg: PretrainConfig, groups: List[Dict[str
     return FusedAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adam_w_mode=True)
 
 
+def build_mask_generator(mcfg: BeitConfig, masking: str = "block", seed: Optional[int] = None):
+    """The run's mask generator: blockwise (blocks of at least 16 patches, fewer for small grids) or random."""
+    if masking == "block":
+        min_block = min(16, max(1, mcfg.num_masking_patches // 4))
+        return BlockwiseMaskGenerator(mcfg.grid_size, mcfg.num_masking_patches, min_num_patches=min_block, seed=seed)
+    return RandomMaskGenerator(mcfg.grid_size, mcfg.num_masking_patches, seed=seed)
+
+
 def _data(cfg: PretrainConfig, mcfg: BeitConfig, tok_size: int, base: Optional[torch.utils.data.Dataset]):
     """The MIM dataset: masks are drawn in the data-loader workers, from (seed, epoch, index)."""
-    if cfg.masking == "block":
-        min_block = min(16, max(1, mcfg.num_masking_patches // 4))
-        mask_gen = BlockwiseMaskGenerator(mcfg.grid_size, mcfg.num_masking_patches, min_num_patches=min_block)
-    else:
-        mask_gen = RandomMaskGenerator(mcfg.grid_size, mcfg.num_masking_patches)
+    mask_gen = build_mask_generator(mcfg, cfg.masking)
     if cfg.data == "synthetic":
         return SyntheticMIMDataset(cfg.num_images, mcfg.img_size, tok_size, mask_gen, seed=cfg.seed,
                                    return_skipped=True)
@@ -503,17 +503,17 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     mcfg = cfg.model_config()
     out = Path(cfg.out)
     # Everything that can be checked is checked before DeepSpeed starts (its import alone prints to stderr).
-    if not cfg.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"launched as {os.environ['WORLD_SIZE']} processes, but the plain engine is one process: "
+    # The process layout a launcher (deepspeed, torchrun) sets; a plain run is one process.
+    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"),
+                                                                      ("LOCAL_RANK", "0")))
+    if not cfg.deepspeed and world > 1:
+        raise ValueError(f"launched as {world} processes, but the plain engine is one process: "
                          "add --deepspeed (with --zero-stage 0-3)")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if cfg.deepspeed else 0
     device = _device(cfg, local_rank)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if use_bf16 and device.type != "cuda":
         raise ValueError("precision=bf16 needs a CUDA device (bf16 autocast on the CPU is slow and untested here)")
     _check_backends(mcfg, device, use_bf16)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.deepspeed else 1
-    rank = int(os.environ.get("RANK", "0")) if cfg.deepspeed else 0
     is_main = rank == 0
     if cfg.batch_size % (world * cfg.grad_accum_steps):
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by processes x grad_accum_steps = "
@@ -582,7 +582,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         except OSError as exc:
             raise ValueError(f"out={str(out)!r} is not a writable directory ({type(exc).__name__}: {exc})") from None
     if cfg.deepspeed:
-        _start_distributed(cfg)
+        _start_distributed(device)
     tok_size = tokenizer.image_size
     if is_main:
         (out / "config.json").write_text(json.dumps({"pretrain": cfg.to_dict(), "model": mcfg.to_dict()}, indent=2))
