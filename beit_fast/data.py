@@ -156,14 +156,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise NotADirectoryError(f"data path is not a directory: {root}")
         subdirs = sorted(d for d in root.iterdir() if d.is_dir())
         samples: List[Tuple[str, int]] = []
-        if subdirs:
-            self.classes = [d.name for d in subdirs]
-            for label, d in enumerate(subdirs):
-                for dirpath, _, files in sorted(os.walk(d)):
-                    samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if _is_image(f)]
-        else:
-            self.classes = []
-        samples += [(str(p), -1) for p in sorted(root.iterdir()) if p.is_file() and _is_image(p.name)]
+        self.classes = [d.name for d in subdirs]
+        for label, d in enumerate(subdirs):
+            samples += [(path, label) for path in _list_images(str(d), recursive=True)]
+        samples += [(path, -1) for path in _list_images(str(root), recursive=False)]
         if not samples:
             raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}")
         self.root, self.samples = root, samples
@@ -203,6 +199,41 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _is_regular_file(entry: os.DirEntry) -> bool:
+    # DirEntry.is_file() is S_ISREG of the entry, or of its target for a symlink (a broken one is False), and reads
+    # the type from the directory listing where the filesystem has it: no stat per file on a large folder. A FIFO,
+    # socket, device or directory with an image name is refused without being opened (opening a FIFO blocks).
+    try:
+        return entry.is_file()
+    except OSError:  # e.g. a symlink whose target we may not stat
+        return False
+
+
+def _list_images(top: str, recursive: bool) -> List[str]:
+    """Paths of the regular image files in `top` (and its subfolders if `recursive`), in a stable order.
+
+    The order is the one `sorted(os.walk(top))` gave (folders by path, files by name in each) so that an index
+    names the same file as before: a resumed run keeps its data. Symlinked subfolders are not followed (as
+    os.walk), which also keeps a link cycle from looping."""
+    folders: List[Tuple[str, List[str]]] = []
+    pending = [top]
+    while pending:
+        folder = pending.pop()
+        names: List[str] = []
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    if recursive and entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif _is_image(entry.name) and _is_regular_file(entry):
+                        names.append(entry.name)
+        except OSError as exc:  # an unreadable folder loses its files, as with os.walk, but now says so
+            log.warning("cannot list %s: %s", folder, exc)
+            continue
+        folders.append((folder, sorted(names)))
+    return [os.path.join(folder, name) for folder, names in sorted(folders) for name in names]
 
 
 def build_dataset(data: str, num_images: int = 2048, size: int = 96, seed: int = 0) -> torch.utils.data.Dataset:

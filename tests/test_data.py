@@ -1,6 +1,9 @@
 """Built-in data, image folders, the two-view transform, step-addressed sampling, the stand-in tokenizer."""
 
+import contextlib
 import itertools
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -165,3 +168,65 @@ def test_sample_seed_fits_torch_and_is_unchanged_for_small_seeds():
     ds = MIMDataset(base, TwoViewTransform(64), BlockwiseMaskGenerator(8, 26, min_num_patches=4), seed=2**32 - 1)
     a, b = ds[(3, 1)], ds[(3, 1)]
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and int(a[2].sum()) == 26
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    """Fail instead of hanging: a regression that opened a FIFO would block in open() forever."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"took more than {seconds} s: something opened a FIFO?")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _special_files(folder):
+    """A FIFO, a directory and a broken symlink, each with an image name, in `folder`."""
+    os.mkfifo(folder / "a.jpg")  # opening it would block until a writer comes: only the listing may touch it
+    (folder / "b.png").mkdir()
+    (folder / "c.png").symlink_to(folder / "missing.png")
+
+
+def test_listing_keeps_regular_files_only(tmp_path):
+    with _deadline(10):
+        _check_listing(tmp_path)
+
+
+def _check_listing(tmp_path):
+    img = Image.fromarray(np.full((8, 8, 3), 50, np.uint8))
+    cls = tmp_path / "cls"
+    (cls / "cat" / "nested").mkdir(parents=True)
+    (cls / "dog").mkdir()
+    img.save(cls / "cat" / "x.png")
+    img.save(cls / "cat" / "nested" / "y.png")
+    img.save(cls / "dog" / "z.png")
+    (cls / "dog" / "link.png").symlink_to(cls / "dog" / "z.png")  # a symlink to a regular file is fine
+    for folder in (cls / "cat", cls / "cat" / "nested", cls / "dog"):
+        _special_files(folder)
+    ds = ImageFolderDataset(cls)
+    assert [(os.path.relpath(p, cls), l) for p, l in ds.samples] == [
+        ("cat/x.png", 0),
+        ("cat/nested/y.png", 0),
+        ("dog/link.png", 1),
+        ("dog/z.png", 1),
+    ]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    img.save(flat / "x.png")
+    os.mkfifo(flat / "a.jpg")
+    (flat / "c.png").symlink_to(flat / "missing.png")
+    ds = ImageFolderDataset(flat)
+    assert ds.classes == [] and [os.path.basename(p) for p, _ in ds.samples] == ["x.png"]
+    assert ds[0][0].size == (8, 8)
+    # Nothing but special files: no image, rather than a run that hangs on the FIFO.
+    only = tmp_path / "only"
+    only.mkdir()
+    os.mkfifo(only / "a.jpg")
+    with pytest.raises(ValueError, match="no images"):
+        ImageFolderDataset(only)
