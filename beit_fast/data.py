@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DataError",
+    "UnsupportedImageError",
+    "to_rgb",
     "BuiltinShapes",
     "ImageFolderDataset",
     "TwoViewTransform",
@@ -140,6 +142,49 @@ class BuiltinShapes(torch.utils.data.Dataset):
 
 
 # -- image folders ---------------------------------------------------------------------------------------------------
+class UnsupportedImageError(ValueError):
+    """An image that decodes but has no faithful 8-bit RGB form; the message says why."""
+
+
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """The 8-bit RGB form of a decoded image, or `UnsupportedImageError` with the reason there is none.
+
+    Pillow's convert("RGB") clips wide modes to 0..255 (a 16-bit gradient came out 99.6% white), so those are
+    scaled here: 16-bit grayscale (I;16*, and mode I, which some 16-bit files open as) by round(v / 257), so
+    0..65535 maps onto 0..255; float (F) by round(255 v) when every value is finite and in [0, 1]. Mode I outside
+    [0, 65535] and float outside [0, 1] have no known range to scale from and are refused. Every other mode goes
+    through convert("RGB") (Pillow opens 16-bit RGB(A) PNGs as RGB(A) already, keeping the high byte)."""
+    mode = im.mode
+    if mode in _UINT16_MODES or mode == "I":
+        v = np.asarray(im)
+        if mode == "I" and v.size and (int(v.min()) < 0 or int(v.max()) > 65535):
+            raise UnsupportedImageError(
+                f"32-bit integer image with values in [{int(v.min())}, {int(v.max())}], outside [0, 65535]: "
+                "no faithful 8-bit conversion"
+            )
+        # round(v / 257) in integers: 257 is odd, so v / 257 is never a tie and floor(v / 257 + 1/2) is exact.
+        gray = ((v.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "F":
+        v = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(v).all():
+            raise UnsupportedImageError("float image with NaN or infinite values: no faithful 8-bit conversion")
+        if v.size and (v.min() < 0 or v.max() > 1):
+            raise UnsupportedImageError(
+                f"float image with values in [{v.min():.6g}, {v.max():.6g}], outside [0, 1]: "
+                "no faithful 8-bit conversion"
+            )
+        return Image.fromarray(np.rint(v * 255).astype(np.uint8)).convert("RGB")
+    im.load()  # decoding errors (truncated, corrupt) surface here as themselves, not as a conversion failure
+    try:
+        return im.convert("RGB")
+    except ValueError as exc:  # e.g. "conversion from La to L not supported"
+        raise UnsupportedImageError(f"mode {mode} cannot be converted to RGB: {exc}") from exc
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """`root/<class>/<image>` (labels from sorted class folders) or a flat `root/<image>` (label -1).
 
@@ -173,7 +218,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
                 with Image.open(path) as im:
-                    return im.convert("RGB"), label
+                    return to_rgb(im), label
             except Exception as exc:  # PIL raises several types for truncated / corrupt files
                 self.num_skipped += 1
                 log.warning("skipping unreadable image %s: %s", path, exc)
@@ -188,7 +233,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for index, (path, _) in enumerate(self.samples):
             try:
                 with Image.open(path) as im:
-                    im.convert("RGB")
+                    to_rgb(im)
                 return index
             except Exception as exc:  # as in __getitem__: PIL raises several types
                 first_error = first_error or f"{path}: {type(exc).__name__}: {exc}".splitlines()[0]

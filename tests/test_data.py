@@ -2,8 +2,11 @@
 
 import contextlib
 import itertools
+import logging
 import os
 import signal
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -15,11 +18,13 @@ from beit_fast.data import (
     BuiltinShapes,
     DataError,
     ImageFolderDataset,
+    UnsupportedImageError,
     MIMDataset,
     StepBatchSampler,
     TwoViewTransform,
     build_dataset,
     sample_seed,
+    to_rgb,
 )
 from beit_fast.masking import BlockwiseMaskGenerator
 from beit_fast.tokenizer import RandomConvTokenizer
@@ -230,3 +235,112 @@ def _check_listing(tmp_path):
     os.mkfifo(only / "a.jpg")
     with pytest.raises(ValueError, match="no images"):
         ImageFolderDataset(only)
+
+
+GRADIENT16 = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # every 16-bit value once
+EXPECTED8 = np.array([round(v / 257) for v in range(65536)], np.uint8).reshape(256, 256)
+
+
+def _rgb(im):
+    out = to_rgb(im)
+    assert out.mode == "RGB" and out.size == im.size
+    return np.asarray(out)
+
+
+def _gray(im):
+    a = _rgb(im)
+    assert np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])
+    return a[..., 0]
+
+
+def _png16(path, arr, color_type):
+    """A 16-bit PNG written by hand (Pillow writes no 16-bit colour PNG): color_type 2 = RGB, 6 = RGBA."""
+    h, w = arr.shape[:2]
+    rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def test_to_rgb_scales_16_bit_grayscale(tmp_path):
+    assert EXPECTED8[0, 0] == 0 and EXPECTED8.flat[32896] == 128 and EXPECTED8.flat[65535] == 255
+    Image.fromarray(GRADIENT16).save(tmp_path / "g.png")
+    Image.fromarray(GRADIENT16).save(tmp_path / "g.tif")
+    for name in ("g.png", "g.tif"):
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == "I;16"
+            assert np.asarray(im.convert("RGB"))[..., 0].mean() > 250  # what the plain convert did: clipped
+            assert np.array_equal(_gray(im), EXPECTED8)
+    # The other 16-bit layouts, and mode I (as Pillow opens some 16-bit PNGs and 32-bit TIFFs).
+    for mode, dtype in (("I;16L", "<u2"), ("I;16B", ">u2"), ("I;16N", "=u2"), ("I;16", "<u2")):
+        im = Image.frombytes(mode, (256, 256), GRADIENT16.astype(dtype).tobytes())
+        assert im.mode == mode and np.array_equal(_gray(im), EXPECTED8), mode
+    Image.fromarray(GRADIENT16.astype(np.int32)).save(tmp_path / "i.tif")
+    with Image.open(tmp_path / "i.tif") as im:
+        assert im.mode == "I" and np.array_equal(_gray(im), EXPECTED8)
+    for bad in (-1, 65536):
+        im = Image.fromarray(np.array([[0, bad]], np.int32))
+        with pytest.raises(UnsupportedImageError, match=r"outside \[0, 65535\]"):
+            to_rgb(im)
+
+
+def test_to_rgb_16_bit_colour_png_keeps_the_scale(tmp_path):
+    rgb = np.stack([GRADIENT16, 65535 - GRADIENT16, np.full_like(GRADIENT16, 32896)], -1)
+    _png16(tmp_path / "c.png", rgb, color_type=2)
+    _png16(tmp_path / "ca.png", np.concatenate([rgb, np.full_like(GRADIENT16, 65535)[..., None]], -1), color_type=6)
+    high_byte = (rgb >> 8).astype(np.uint8)
+    by_257 = np.stack([EXPECTED8, EXPECTED8[::-1, ::-1], np.full_like(EXPECTED8, 128)], -1)
+    for name in ("c.png", "ca.png"):
+        with Image.open(tmp_path / name) as im:
+            out = _rgb(im)
+        # Pillow keeps the high byte (v >> 8); either that or round(v / 257) is a faithful scaling, a clip is not.
+        assert np.array_equal(out, high_byte) or np.array_equal(out, by_257), name
+
+
+def test_to_rgb_floats(tmp_path):
+    ramp = np.linspace(0, 1, 256 * 64, dtype=np.float32).reshape(64, 256)
+    Image.fromarray(ramp).save(tmp_path / "f.tif")
+    with Image.open(tmp_path / "f.tif") as im:
+        assert im.mode == "F"
+        assert np.array_equal(_gray(im), np.rint(ramp.astype(np.float64) * 255).astype(np.uint8))
+    exact = np.array([[0.0, 0.5, 1.0, 128 / 255]], np.float32)
+    assert _gray(Image.fromarray(exact)).tolist() == [[0, 128, 255, 128]]
+    refused = (
+        ([0.0, 3.5], r"values in \[0, 3.5\], outside \[0, 1\]"),
+        ([-0.25, 1.0], r"\[-0.25, 1\]"),
+        ([0.5, np.nan], "NaN or infinite"),
+        ([np.inf, 0.0], "NaN or infinite"),
+    )
+    for values, reason in refused:
+        with pytest.raises(UnsupportedImageError, match=reason):
+            to_rgb(Image.fromarray(np.array([values], np.float32)))
+    assert isinstance(UnsupportedImageError("x"), ValueError)
+
+
+def test_to_rgb_other_modes():
+    px = np.array([[[10, 200, 30]]], np.uint8)
+    rgb = Image.fromarray(px)
+    for mode in ("L", "LA", "P", "PA", "RGBA", "CMYK", "1", "YCbCr", "HSV", "RGB"):
+        im = rgb.convert(mode)
+        assert np.array_equal(_rgb(im), np.asarray(im.convert("RGB"))), mode  # the plain convert, unchanged
+    assert _rgb(rgb.convert("RGBA")).tolist() == [[[10, 200, 30]]]
+    with pytest.raises(UnsupportedImageError, match="mode La cannot be converted to RGB"):
+        to_rgb(Image.new("La", (2, 2)))
+
+
+def test_unconvertible_file_is_skipped_with_its_reason(tmp_path, caplog):
+    Image.fromarray(np.full((8, 8), 3.5, np.float32)).save(tmp_path / "a.tif")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "b.tif")
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.check_readable() == 1
+    with caplog.at_level(logging.WARNING, logger="beit_fast.data"):
+        img, label = ds[0]
+    assert np.asarray(img).tolist() == [[[128] * 3] * 8] * 8 and label == -1 and ds.num_skipped == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipping unreadable image {tmp_path / 'a.tif'}: float image with values in [3.5, 3.5], outside [0, 1]: "
+        "no faithful 8-bit conversion"
+    ]
