@@ -3,15 +3,19 @@
 - `BuiltinShapes`: images of shapes on textured backgrounds, generated deterministically
   from (seed, index), with a class label (the main shape) and a per-pixel segmentation
   label. Nothing to download; the demo, tests and fine-tuning examples use it.
-- `ImageFolderDataset`: `root/class_x/*.jpg` (ImageFolder style) or a flat folder of images.
-  A corrupt or unreadable file is logged and skipped (`num_skipped` counts them).
+- `ImageFolderDataset`: `root/class_x/**/*.jpg` (ImageFolder style) or a flat folder of images; only
+  regular files (or symlinks to them) are listed. `to_rgb` turns every decoded image into 8-bit RGB, scaling
+  16-bit and float images rather than clipping them; an image it cannot convert faithfully, or a file that does
+  not decode, is replaced by the next readable file, logged once and counted once per process (`bad_files`,
+  `num_skipped`).
 - `TwoViewTransform`: SPEC section 5 - one random-resized-crop box cut to two views: the
   patch view (img_size, bicubic, normalised) and the tokenizer view (img_size // 2, lanczos,
   pixels in [0, 1]); color jitter and horizontal flip before the crop.
 - `SyntheticMIMDataset`: random views with real masks and no decoding (benchmarking the step).
 - `MIMDataset` + `StepBatchSampler` (+ `MicroBatchSampler`, one rank's micro-batches): every
   sample is a pure function of (seed, epoch, index) - transform randomness and the mask - so a
-  run resumed at step k sees exactly the batches an uninterrupted run would.
+  run resumed at step k sees exactly the batches an uninterrupted run would. With `return_skipped` a
+  sample's fifth item is its index if its own file was unusable, else -1.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -188,10 +192,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
 class ImageFolderDataset(torch.utils.data.Dataset):
     """`root/<class>/<image>` (labels from sorted class folders) or a flat `root/<image>` (label -1).
 
-    A file that cannot be decoded is logged and replaced by the next readable one; `num_skipped`
-    counts them (per process: each data-loader worker has its own count). Construction only lists
-    the files; `check_readable()` decodes up front until one image reads (a run calls it so that a
-    folder of nothing but corrupt files fails before training, with `DataError`)."""
+    A file that cannot be used (it does not decode, or `to_rgb` refuses it) is replaced by the next readable one
+    (index + 1, + 2, ... wrapping around). Each process (each data-loader worker has its own copy) keeps the files it
+    found bad in `bad_files` ({index: reason}), logs "skipping unreadable image PATH: REASON" once per file and
+    counts them in `num_skipped` (distinct files, not attempts). A bad file is tried again whenever it is drawn (a
+    read that failed for a passing reason may succeed later) but never logged or counted twice.
+
+    `load(index)` also says whether index's own file was replaced: `MIMDataset` reports that per sample, so a
+    training loop can count each bad file once over all workers and ranks. Construction only lists the files;
+    `check_readable()` decodes up front until one image reads (a run calls it so that a folder of nothing but
+    corrupt files fails before training, with `DataError`)."""
 
     def __init__(self, root: Union[str, Path]) -> None:
         root = Path(root)
@@ -208,38 +218,59 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not samples:
             raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root}")
         self.root, self.samples = root, samples
-        self.num_skipped = 0
+        self.bad_files: Dict[int, str] = {}
+
+    @property
+    def num_skipped(self) -> int:
+        """How many distinct files this process found unusable."""
+        return len(self.bad_files)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
-        for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+        img, label, _ = self.load(index)
+        return img, label
+
+    def load(self, index: int) -> Tuple[Image.Image, int, bool]:
+        """(RGB image, label, own_bad): the image of file `index`, or if that file cannot be used the next one
+        that can (own_bad is then True). Raises `DataError` when no file of the folder can be used."""
+        n = len(self.samples)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            path, label = self.samples[i]
             try:
                 with Image.open(path) as im:
-                    return to_rgb(im), label
+                    return to_rgb(im), label, attempt > 0
             except Exception as exc:  # PIL raises several types for truncated / corrupt files
-                self.num_skipped += 1
-                log.warning("skipping unreadable image %s: %s", path, exc)
-        raise DataError(f"no readable image under {self.root} ({len(self.samples)} files, none decodes)")
+                if i not in self.bad_files:
+                    self.bad_files[i] = _reason(exc)
+                    log.warning("skipping unreadable image %s: %s", path, self.bad_files[i])
+        raise DataError(f"no readable image under {self.root} ({n} files, none decodes)")
 
     def check_readable(self) -> int:
         """Decode files in order until one reads; returns its index. Raises `DataError` if none does.
 
         Cheap on a healthy folder (the first file reads); a folder of corrupt files fails here, before
-        any work starts, instead of in a data-loader worker mid-run."""
+        any work starts, instead of in a data-loader worker mid-run. A probe only: it neither logs nor
+        counts the files it passes over (`load` does when a run draws them)."""
         first_error = ""
         for index, (path, _) in enumerate(self.samples):
             try:
                 with Image.open(path) as im:
                     to_rgb(im)
                 return index
-            except Exception as exc:  # as in __getitem__: PIL raises several types
-                first_error = first_error or f"{path}: {type(exc).__name__}: {exc}".splitlines()[0]
+            except Exception as exc:  # as in load: PIL raises several types
+                first_error = first_error or f"{path}: {_reason(exc)}"
         raise DataError(
             f"none of the {len(self.samples)} image files under {self.root} can be decoded (first: {first_error})"
         )
+
+
+def _reason(exc: BaseException) -> str:
+    """One line on why a file cannot be used: to_rgb's refusals say it themselves, decoders by type and message."""
+    text = str(exc) if isinstance(exc, UnsupportedImageError) else f"{type(exc).__name__}: {exc}"
+    return (text.splitlines() or [""])[0]
 
 
 def _is_image(name: str) -> bool:
@@ -344,9 +375,11 @@ def _draw_mask(mask_generator, seed: int) -> torch.Tensor:
 class MIMDataset(torch.utils.data.Dataset):
     """(epoch, index) -> (patch view, tokenizer view, bool mask (N,), label); deterministic in (seed, epoch, index).
 
-    With `return_skipped=True` a fifth item counts the unreadable files the base dataset skipped to produce this
-    sample (an `ImageFolderDataset` replaces a corrupt file by the next readable one), so a training loop can sum
-    them over workers and ranks."""
+    With `return_skipped=True` a fifth item, an int, reports this sample's own file: `index` if the base dataset
+    could not use it (an `ImageFolderDataset` replaced it by the next readable file), else -1; -1 always for a base
+    dataset without unusable files (e.g. `BuiltinShapes`). Within an epoch each index is drawn at most once over all
+    workers and ranks, so a training loop that keeps the set of reported indices counts each bad file once; a bad
+    file the fallback walk passes over is reported by its own sample, not by this one."""
 
     def __init__(self, base: torch.utils.data.Dataset, transform: Callable, mask_generator, seed: int = 0,
                  return_skipped: bool = False) -> None:
@@ -359,23 +392,26 @@ class MIMDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
         s = sample_seed(self.seed, epoch, index)
-        skipped_before = getattr(self.base, "num_skipped", 0)
-        img, label = self.base[index]
+        if isinstance(self.base, ImageFolderDataset):
+            img, label, own_bad = self.base.load(index)
+        else:
+            (img, label), own_bad = self.base[index], False
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
             random.seed(s)
             patches, tok_view = self.transform(img)
         mask = _draw_mask(self.mask_generator, s)
         if self.return_skipped:
-            return patches, tok_view, mask, label, getattr(self.base, "num_skipped", 0) - skipped_before
+            return patches, tok_view, mask, label, index if own_bad else -1
         return patches, tok_view, mask, label
 
 
 class SyntheticMIMDataset(torch.utils.data.Dataset):
     """Random views with real masks, no decoding or resizing: for measuring the step without the input pipeline.
 
-    (epoch, index) -> (patch view (3, S, S) ~ N(0, 1), tokenizer view (3, S/2, S/2) in [0, 1], mask (N,), -1[, 0]),
-    deterministic in (seed, epoch, index) like `MIMDataset`."""
+    (epoch, index) -> (patch view (3, S, S) ~ N(0, 1), tokenizer view (3, S/2, S/2) in [0, 1], mask (N,), -1[, -1]),
+    deterministic in (seed, epoch, index) like `MIMDataset`; the optional fifth item is `MIMDataset`'s "own file was
+    bad" index, always -1 here (there are no files)."""
 
     def __init__(self, num_samples: int, img_size: int, tokenizer_size: int, mask_generator, seed: int = 0,
                  return_skipped: bool = False) -> None:
@@ -394,7 +430,7 @@ class SyntheticMIMDataset(torch.utils.data.Dataset):
         patches = torch.randn(3, self.img_size, self.img_size, generator=g)
         tok_view = torch.rand(3, self.tokenizer_size, self.tokenizer_size, generator=g)
         mask = _draw_mask(self.mask_generator, s)
-        return (patches, tok_view, mask, -1, 0) if self.return_skipped else (patches, tok_view, mask, -1)
+        return (patches, tok_view, mask, -1, -1) if self.return_skipped else (patches, tok_view, mask, -1)
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

@@ -21,6 +21,7 @@ from beit_fast.data import (
     UnsupportedImageError,
     MIMDataset,
     StepBatchSampler,
+    SyntheticMIMDataset,
     TwoViewTransform,
     build_dataset,
     sample_seed,
@@ -344,3 +345,61 @@ def test_unconvertible_file_is_skipped_with_its_reason(tmp_path, caplog):
         f"skipping unreadable image {tmp_path / 'a.tif'}: float image with values in [3.5, 3.5], outside [0, 1]: "
         "no faithful 8-bit conversion"
     ]
+
+
+def _mim(base, **kw):
+    return MIMDataset(base, TwoViewTransform(64), BlockwiseMaskGenerator(8, 26, min_num_patches=4), seed=3, **kw)
+
+
+def _skip_messages(caplog):
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable image")]
+
+
+def test_a_bad_file_is_counted_and_logged_once(tmp_path, caplog):
+    for name, value in (("a.png", 40), ("c.png", 200)):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / name)
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    ds = ImageFolderDataset(tmp_path)
+    mim = _mim(ds, return_skipped=True)
+    with caplog.at_level(logging.WARNING, logger="beit_fast.data"):
+        fifth = [mim[(epoch, i)][4] for epoch in (0, 1) for i in (0, 1, 2)]
+        img, label, own_bad = ds.load(1)  # drawn a third time, outside MIMDataset
+        assert ds[1][0].getpixel((0, 0)) == (200, 200, 200)
+    assert fifth == [-1, 1, -1, -1, 1, -1]  # the bad file's own index, each time it is drawn; -1 for good ones
+    assert img.getpixel((0, 0)) == (200, 200, 200) and label == -1 and own_bad  # replaced by c.png
+    assert ds.load(0)[2] is False and ds.load(2)[2] is False
+    assert ds.num_skipped == 1 and list(ds.bad_files) == [1] and ds.bad_files[1].startswith("UnidentifiedImageError")
+    assert _skip_messages(caplog) == [f"skipping unreadable image {tmp_path / 'b.png'}: {ds.bad_files[1]}"]
+
+
+def test_fallback_walk_does_not_count_a_known_bad_file_again(tmp_path, caplog):
+    (tmp_path / "a.jpg").write_bytes(b"garbage")
+    Image.fromarray(np.full((8, 8), 3.5, np.float32)).save(tmp_path / "b.tif")
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(tmp_path / "c.png")
+    ds = ImageFolderDataset(tmp_path)
+    mim = _mim(ds, return_skipped=True)
+    with caplog.at_level(logging.WARNING, logger="beit_fast.data"):
+        # b.tif drawn in two epochs, then passed over by a.jpg's fallback walk (a -> b -> c).
+        fifth = [mim[key][4] for key in ((0, 1), (1, 1), (1, 0), (1, 2), (2, 0))]
+    assert fifth == [1, 1, 0, -1, 0]
+    assert ds.num_skipped == 2 and sorted(ds.bad_files) == [0, 1]  # distinct files, not the 5 failed reads
+    assert sorted(_skip_messages(caplog)) == [
+        f"skipping unreadable image {tmp_path / 'a.jpg'}: {ds.bad_files[0]}",
+        f"skipping unreadable image {tmp_path / 'b.tif'}: float image with values in [3.5, 3.5], outside [0, 1]: "
+        "no faithful 8-bit conversion",
+    ]
+    # What a training loop keeps: the set of reported indices, one per bad file.
+    assert {i for i in fifth if i >= 0} == {0, 1}
+    # The sample of a bad file is the replacement's image, deterministic in (seed, epoch, index).
+    a, b = mim[(1, 0)], mim[(1, 0)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+
+
+def test_fifth_item_is_minus_one_without_files():
+    mask_gen = BlockwiseMaskGenerator(8, 26, min_num_patches=4)
+    synthetic = SyntheticMIMDataset(4, 64, 32, mask_gen, seed=1, return_skipped=True)
+    assert [synthetic[(0, i)][4] for i in range(4)] == [-1, -1, -1, -1]
+    assert len(SyntheticMIMDataset(4, 64, 32, mask_gen, return_skipped=False)[(0, 0)]) == 4
+    builtin = _mim(BuiltinShapes(4, 96), return_skipped=True)
+    assert [builtin[(0, i)][4] for i in range(4)] == [-1, -1, -1, -1]
+    assert len(_mim(BuiltinShapes(4, 96))[(0, 0)]) == 4
