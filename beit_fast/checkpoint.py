@@ -11,17 +11,29 @@ one qkv weight (key has no bias in BEiT).
 
 Nothing is dropped silently: unknown keys, missing keys and shape mismatches raise
 `CheckpointError` listing every one of them (or are returned, with `strict=False`).
+
+File I/O, the one place where this project reads and writes checkpoint files:
+
+- `safe_load`: every file a user hands us (weights, pretraining checkpoints, DeepSpeed shards, RNG files, `model.pt`)
+  is read with `torch.load(weights_only=True)`: tensors, containers and numbers only, plus an explicit allow-list
+  (`SAFE_GLOBALS`: numpy's array reconstruction for RNG states written by older versions, `argparse.Namespace` that
+  unilm stores beside its weights). A file that names any other global is refused with `UnsafeFileError`, one line
+  naming the file and the global; nothing in it runs. Any other unreadable file raises `CheckpointReadError`.
+- `atomic_save`: temporary name, fsync, rename; a write error (disk full, quota, I/O) raises `CheckpointWriteError`
+  (an OSError with the errno and the file) after removing the temporary file.
 """
 
 from __future__ import annotations
 
+import errno as errno_codes
 import logging
 import math
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +49,12 @@ __all__ = [
     "resize_pos_embed",
     "shared_to_per_layer_rel_pos_bias",
     "atomic_save",
+    "safe_load",
+    "write_torch_file",
+    "CheckpointReadError",
+    "CheckpointWriteError",
+    "UnsafeFileError",
+    "SAFE_GLOBALS",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,22 +67,101 @@ class CheckpointError(ValueError):
     """A state dict that does not fit: lists every offending key."""
 
 
+class CheckpointReadError(ValueError):
+    """A file that cannot be read as a checkpoint (empty, truncated, not a torch file, a directory): one line."""
+
+
+class UnsafeFileError(CheckpointReadError):
+    """A file that names a global outside the allow-list (it could run code if unpickled): one line naming it."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); str() is one line with the file and errno."""
+
+    def __str__(self) -> str:
+        why = self.strerror or "write failed"
+        name = errno_codes.errorcode.get(self.errno, "") if self.errno else ""
+        code = f" (errno {self.errno}{' ' + name if name else ''})" if self.errno else ""
+        return f"cannot write {self.filename}: {why}{code}"
+
+
+def _safe_globals() -> List[Any]:
+    """The non-tensor globals our own files (and unilm's) may contain. Everything else is refused."""
+    import argparse
+
+    import numpy as np
+
+    allowed: List[Any] = [argparse.Namespace, np.ndarray, np.dtype]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:  # the module moved in numpy 2; files name whichever wrote them
+            allowed.append((getattr(__import__(module, fromlist=["_reconstruct"]), "_reconstruct"),
+                            f"{module}._reconstruct"))
+        except (ImportError, AttributeError):
+            pass
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:  # numpy >= 1.25 pickles dtypes by their class
+        allowed += [getattr(dtypes, n) for n in ("UInt32DType", "Int64DType", "Float64DType") if hasattr(dtypes, n)]
+    return allowed
+
+
+SAFE_GLOBALS = _safe_globals()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def safe_load(path: Union[str, Path], map_location: Any = "cpu", what: str = "file", extra_globals: Sequence[Any] = ()
+              ) -> Any:
+    """`torch.load(path, weights_only=True)` with `SAFE_GLOBALS` (+ `extra_globals`, named classes a caller's own
+    format needs) allowed and nothing else: no code in the file runs.
+
+    Raises FileNotFoundError (missing), `UnsafeFileError` (a refused global, named), `CheckpointReadError` (any other
+    unreadable file: empty, truncated, a directory, not a torch file) - each one line naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise CheckpointReadError(f"{path}: is a directory, not a {what}")
+    if path.stat().st_size == 0:
+        raise CheckpointReadError(f"{path}: empty file, not a {what}")
+    try:
+        with torch.serialization.safe_globals([*SAFE_GLOBALS, *extra_globals]):
+            return torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        if m:
+            raise UnsafeFileError(f"{path}: refused to load: it references `{m.group(1)}`, which is not on the "
+                                  f"allow-list of a {what} (nothing in the file was run)") from None
+        if "TorchScript" in text:
+            raise UnsafeFileError(f"{path}: refused to load a TorchScript archive as a {what}") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()
+                 and not ln.startswith(("Weights only load failed", "Check the documentation", "Please file"))]
+        raise CheckpointReadError(f"{path}: cannot read the {what} (not a torch file the weights-only loader "
+                                  f"accepts: {lines[0] if lines else 'UnpicklingError'})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch.load raises many types for a truncated or foreign file
+        raise CheckpointReadError(f"{path}: cannot read the {what} (truncated or not a torch file: "
+                                  f"{type(exc).__name__}: {_first_line(exc)})") from None
+
+
 # -- reading files ---------------------------------------------------------------------------------------------------
 def load_state_dict_file(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read a `.pth`/`.pt`/`.bin` (torch.load, weights only) or `.safetensors` file."""
+    """Read a `.pth`/`.pt`/`.bin` (`safe_load`: weights only) or `.safetensors` file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    # unilm's save_model stores its argparse.Namespace beside the weights; admit exactly that
-    # class on top of torch's weights-only allow-list (no arbitrary code runs on load).
-    import argparse
-
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise CheckpointReadError(f"{path}: cannot read ({type(exc).__name__}: {_first_line(exc)})") from None
+    return safe_load(path, what="checkpoint")
 
 
 def unwrap(obj: Mapping[str, Any]) -> StateDict:
@@ -379,17 +476,61 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _RecordingFile:
+    """A binary file whose first write error is kept: torch's zip writer turns an OSError raised by `write` into a
+    RuntimeError without the errno (and raises again on close); the errno is what a user needs."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def _write_error(exc: BaseException, path: Union[str, Path], recorded: Optional[OSError]) -> CheckpointWriteError:
+    os_error = recorded or (exc if isinstance(exc, OSError) else None)
+    if os_error is not None and os_error.errno:
+        return CheckpointWriteError(os_error.errno, os.strerror(os_error.errno), str(path))
+    return CheckpointWriteError(0, f"write failed ({type(exc).__name__}: {_first_line(exc)})", str(path))
+
+
+def write_torch_file(obj: Any, path: Union[str, Path], fsync: bool = True) -> None:
+    """torch.save to `path` itself (no rename), flushed to disk; any write error -> `CheckpointWriteError`."""
+    rec = None
+    try:
+        with open(path, "wb") as raw:
+            rec = _RecordingFile(raw)
+            torch.save(obj, rec)
+            raw.flush()
+            if fsync:
+                os.fsync(raw.fileno())
+    except (OSError, RuntimeError) as exc:
+        raise _write_error(exc, path, rec.error if rec is not None else None) from None
+
+
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`:
-    a crash mid-write leaves any previous file at `path` intact."""
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`: a crash mid-write leaves
+    any previous file at `path` intact. A write error (disk full...) removes the temporary file and raises
+    `CheckpointWriteError` naming `path` and the errno."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            write_torch_file(obj, tmp)
+        except CheckpointWriteError as exc:
+            raise CheckpointWriteError(exc.errno, exc.strerror, str(path)) from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
