@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 from typing import List, Optional
 
@@ -173,15 +174,16 @@ def export(argv: List[str]) -> int:
     path = Path(a.checkpoint)
     if not path.exists():
         return _error(p.prog, f"checkpoint not found: {path}")
-    if path.is_dir() and not (path / "meta.pt").is_file():
+    if path.is_dir() and not re.fullmatch(r"step_\d{8}", path.name):
         latest = find_latest_checkpoint(path)
         if latest is None:
-            return _error(p.prog, f"{path} is neither a checkpoint nor a run directory with checkpoints")
+            return _error(p.prog, f"{path} is neither a checkpoint nor a run directory with complete checkpoints")
         path = latest
-    try:
+    try:  # every file is read weights-only: a hostile checkpoint is refused, nothing in it runs
         written = export_checkpoint(path, a.out, a.layout)
     except (ValueError, OSError, RuntimeError) as exc:  # not a checkpoint, unwritable --out, mismatched weights
-        return _error(p.prog, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return _error(p.prog, " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
+                      or type(exc).__name__)
     print(f"{path} -> {written} ({a.layout} layout)")
     return 0
 

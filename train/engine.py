@@ -5,10 +5,15 @@ The pretraining loop (`beit_fast.train.pretrain`) drives either engine the same 
     engine.set_lr(lr)
     for each micro-batch of the step:
         out = engine.forward(...)                    # bf16 autocast when asked
-        if not engine.all_finite(out.loss)[0]: break # every rank agrees (one all-reduce)
+        finite, *flags = engine.all_finite(out.loss, ok, not stop)  # every rank agrees (one all-reduce)
+        if not finite: break
         engine.backward(out.loss)                    # accumulates, scaled by 1 / grad_accum
-    all finite: engine.step()                        # clip, optimizer, zero grads -> grad norm
+    all finite: norm = engine.step()                 # clip, optimizer, zero grads -> global grad norm
     else:       engine.discard()                     # drop what was accumulated: the step is skipped
+
+`step()` applies the update only when the global gradient norm is finite (on every rank: the norm is global), and
+returns the norm either way: a non-finite norm means the step was skipped and nothing changed (weights, optimizer
+state, its step count). The norm's host read is the step's one sync (it was there before, for the metrics).
 
 `PlainEngine` is one process: torch AdamW (fused on CUDA), `clip_grad_norm_`, plain gradient accumulation.
 
@@ -20,45 +25,111 @@ same numerics as the plain engine's autocast. Gradient accumulation runs in Deep
 be abandoned part-way on every rank (`discard`) without desynchronising DeepSpeed's counters.
 
 Checkpoints: the plain engine writes one file `step_XXXXXXXX.pt`; DeepSpeed writes a directory `step_XXXXXXXX/`
-(its own sharded model/optimizer files, one RNG file per rank, `meta.pt` with the run state and `model.pt` with the
-consolidated fp32 weights for export). Both are written under a temporary name and renamed when complete, so a
-crash mid-write leaves the previous checkpoint intact. On several nodes the run directory must be on a filesystem
-that every node sees (rank 0 renames).
+(its own sharded model/optimizer files, one RNG file per rank, `meta.pt` with the run state, `model.pt` with the
+consolidated fp32 weights for export, and last `manifest.json` listing every file and its size: a directory is a
+checkpoint only when every file its manifest lists is there). Both are written under a temporary name and renamed
+when complete, so a crash mid-write leaves the previous checkpoint intact. A write error on any rank (disk full) is
+agreed by every rank, the temporary directory is removed and every rank raises `CheckpointWriteError`. DeepSpeed
+reads and writes its files through `SafeCheckpointEngine`: `beit_fast.checkpoint.safe_load` (weights only, nothing
+in a file runs) and the errno-keeping writer. On several nodes the run directory must be on a filesystem that every
+node sees (rank 0 renames).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import random
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from beit_fast.checkpoint import _fsync_dir, atomic_save
+from beit_fast.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    _fsync_dir,
+    atomic_save,
+    safe_load,
+    write_torch_file,
+)
 
 log = logging.getLogger("beit_fast.pretrain")
 
-__all__ = ["PlainEngine", "DeepSpeedEngine", "rng_state", "set_rng_state", "deepspeed_reasons"]
+__all__ = ["PlainEngine", "DeepSpeedEngine", "rng_state", "set_rng_state", "deepspeed_reasons", "MANIFEST",
+           "checkpoint_problem"]
+
+MANIFEST = "manifest.json"  # written last into a DeepSpeed checkpoint directory: {"files": {name: size}}
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors, ints and strings only: a checkpoint needs no global to be allowed on load."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+def set_rng_state(state: Dict[str, Any], where: str = "checkpoint") -> None:
+    """Restore `rng_state()`'s output (or an older checkpoint's, with numpy arrays); a malformed state raises
+    CheckpointError (one line) before any generator is changed."""
+    try:
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        keys = keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)
+        numpy_state = (str(kind), keys.astype(np.uint32), int(pos), int(has_gauss), float(gauss))
+        torch_state = state["torch"]
+        if not (torch.is_tensor(torch_state) and torch_state.dtype == torch.uint8):
+            raise TypeError(f"torch state is a {type(torch_state).__name__}, not a uint8 tensor")
+        probe = torch.Generator()
+        probe.set_state(torch_state)  # validates the size before the global generator is touched
+        np.random.RandomState().set_state(numpy_state)
+        random.Random().setstate(state["python"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise CheckpointError(f"{where}: malformed RNG state ({why})") from None
+    torch.set_rng_state(torch_state)
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(numpy_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_state(what: str, module: Any, state: Any, where: str) -> None:
+    """`module.load_state_dict(state)` with a hand-edited or mismatched state reported in one line."""
+    try:
+        module.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        text = " ".join(ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip())
+        raise CheckpointError(f"{where}: the {what} state does not fit this run ({text[:400]})") from None
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """None if `path` is a complete checkpoint, else what is wrong. A plain engine's file is complete by
+    construction (written under another name and renamed); a DeepSpeed directory needs its manifest and every file
+    the manifest lists, at the listed size."""
+    if path.is_file():
+        return None if path.stat().st_size > 0 else "empty file"
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (written last: the save or a delete was interrupted)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        for name, size in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        return f"unreadable {MANIFEST} ({type(exc).__name__})"
+    return None
 
 
 class PlainEngine:
@@ -86,9 +157,9 @@ class PlainEngine:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self._forward(*args, **kwargs)
 
-    def all_finite(self, loss: torch.Tensor, ok: bool = True) -> Tuple[bool, bool]:
-        """(is the loss finite, is `ok`) - on every process; here there is one."""
-        return bool(torch.isfinite(loss)), ok  # the micro-batch's one host sync
+    def all_finite(self, loss: torch.Tensor, *flags: bool) -> Tuple[bool, ...]:
+        """(is the loss finite, is each flag true) - on every process; here there is one."""
+        return (bool(torch.isfinite(loss)), *flags)  # the micro-batch's one host sync
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -96,16 +167,34 @@ class PlainEngine:
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
 
+    def gather_union(self, items: set) -> set:
+        """The union of every rank's `items` (here: one rank)."""
+        return set(items)
+
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
 
     def step(self) -> float:
+        """Clip, then the optimizer step only if the global gradient norm is finite; returns the norm (non-finite:
+        nothing was changed). A fused optimizer (torch's fused AdamW on CUDA) is told through its `found_inf` input,
+        as GradScaler does, so the skip needs no host sync before the update; others read the norm first."""
         norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.clip_grad if self.clip_grad > 0 else float("inf")
         )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        opt = self.optimizer
+        if getattr(opt, "_step_supports_amp_scaling", False) and norm.is_cuda:
+            opt.found_inf, opt.grad_scale = (~torch.isfinite(norm)).float(), None
+            try:
+                opt.step()  # skips every update, and undoes its step count, where found_inf is 1
+            finally:
+                del opt.found_inf, opt.grad_scale
+            value = float(norm)
+        else:
+            value = float(norm)
+            if math.isfinite(value):
+                opt.step()
+        opt.zero_grad(set_to_none=True)
+        return value
 
     def discard(self) -> None:
         """Drop the gradients accumulated so far in this step (a non-finite micro-batch skips the step)."""
@@ -122,10 +211,14 @@ class PlainEngine:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng_state()}
         return atomic_save({**state, **meta}, ckpt_dir / f"step_{step:08d}.pt")
 
+    def params_finite(self) -> bool:
+        """Are all weights finite (one host sync; before a checkpoint is written)."""
+        return bool(torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all())
+
     def load(self, path: Path, ckpt: Dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
+        _load_state("model", self.model, ckpt["model"], str(path))
+        _load_state("optimizer", self.optimizer, ckpt["optimizer"], str(path))
+        set_rng_state(ckpt["rng"], str(path))
 
     def close(self) -> None:
         pass
@@ -198,11 +291,14 @@ class DeepSpeedEngine:
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config)
         self.model = model
         self.compiled = ""
+        self.ds.checkpoint_engine = _safe_checkpoint_engine()
         if zero_stage == 0:
-            self._record_stage0_norm()
+            self._guard_stage0(optimizer)
 
-    def _record_stage0_norm(self) -> None:
-        """DeepSpeed's stage-0 step clips (after its all-reduce) without keeping the norm: keep it."""
+    def _guard_stage0(self, optimizer: torch.optim.Optimizer) -> None:
+        """DeepSpeed's stage-0 step clips (after its all-reduce) without keeping the norm, and applies the update
+        whatever the norm (ZeRO 1-3 treat a non-finite norm as an overflow and skip): keep the norm, and skip the
+        torch optimizer's step when it is not finite - the same global value on every rank."""
         from deepspeed.runtime.utils import clip_grad_norm_
 
         self._z0_norm = float("nan")
@@ -212,6 +308,14 @@ class DeepSpeedEngine:
                                                   max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu))
 
         self.ds.clip_fp32_gradients = clip_and_record
+        torch_step = optimizer.step
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            if math.isfinite(self._z0_norm):
+                return torch_step(*args, **kwargs)
+            return None
+
+        optimizer.step = guarded_step  # type: ignore[method-assign]
 
     def compile(self, mode: str = "default") -> None:
         self.ds.compile(compile_kwargs={"mode": mode})
@@ -228,16 +332,30 @@ class DeepSpeedEngine:
         out = self.ds(*args, **kwargs)
         return out if self.zero_stage < 3 else _Zero3Outputs.unpack(out)
 
-    def all_finite(self, loss: torch.Tensor, ok: bool = True) -> Tuple[bool, bool]:
-        """(is the loss finite on every rank, is `ok` true on every rank): one all-reduce, so every rank takes the
-        same path - a NaN on one rank skips the step everywhere, a failed input check on one stops them all."""
+    def all_finite(self, loss: torch.Tensor, *flags: bool) -> Tuple[bool, ...]:
+        """(is the loss finite on every rank, is each flag true on every rank): one all-reduce, so every rank takes
+        the same path - a NaN on one rank skips the step everywhere, a failed input check on one stops them all, a
+        signal on one stops every rank after the same step."""
         import torch.distributed as dist
 
-        flags = torch.stack([torch.isfinite(loss.detach()).to(torch.float32).reshape(()),
-                             torch.tensor(float(ok), device=loss.device)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        finite, all_ok = flags.tolist()
-        return bool(finite), bool(all_ok)
+        values = torch.tensor([float(f) for f in flags], dtype=torch.float32).to(loss.device, non_blocking=True)
+        both = torch.cat([torch.isfinite(loss.detach()).to(torch.float32).reshape(1), values])
+        dist.all_reduce(both, op=dist.ReduceOp.MIN)
+        return tuple(bool(v) for v in both.tolist())
+
+    def agree(self, ok: bool) -> bool:
+        """Is `ok` true on every rank (one all-reduce; outside the step loop)."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(ok)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def params_finite(self) -> bool:
+        """Are this rank's weights (its ZeRO-3 partitions) finite, on every rank."""
+        params = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in self.model.parameters()]
+        local = all(bool(t.detach().isfinite().all()) for t in params if t.numel())
+        return self.agree(local)
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -253,15 +371,27 @@ class DeepSpeedEngine:
         dist.all_reduce(t)
         return t
 
+    def gather_union(self, items: set) -> set:
+        """The union of every rank's `items` (small sets of ints: once an epoch and at checkpoints)."""
+        import torch.distributed as dist
+
+        parts: List[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, sorted(items))
+        return set().union(*parts)
+
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
 
     def step(self) -> float:
+        """DeepSpeed's step; the global norm (non-finite: ZeRO 1-3 skipped it as an overflow, stage 0 by our
+        guard). A skipped step reports inf, whatever DeepSpeed kept from an earlier step."""
         if self.zero_stage == 0:
             self._z0_norm = float("nan")
             self.ds.step()
             return self._z0_norm
         self.ds.step()
+        if getattr(self.ds.optimizer, "overflow", False):
+            return float("inf")
         norm = self.ds.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
 
@@ -304,54 +434,138 @@ class DeepSpeedEngine:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if self.is_main else None
 
     def save(self, ckpt_dir: Path, step: int, meta: Dict[str, Any]) -> Path:
+        """Every rank writes its part into `.tmp-step_N/`; a write error on any rank is agreed by all (the
+        collectives of DeepSpeed's save still run in order: its writer records the error instead of raising), the
+        temporary directory is removed and every rank raises CheckpointWriteError. Else rank 0 writes the manifest
+        last and renames the directory into place."""
         tag = f"step_{step:08d}"
         final, tmp = ckpt_dir / tag, ckpt_dir / f".tmp-{tag}"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a crash mid-write
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.barrier()
+        writer = self.ds.checkpoint_engine
+        writer.error = None
         self.ds.save_checkpoint(str(ckpt_dir), tag=tmp.name, save_latest=False)
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), tmp / f"rng_rank{self.rank:05d}.pt")
-        full = self.full_state_dict()
+        full = self.full_state_dict()  # a collective under ZeRO-3: every rank, in order
+        error: Optional[CheckpointWriteError] = writer.error
+        try:
+            if error is None:
+                tmp.mkdir(parents=True, exist_ok=True)
+                write_torch_file(rng_state(), tmp / f"rng_rank{self.rank:05d}.pt")
+                if self.is_main:
+                    write_torch_file({"model": full}, tmp / "model.pt")
+                    write_torch_file({**meta, "engine": {"kind": self.kind, "world_size": self.world_size,
+                                                         "zero_stage": self.zero_stage}}, tmp / "meta.pt")
+                self._fsync_mine(tmp)
+        except CheckpointWriteError as exc:
+            error = exc
+        except OSError as exc:
+            error = CheckpointWriteError(exc.errno or 0, exc.strerror or str(exc), str(exc.filename or tmp))
+        if not self.agree(error is None):
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.barrier()
+            raise error or CheckpointWriteError(0, "another process could not write its part (its error is in its "
+                                                   "log)", str(final))
         if self.is_main:
-            torch.save({"model": full}, tmp / "model.pt")
-            torch.save({**meta, "engine": {"kind": self.kind, "world_size": self.world_size,
-                                           "zero_stage": self.zero_stage}}, tmp / "meta.pt")
-        # Every rank flushes what it wrote (on several nodes rank 0 cannot flush another node's writes): its ZeRO
-        # shard and RNG file; rank 0 also the shared files (model states, model.pt, meta.pt).
+            try:
+                files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+                atomic_save_json({"step": step, "files": files}, tmp / MANIFEST)
+                _fsync_dir(tmp)
+                old = ckpt_dir / f".old-{tag}"
+                if final.exists():  # the same step saved again (a finished run resumed and extended): swap, drop
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                _fsync_dir(ckpt_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = CheckpointWriteError(exc.errno or 0, exc.strerror or str(exc), str(exc.filename or final))
+        if not self.agree(error is None):
+            raise error or CheckpointWriteError(0, "rank 0 could not complete the checkpoint (its error is in its "
+                                                   "log)", str(final))
+        return final
+
+    def _fsync_mine(self, tmp: Path) -> None:
+        """Every rank flushes what it wrote (on several nodes rank 0 cannot flush another node's writes): its ZeRO
+        shard and RNG file; rank 0 also the shared files (model states, model.pt, meta.pt)."""
         for f in tmp.iterdir():
             shard = "zero_pp_rank_" in f.name or "rng_rank" in f.name
             mine = f"zero_pp_rank_{self.rank}_" in f.name or f.name == f"rng_rank{self.rank:05d}.pt"
             if f.is_file() and (mine or (self.is_main and not shard)):
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        self.barrier()
-        if self.is_main:
-            _fsync_dir(tmp)
-            old = ckpt_dir / f".old-{tag}"
-            if final.exists():  # the same step saved again (a finished run resumed and extended): swap, then drop
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(ckpt_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        self.barrier()
-        return final
 
     def load(self, path: Path, ckpt: Dict[str, Any]) -> None:
-        loaded, _ = self.ds.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if loaded is None:
-            raise ValueError(f"DeepSpeed could not load the checkpoint {path}")
+        """DeepSpeed's shards (read through `safe_load`), then this rank's RNG file, which must be there."""
         rng = path / f"rng_rank{self.rank:05d}.pt"
-        if rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
+        if not rng.is_file():
+            raise CheckpointError(f"{path}: {rng.name} is missing (every rank's RNG state is part of a checkpoint)")
+        try:
+            loaded, _ = self.ds.load_checkpoint(
+                str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        except (CheckpointError, FileNotFoundError):
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, AssertionError, IndexError, AttributeError) as exc:
+            text = " ".join(ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip())
+            raise CheckpointError(f"{path}: DeepSpeed could not load it ({text[:400]})") from None
+        if loaded is None:
+            raise CheckpointError(f"{path}: DeepSpeed could not load the checkpoint")
+        set_rng_state(safe_load(rng, what="RNG state file"), str(rng))
 
     def close(self) -> None:
         """Nothing to wait for: the last collective is the final checkpoint's (and the token histogram's) - what
         rank 0 writes after it (summary, plot) must not keep the other ranks waiting if it fails."""
+
+
+def atomic_save_json(obj: Any, path: Path) -> None:
+    """JSON to a temporary name, fsync, rename (the manifest: its presence marks a checkpoint complete)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _safe_checkpoint_engine() -> Any:
+    """DeepSpeed's torch checkpoint engine with our reader (weights only: a hostile shard runs nothing) and our
+    writer (a write error is recorded, with its errno, for `DeepSpeedEngine.save` to agree on across ranks)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        error: Optional[CheckpointWriteError] = None
+
+        def save(self, state_dict: Any, path: str) -> None:
+            if self.error is not None:
+                return  # the disk is already failing: the save will be abandoned
+            try:
+                write_torch_file(state_dict, path, fsync=False)  # fsynced with the rest before the rename
+            except CheckpointWriteError as exc:
+                self.error = exc
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return safe_load(path, map_location=map_location, what="DeepSpeed checkpoint file",
+                             extra_globals=_deepspeed_globals())
+
+    return SafeCheckpointEngine()
+
+
+def _deepspeed_globals() -> List[Any]:
+    """The classes DeepSpeed pickles into its optimizer shards (found by `get_unsafe_globals_in_checkpoint` on ZeRO
+    0-3 checkpoints): plain records and an enum, whose unpickling sets attributes and runs nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 class _Zero3Outputs(torch.nn.Module):

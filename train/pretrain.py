@@ -12,6 +12,12 @@ Checkpoints are written atomically (temporary name + rename) every `save_every` 
 position, RNG states; the data stream is addressed by step, see `beit_fast.data.StepBatchSampler`).
 `beit-fast export CKPT --out FILE` writes a checkpoint's weights in the unilm layout for fine-tuning elsewhere.
 
+Reliability (`beit_fast.train.run`): a run locks its `out` (a second run there is refused); every checkpoint or
+tokenizer file is read weights-only (nothing in a file runs); a step is applied only when the loss and the global
+gradient norm are finite on every rank (else skipped and counted; `max_bad_steps` skipped steps in a row stop the
+run); no checkpoint is written from non-finite weights; SIGTERM / SIGINT finish the step, write a checkpoint and
+exit with 128 + the signal; a write error (disk full) is one line and leaves the previous checkpoint intact.
+
 The model runs the Triton MIM kernels where they can run (`fused_kernels="auto"`: on a GPU), told the exact
 mask count so the forward needs no host synchronisation; the loop syncs once per micro-batch, to read whether
 the loss is finite (a non-finite loss skips the whole step on every rank, and is counted).
@@ -28,6 +34,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -40,7 +47,7 @@ import torch
 
 from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.attention import AttentionCase, select_backend
-from beit_fast.checkpoint import atomic_save
+from beit_fast.checkpoint import CheckpointError, CheckpointWriteError, atomic_save, safe_load
 from beit_fast.config import parse_options
 from beit_fast.data import (
     DataError,
@@ -55,14 +62,31 @@ from beit_fast.data import (
 from beit_fast.kernels import check_deferred, use_fused
 from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from beit_fast.tokenizer import RandomConvTokenizer
-from beit_fast.train.engine import DeepSpeedEngine, PlainEngine, deepspeed_reasons, init_distributed_env
+from beit_fast.train.engine import (
+    DeepSpeedEngine,
+    PlainEngine,
+    checkpoint_problem,
+    deepspeed_reasons,
+    init_distributed_env,
+)
 from beit_fast.train.metrics import MetricsWriter, Progress, plot_metrics
+from beit_fast.train.run import (
+    RunLock,
+    SignalStop,
+    checkpoint_dir,
+    checkpoint_step,
+    checkpoints,
+    clean_run_directory,
+    prune_checkpoints,
+    remove_checkpoint,
+)
 
 log = logging.getLogger("beit_fast.pretrain")
 
 __all__ = [
     "PretrainConfig",
     "TrainingStopped",
+    "StoppedBySignal",
     "pretrain",
     "build_optimizer",
     "parameter_groups",
@@ -77,14 +101,24 @@ __all__ = [
 # Keys a resumed run may change; every other key must match the checkpoint's (the model config too).
 RESUME_MAY_DIFFER = frozenset(
     {"max_steps", "out", "resume", "log_every", "save_every", "keep_last", "num_workers", "device", "max_bad_steps",
-     "compile", "compile_mode", "tensorboard", "plot", "grad_accum_steps", "apex", "overwrite"}
+     "compile", "compile_mode", "tensorboard", "plot", "grad_accum_steps", "apex", "overwrite", "dist_timeout"}
 )
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 MAX_SEED = 2**32  # numpy's legacy seed range; every RNG the run seeds accepts [0, 2**32)
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped itself (too many non-finite losses in a row); the CLI reports it as one line."""
+    """The run stopped itself (too many skipped steps in a row); the CLI reports it as one line."""
+
+
+class StoppedBySignal(RuntimeError):
+    """SIGTERM / SIGINT: the run finished its step, wrote a checkpoint and stopped; the CLI exits 128 + signum."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (no step ran)"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where} "
+                         "(resume with --resume auto)")
 
 
 # -- value types (YAML / command line / programmatic configs) ----------------------------------------------------------
@@ -159,7 +193,8 @@ class PretrainConfig:
     resume: str = ""  # "" (fresh), "auto" (newest checkpoint in out/ if any) or a checkpoint path
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     precision: str = "auto"  # "fp32", "bf16" (autocast on CUDA); "auto": bf16 on CUDA, fp32 on CPU
-    max_bad_steps: int = 10  # stop after this many non-finite losses in a row (each one is skipped)
+    max_bad_steps: int = 10  # stop after this many skipped steps in a row (a step is skipped, and counted in
+    # skipped_steps, when the loss or the global gradient norm is not finite on some rank; an applied step resets it)
     tokenizer: str = "random"  # "random" (fixed random conv) or a dVAE file: beit-fast train-tokenizer's
     # tokenizer.pt, a DALL-E encoder.pkl, or an encoder state dict
     deepspeed: bool = False  # DeepSpeed ZeRO engine (one process, or several under the deepspeed launcher / torchrun)
@@ -172,6 +207,8 @@ class PretrainConfig:
     tensorboard: bool = True  # TensorBoard scalars in out/tensorboard (when the tensorboard package imports)
     plot: bool = True  # out/metrics.png at the end (when matplotlib imports)
     overwrite: bool = False  # start afresh in an `out` that holds checkpoints of another run (they are deleted)
+    dist_timeout: float = 600.0  # seconds any collective may wait under deepspeed: a hung or dead rank ends the
+    # job with one line after this long instead of blocking it forever
 
     def validate(self) -> None:
         """Raise ValueError (one line, naming the key) for a wrong type or an invalid value."""
@@ -191,6 +228,8 @@ class PretrainConfig:
         for name in ("warmup_steps", "save_every", "num_workers"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            bad("dist_timeout", "must be a positive number of seconds")
         for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "eps", "clip_grad"):
             if not math.isfinite(getattr(self, name)):
                 bad(name, "must be a finite number")
@@ -289,40 +328,39 @@ def peak_flops(device: torch.device) -> Optional[float]:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------------
-def _ckpt_dir(out: Path) -> Path:
-    return out / "checkpoints"
-
-
-def _checkpoints(out: Path) -> List[Path]:
-    """Complete checkpoints, oldest first: `step_*.pt` files (plain engine) and `step_*/` directories (DeepSpeed).
-    Temporary `.tmp-*` names of an interrupted write are not checkpoints."""
-    d = _ckpt_dir(out)
-    if not d.is_dir():
-        return []
-    found = [p for p in d.iterdir() if re.fullmatch(r"step_\d{8}(\.pt)?", p.name)
-             and (p.is_file() == p.name.endswith(".pt"))
-             and (p.is_file() or (p / "meta.pt").is_file())]
-    return sorted(found, key=lambda p: p.name)
-
-
 def find_latest_checkpoint(out: Path) -> Optional[Path]:
-    paths = _checkpoints(Path(out))
+    """The newest complete checkpoint of a run directory (None if it has none)."""
+    paths = checkpoints(Path(out))
     return paths[-1] if paths else None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     """A checkpoint's run state: the whole file for the plain engine, `meta.pt` of a DeepSpeed directory
-    (its weights and optimizer shards stay for DeepSpeed to load). ValueError if it is not one of ours."""
+    (its weights and optimizer shards stay for DeepSpeed to load). Read weights-only (`safe_load`: nothing in the
+    file runs). CheckpointError (a ValueError, one line) if it is incomplete, not one of ours, or hand-edited into
+    something that is not."""
     path = Path(path)
+    if path.is_dir():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(f"{path} is not a complete checkpoint: {problem}")
     target = path / "meta.pt" if path.is_dir() else path
-    try:
-        ckpt = torch.load(target, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch.load raises many types for a file that is not a checkpoint
-        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    ckpt = safe_load(target, what="checkpoint")
     needed = ("step", "config", "model_config", "stats") + (() if path.is_dir() else ("model", "optimizer", "rng"))
     missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ValueError(f"{path} is not a pretraining checkpoint of this engine (missing {missing})")
+        raise CheckpointError(f"{path} is not a pretraining checkpoint of this engine (missing {missing})")
+    wrong = [f"step={ckpt['step']!r} (not an int >= 0)"] if not (_is_int(ckpt["step"]) and ckpt["step"] >= 0) else []
+    wrong += [f"{k} is a {type(ckpt[k]).__name__}, not a dict" for k in needed
+              if k not in ("step",) and not isinstance(ckpt[k], dict)]
+    if not path.is_dir() and isinstance(ckpt["model"], dict):
+        wrong += [f"model[{k!r}] is a {type(v).__name__}" for k, v in ckpt["model"].items() if not torch.is_tensor(v)]
+    if wrong:
+        raise CheckpointError(f"{path}: malformed checkpoint: {'; '.join(wrong[:3])}")
     ckpt.setdefault("engine", {"kind": "plain", "world_size": 1})
     return ckpt
 
@@ -333,12 +371,13 @@ def checkpoint_model_state(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[st
     ckpt = read_checkpoint(path)
     if path.is_dir():
         model_file = path / "model.pt"
-        if not model_file.is_file():
-            raise ValueError(f"{path} has no consolidated model.pt")
-        try:
-            sd = torch.load(model_file, map_location="cpu", weights_only=False)["model"]
-        except Exception as exc:  # a truncated or foreign file: torch.load and the lookup raise many types
-            raise ValueError(f"cannot read {model_file}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        state = safe_load(model_file, what="checkpoint's model.pt")
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise CheckpointError(f"{model_file}: not a model file (expected {{'model': state_dict}})")
+        sd = state["model"]
+        bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
+        if bad:
+            raise CheckpointError(f"{model_file}: non-tensor entries {bad[:3]}")
         return sd, ckpt["model_config"]
     return ckpt["model"], ckpt["model_config"]
 
@@ -347,20 +386,20 @@ def export_checkpoint(path: Union[str, Path], out: Union[str, Path], layout: str
     """Write a pretraining checkpoint's weights as `{"model": state_dict}` in `layout` ("unilm": what unilm's and
     timm's fine-tuning scripts load), atomically."""
     sd, mc = checkpoint_model_state(Path(path))
-    model = BeitForMaskedImageModeling(BeitConfig.from_dict(mc))
-    result = model.load_state_dict(sd, strict=False)
+    try:
+        model = BeitForMaskedImageModeling(BeitConfig.from_dict(mc))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: its model config does not build a model ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches: torch lists them over many lines
+        text = " ".join(ln.strip() for ln in str(exc).splitlines()[1:4] if ln.strip())
+        raise CheckpointError(f"{path}: the weights do not fit its model config ({text[:300]})") from None
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}: the weights do not fit its model config (missing {result.missing_keys[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]})")
+        raise CheckpointError(f"{path}: the weights do not fit its model config (missing {result.missing_keys[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]})")
     return atomic_save({"model": model.export_state_dict(layout)}, Path(out))
-
-
-def _prune_checkpoints(out: Path, keep_last: int) -> None:
-    for old in _checkpoints(out)[:-keep_last]:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
 
 
 # -- the run ---------------------------------------------------------------------------------------------------------
@@ -373,8 +412,9 @@ def build_tokenizer(cfg: PretrainConfig, mcfg: BeitConfig, device: torch.device)
 
     try:
         tok = DalleTokenizer.from_files(cfg.tokenizer, fast="auto")
-    except (pickle.UnpicklingError, RuntimeError, KeyError) as exc:
-        raise ValueError(f"tokenizer={cfg.tokenizer!r} cannot be loaded: {exc}") from None
+    except (pickle.UnpicklingError, ValueError, OSError, RuntimeError, KeyError, EOFError) as exc:
+        why = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()) or type(exc).__name__
+        raise ValueError(f"tokenizer={cfg.tokenizer!r} cannot be loaded: {why}") from None
     if tok.grid_size != mcfg.grid_size or tok.vocab_size != mcfg.vocab_size:
         raise ValueError(
             f"tokenizer {cfg.tokenizer} makes a {tok.grid_size}x{tok.grid_size} grid of {tok.vocab_size} codes; the "
@@ -387,6 +427,10 @@ def _worker_init(_: int) -> None:
     # One intra-op thread per worker: the workers' small tensor ops otherwise fight the training
     # step for the same cores (OpenMP spin-waits made steps 10x slower on 2 cores).
     torch.set_num_threads(1)
+    # A Ctrl-C (the whole process group) or a scheduler's SIGTERM to every process must not kill the workers
+    # while the main process finishes its step and checkpoint; they end with it.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _device(cfg: PretrainConfig, local_rank: int = 0) -> torch.device:
@@ -440,8 +484,11 @@ def _resume_differences(ckpt: Dict[str, Any], cfg: PretrainConfig, mcfg: BeitCon
     return diffs
 
 
-def _start_distributed(device: torch.device) -> None:
-    """DeepSpeed's process group (from the launcher's environment, or a one-process group when run plainly)."""
+def _start_distributed(device: torch.device, timeout_s: float) -> None:
+    """DeepSpeed's process group (from the launcher's environment, or a one-process group when run plainly); every
+    collective waits at most `timeout_s` (a hung rank ends the job instead of blocking it)."""
+    import datetime
+
     init_distributed_env(device.type)
     reason = deepspeed_reasons()
     if reason:
@@ -450,7 +497,7 @@ def _start_distributed(device: torch.device) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
@@ -497,15 +544,44 @@ def _data(cfg: PretrainConfig, mcfg: BeitConfig, tok_size: int, base: Optional[t
     return MIMDataset(base, TwoViewTransform(mcfg.img_size, tok_size), mask_gen, seed=cfg.seed, return_skipped=True)
 
 
+def _process_layout() -> Tuple[int, int, int]:
+    """(world size, rank, local rank) as a launcher (deepspeed, torchrun) sets them; a plain run is one process."""
+    return tuple(int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"),  # type: ignore
+                                                        ("LOCAL_RANK", "0")))
+
+
 def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
-    """Run pretraining; returns a summary (final metrics, paths). Under DeepSpeed every rank calls it."""
+    """Run pretraining; returns a summary (final metrics, paths). Under DeepSpeed every rank calls it.
+
+    Everything that can be checked (config, data, resume checkpoint, tokenizer) is checked before `out` is touched.
+    Then rank 0 takes the run directory's lock (`RunLock`) for the rest of the run - a second run into the same
+    `out` is refused (`RunDirectoryBusy`, a ValueError) - and removes what an interrupted run left there."""
+    locks: List[RunLock] = []
+    try:
+        return _pretrain(cfg, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _lock_run_directory(out: Path, locks: List[RunLock]) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"out={str(out)!r} is not a writable directory ({type(exc).__name__}: {exc})") from None
+    locks.append(RunLock(out).acquire())
+    clean_run_directory(out)
+
+
+def _pretrain(cfg: PretrainConfig, locks: List[RunLock]) -> Dict[str, Any]:
     cfg.validate()
     mcfg = cfg.model_config()
     out = Path(cfg.out)
     # Everything that can be checked is checked before DeepSpeed starts (its import alone prints to stderr).
-    # The process layout a launcher (deepspeed, torchrun) sets; a plain run is one process.
-    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"),
-                                                                      ("LOCAL_RANK", "0")))
+    world, rank, local_rank = _process_layout()
     if not cfg.deepspeed and world > 1:
         raise ValueError(f"launched as {world} processes, but the plain engine is one process: "
                          "add --deepspeed (with --zero-stage 0-3)")
@@ -559,8 +635,8 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                         "from the original run's (and from a straight run to %d)", old_max, cfg.max_steps,
                         ckpt["step"], cfg.max_steps)
 
-    existing = _checkpoints(out)
-    foreign = resume_path is not None and resume_path.resolve().parent != _ckpt_dir(out).resolve()
+    existing = checkpoints(out)
+    foreign = resume_path is not None and resume_path.resolve().parent != checkpoint_dir(out).resolve()
     if existing and (resume_path is None or foreign) and not cfg.overwrite:
         what = "start afresh" if resume_path is None else f"resume {resume_path} there"
         raise ValueError(f"{out} already holds checkpoints of a run (newest {existing[-1].name}): continue it with "
@@ -569,20 +645,14 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     # next `--resume auto` continue that other run (and pruning by age could delete this run's newest). They are
     # deleted only once the run has started (the engine built, the checkpoint loaded).
     start_at = ckpt["step"] if ckpt is not None and not foreign else 0
-    stale = [p for p in existing if int(re.search(r"\d{8}", p.name).group()) > start_at]
+    stale = [p for p in existing if checkpoint_step(p) > start_at]
     if cfg.apex:
         _apex_classes()  # fails with its one-line reason before anything starts
     tokenizer = build_tokenizer(cfg, mcfg, device)  # a bad tokenizer file fails before anything is written
     if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise ValueError(f"out={str(out)!r} is not a writable directory ({type(exc).__name__}: {exc})") from None
+        _lock_run_directory(out, locks)
     if cfg.deepspeed:
-        _start_distributed(device)
+        _start_distributed(device, cfg.dist_timeout)
     tok_size = tokenizer.image_size
     if is_main:
         (out / "config.json").write_text(json.dumps({"pretrain": cfg.to_dict(), "model": mcfg.to_dict()}, indent=2))
@@ -612,7 +682,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     # Run statistics, saved in every checkpoint: counts, the recent accuracies, the global token histogram
     # (for the majority-token baseline; on resume rank 0 carries it, the other ranks start from zero).
     stats: Dict[str, Any] = {"skipped_steps": 0, "skipped_images": 0, "bad_in_row": 0, "recent_acc": [],
-                             "token_hist": torch.zeros(mcfg.vocab_size, dtype=torch.long)}
+                             "token_hist": torch.zeros(mcfg.vocab_size, dtype=torch.long), "bad_files": []}
     if ckpt is not None:
         engine.load(resume_path, ckpt)
         start_step, stats = ckpt["step"], {**stats, **ckpt["stats"]}
@@ -628,10 +698,7 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         why = "--overwrite" if start_at == 0 else f"it is past step {start_at}, where this run starts"
         for p in stale:
             log.warning("removing %s (%s)", p, why)
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+            remove_checkpoint(p)
         if start_step == 0:  # a fresh run: the outputs of an earlier run in this directory go too
             shutil.rmtree(out / "tensorboard", ignore_errors=True)
             for name in ("summary.json", "metrics.png"):
@@ -692,17 +759,39 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
         progress.update(line, postfix, log_now)
         return now
 
+    # Unreadable image files, each counted once over the run: within an epoch every index is drawn by exactly one
+    # rank, which reports it; the ranks' new finds are merged at epoch ends and checkpoints.
+    bad_files = set(stats["bad_files"])
+    new_bad: set = set()
+    steps_per_epoch = len(dataset) // cfg.batch_size
+
+    def merge_bad_files() -> None:
+        nonlocal new_bad
+        bad_files.update(engine.gather_union(new_bad))
+        new_bad = set()
+        stats["bad_files"], stats["skipped_images"] = sorted(bad_files), len(bad_files)
+
+    suspect: set = set()  # checkpoints this run wrote inside a streak of skipped steps
+
     def save() -> Path:
+        merge_bad_files()
         stats["recent_acc"] = list(recent_acc)
         stats["token_hist"] = engine.reduce_sum(token_hist).cpu()  # the global histogram (a collective)
+        if not engine.params_finite():  # (every rank) a checkpoint is never written from non-finite weights
+            newest = find_latest_checkpoint(out)
+            raise TrainingStopped(f"the weights are not finite at step {step}: no checkpoint written (the newest "
+                                  f"one is {newest})")
         if metrics is not None:
             metrics.flush()  # every row up to the checkpoint is on disk before it
-        path = engine.save(_ckpt_dir(out), step, {"step": step, "config": cfg.to_dict(),
-                                                  "model_config": mcfg.to_dict(), "stats": stats})
+        path = engine.save(checkpoint_dir(out), step, {"step": step, "config": cfg.to_dict(),
+                                                       "model_config": mcfg.to_dict(), "stats": stats})
+        if stats["bad_in_row"]:
+            suspect.add(path.name)
         if is_main:
-            _prune_checkpoints(out, cfg.keep_last)
+            prune_checkpoints(out, cfg.keep_last, good=lambda p: p.name not in suspect)
         return path
 
+    signals = SignalStop().install()
     data_iter = iter(loader)
     try:
         while step < cfg.max_steps:
@@ -710,11 +799,10 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
             engine.set_lr(lr)
             losses: List[torch.Tensor] = []
             accs: List[torch.Tensor] = []
-            skipped_images = torch.zeros((), dtype=torch.float32)
-            step_ok = True
+            step_ok = no_stop = True  # no rank asked to stop (a signal), as far as the agreements said
             for _ in range(cfg.grad_accum_steps):
                 patches, tok_view, mask, _, skipped = next(data_iter)
-                skipped_images += skipped.sum()
+                new_bad.update(i for i in skipped.tolist() if i >= 0 and i not in bad_files)
                 if not step_ok:
                     continue  # the rest of a skipped step: its data is consumed (steps stay addressable), not run
                 patches = patches.to(device, non_blocking=True)
@@ -730,8 +818,11 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
                     input_error = None
                 except ValueError as exc:
                     input_error = exc
-                # The micro-batch's one sync; every rank learns whether any rank's loss or inputs were bad.
-                step_ok, inputs_ok = engine.all_finite(out_.loss, ok=input_error is None)
+                # The micro-batch's one sync; every rank learns whether any rank's loss or inputs were bad, and
+                # whether any rank was asked to stop (a signal).
+                step_ok, inputs_ok, go_on = engine.all_finite(out_.loss, input_error is None,
+                                                              signals.requested is None)
+                no_stop = no_stop and go_on
                 if input_error is not None:
                     raise input_error
                 if not inputs_ok:
@@ -744,31 +835,45 @@ def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
             step_stats = engine.reduce_mean(torch.stack([
                 torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=device),
                 torch.stack(accs).mean() if accs else torch.tensor(float("nan"), device=device),
-                skipped_images.to(device),
+                torch.tensor(float(len(new_bad)), device=device),
             ]))
-            stats["skipped_images"] += int(round(float(step_stats[2]) * world))
-            if not step_ok:  # a non-finite loss on some rank: every rank drops the step's gradients
+            stats["skipped_images"] = len(bad_files) + int(round(float(step_stats[2]) * world))
+            grad_norm = float("nan")
+            if step_ok:  # every rank's loss was finite: the engine applies the step only if the global norm is too
+                grad_norm = engine.step()
+            else:  # a non-finite loss on some rank: every rank drops the step's gradients
                 engine.discard()
+            step += 1
+            if step_ok and math.isfinite(grad_norm):
+                stats["bad_in_row"] = 0
+                t_last = _report(step, lr, grad_norm, step_stats, t_last)
+            else:
                 stats["bad_in_row"] += 1
                 stats["skipped_steps"] += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step + 1, stats["bad_in_row"])
+                what = "loss" if not step_ok else f"gradient norm ({grad_norm})"
+                log.warning("step %d: non-finite %s, step skipped (%d in a row)", step, what, stats["bad_in_row"])
                 if stats["bad_in_row"] >= cfg.max_bad_steps:
                     raise TrainingStopped(
-                        f"{stats['bad_in_row']} non-finite losses in a row (max_bad_steps={cfg.max_bad_steps}); "
-                        "stopping. Lower the lr, raise warmup, or resume from an earlier checkpoint."
+                        f"{stats['bad_in_row']} skipped steps in a row (non-finite loss or gradient norm; "
+                        f"max_bad_steps={cfg.max_bad_steps}); stopping. The newest checkpoint written before them is "
+                        f"intact: lower the lr, raise warmup, or resume from an earlier checkpoint."
                     )
-                step += 1
                 t_last = time.perf_counter()  # the next row's time is its own step's
-            else:
-                stats["bad_in_row"] = 0
-                grad_norm = engine.step()
-                step += 1
-                t_last = _report(step, lr, grad_norm, step_stats, t_last)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            if steps_per_epoch and step % steps_per_epoch == 0:
+                merge_bad_files()
+            # One process reads its own flag (a signal after the last agreement counts); ranks go by the agreement.
+            stop = not no_stop or (world == 1 and signals.requested is not None)
+            if stop or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps):
                 last_ckpt = save()
+            if stop:
+                signum = signals.requested or signal.SIGTERM  # another rank's signal: every rank stops here
+                raise StoppedBySignal(signum, step, last_ckpt)
         if step > start_step or last_ckpt is None:  # a finished run resumed: its checkpoint stays as it is
             last_ckpt = save()
+        elif signals.requested is not None:
+            raise StoppedBySignal(signals.requested, step, last_ckpt)
     finally:
+        signals.restore()
         progress.close()
         if metrics is not None:
             metrics.close()
@@ -953,14 +1058,28 @@ def print_help() -> None:
     print("  --config FILE.yaml; any BeitConfig key (e.g. --depth=2 or --model.depth=2)")
 
 
+def _is_distributed_error(exc: BaseException) -> bool:
+    """A torch.distributed failure (a collective's timeout, a peer gone): DistError and its kinds, or gloo's and
+    NCCL's RuntimeErrors, which name themselves."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Timed out", "timed out"))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Exit 0 done, 2 bad input (config, arguments, missing data), 1 the data or the run failed, 130 interrupted.
+    """Exit 0 done; 2 bad input (config, arguments, missing data, a bad checkpoint or tokenizer file, a run
+    directory in use); 1 the data or the run failed (too many skipped steps, a write error such as a full disk, a
+    hung or dead rank); 128 + N stopped by signal N (SIGTERM 143, SIGINT 130) after writing a checkpoint.
     Every expected failure is one line on stderr; anything else keeps its traceback (a bug to report)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print_help()
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    cfg = PretrainConfig()
     try:
         cfg = config_from_args(argv)
         summary = pretrain(cfg)
@@ -969,6 +1088,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except (DataError, TrainingStopped, OSError) as exc:
         print(f"beit-fast pretrain: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except StoppedBySignal as exc:
+        if _process_layout()[1] == 0:  # one line for the job, not one per rank
+            print(f"beit-fast pretrain: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except RuntimeError as exc:
+        if not _is_distributed_error(exc):
+            raise
+        print(f"beit-fast pretrain: error: a collective failed or timed out (dist_timeout={cfg.dist_timeout:g} s): "
+              f"another process is hung or dead ({type(exc).__name__}: {_one_line(exc)[:300]})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("beit-fast pretrain: interrupted; the last checkpoint is intact (resume with --resume auto)",
