@@ -435,8 +435,23 @@ _ALLOWED_GLOBALS: Dict[str, Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """pickle.Unpickler whose find_class only answers names in `_ALLOWED_GLOBALS` (and never imports)."""
+class _OpcodeTable(dict):
+    """The pure-Python unpickler's opcode table; an unknown opcode is an UnpicklingError (as in the C one), not a
+    KeyError."""
+
+    def __missing__(self, opcode: int) -> Any:
+        raise pickle.UnpicklingError(f"invalid load key, {repr(bytes([opcode]))[1:]}.")
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler whose find_class only answers names in `_ALLOWED_GLOBALS` (and never imports).
+
+    Built on the pure-Python unpickler, not the C one: the C unpickler's memo is an array sized by the
+    largest index a PUT names, so a corrupt 9-byte pickle makes it allocate and zero gigabytes (the OOM killer,
+    not an exception); the Python one keeps its memo in a dict. A tokenizer pickle is a few thousand objects
+    (the tensors' bytes are read by torch), so the speed does not matter."""
+
+    dispatch = _OpcodeTable(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol-2 pickles spell some names the Python 2 way (__builtin__.set); rename as pickle does.

@@ -336,7 +336,7 @@ BAD_FILES = {  # kind -> (the exception type, what its message says)
     "under_a_file": (TokenizerFileError, r"cannot open \(NotADirectoryError: "),
     "torch_saved_list": (TokenizerFileError, "state dict or a beit-fast dvae checkpoint, got list$"),
     "pickled_list": (TokenizerFileError, r"not a torch.save file: RuntimeError: Invalid magic number"),
-    "wrong_shapes": (TokenizerFileError, r"weights do not fit Dalle(En|De)coder: .*\(3, 3, 3, 3\) vs \(\d+, \d+, 3, 3\)"),
+    "wrong_shapes": (TokenizerFileError, r"weights do not fit Dalle(En|De)coder: .*\(3, 3, 3, 3\) vs \(\d+, \d+, 3, 3"),
 }
 
 
@@ -390,6 +390,31 @@ def test_corrupt_tokenizer_files_raise_only_documented_errors(tmp_path, legacy):
             failed += 1
             assert str(exc).startswith(f"{path}: ") and len(str(exc).splitlines()) == 1, str(exc)
     assert failed >= 16  # at least every truncated copy
+
+
+def test_corrupt_memo_index_allocates_nothing(tmp_path):
+    """A 9-byte pickle whose PUT names memo index 2**26: the C unpickler sizes its memo array by the index and
+    zeroes it (1 GiB here; 32 GiB at 2**31: the OOM killer, not an exception). The restricted unpickler keeps
+    its memo in a dict: the load fails as a bad file without the memory. Measured in a fresh process."""
+    path = tmp_path / "memo.pkl"
+    path.write_bytes(b"\x80\x02]r" + (2**26).to_bytes(4, "little") + b".")  # PROTO 2, EMPTY_LIST, LONG_BINPUT, STOP
+    script = textwrap.dedent(f"""
+        import resource
+        from beit_fast.tokenizer import TokenizerFileError, load_dalle_encoder
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            load_dalle_encoder({str(path)!r})
+        except TokenizerFileError as exc:
+            print(exc)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    message, grown_mib = res.stdout.strip().splitlines()
+    assert message.startswith(f"{path}: cannot read") and "Invalid magic number" in message
+    assert int(grown_mib) < 256, f"the load grew the process by {grown_mib} MiB"
 
 
 def test_files_that_do_not_make_a_tokenizer_together(tmp_path):
