@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import run_cli
 
 from beit_fast.tokenizer import (
     DalleDecoder,
@@ -415,6 +416,36 @@ def test_corrupt_memo_index_allocates_nothing(tmp_path):
     message, grown_mib = res.stdout.strip().splitlines()
     assert message.startswith(f"{path}: cannot read") and "Invalid magic number" in message
     assert int(grown_mib) < 256, f"the load grew the process by {grown_mib} MiB"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated_zip", "directory", "wrong_shapes", "refused_global"])
+def test_cli_tokenize_bad_tokenizer_file_is_one_line(tmp_path, capsys, kind):
+    """`beit-fast tokenize --tokenizer BAD`: exit 2, one line on stderr naming the file, nothing written."""
+    from beit_fast.cli import main
+
+    if kind == "refused_global":
+        path = tmp_path / "evil.pt"
+        torch.save(_Payload(os.system, f"touch {tmp_path / 'pwned'}"), path)
+    else:
+        path = _bad_tokenizer_file(tmp_path, kind)
+    out = tmp_path / "x.pt"
+    assert main(["tokenize", "--tokenizer", str(path), "--out", str(out), "--num-images", "4"]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("beit-fast tokenize: error: "), captured.err
+    assert str(path) in lines[0] and "Traceback" not in captured.err
+    assert not out.exists() and not (tmp_path / "pwned").exists()
+
+
+def test_cli_tokenize_truncated_tokenizer_file_in_a_shell(tmp_path):
+    """The same as a user's shell runs it (a fresh process): a truncated legacy-format file is one line, exit 2."""
+    path = _bad_tokenizer_file(tmp_path, "truncated_legacy")
+    res = run_cli("tokenize", "--tokenizer", str(path), "--out", str(tmp_path / "x.pt"), "--num-images", "4",
+                  timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert lines[0].startswith(f"beit-fast tokenize: error: {path}: cannot read (truncated or corrupt"), lines[0]
 
 
 def test_files_that_do_not_make_a_tokenizer_together(tmp_path):
