@@ -123,20 +123,20 @@ def tokenize(argv: List[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if a.batch_size <= 0 or a.num_images <= 0:
         return _error(p.prog, "--batch-size and --num-images must be positive")
-    import pickle
-
     from torchvision.transforms import functional as TF
 
     from beit_fast.checkpoint import atomic_save
     from beit_fast.data import build_dataset
     from beit_fast.kernels import check_deferred
-    from beit_fast.tokenizer import DalleTokenizer
+    from beit_fast.tokenizer import DalleTokenizer, PickleRefusedError, TokenizerFileError
 
     try:
         tok = DalleTokenizer.from_files(a.tokenizer, fast="auto")
-        data = build_dataset(a.data, num_images=a.num_images, seed=a.seed,
-                             size=max(16, tok.image_size * 3 // 2))
-    except (FileNotFoundError, NotADirectoryError, ValueError, pickle.UnpicklingError) as exc:
+    except (FileNotFoundError, TokenizerFileError, PickleRefusedError) as exc:  # every bad tokenizer file
+        return _error(p.prog, (str(exc).splitlines() or [type(exc).__name__])[0])
+    try:
+        data = build_dataset(a.data, num_images=a.num_images, seed=a.seed, size=max(16, tok.image_size * 3 // 2))
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         return _error(p.prog, str(exc))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = tok.to(device)

@@ -7,6 +7,8 @@
   without the `dall_e` package and without running pickled code (`load_dalle_encoder`,
   `load_dalle_decoder`: a restricted unpickler admits only the classes such a file needs), from
   plain state dicts of our modules, or from a `beit-fast dvae` checkpoint of `train/tokenizer.py`.
+  A file that cannot be loaded raises FileNotFoundError, `PickleRefusedError` or `TokenizerFileError`,
+  each with a one-line message that names the file.
 - `RandomConvTokenizer`: a fixed, randomly initialised patchify conv + nearest random code
   (cosine) - gives targets that depend on local image content, so masked prediction is learnable
   (it is NOT a semantic tokenizer: runs with it say so in their logs).
@@ -19,6 +21,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import types
 import warnings
 import zipfile
@@ -38,6 +41,7 @@ __all__ = [
     "load_dalle_encoder",
     "load_dalle_decoder",
     "PickleRefusedError",
+    "TokenizerFileError",
     "map_pixels",
     "unmap_pixels",
     "decoded_images",
@@ -321,7 +325,56 @@ class DalleDecoder(nn.Module):
 
 
 class PickleRefusedError(pickle.UnpicklingError):
-    """A pickle referenced a global outside the allow-list; the message names it."""
+    """A pickle referenced a global outside the allow-list; the message names it (and, raised by the loaders,
+    the file)."""
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file that cannot be read (empty, truncated, corrupt, a directory, not a torch.save file) or
+    does not hold a tokenizer whose weights fit. The message is one line: `FILE: what is wrong`."""
+
+
+def _file_name(path: PathLike) -> str:
+    """The path as messages show it (escaped where a character in it would break the line)."""
+    return _escaped(os.fsdecode(os.fspath(path)))
+
+
+def _escaped(text: str) -> str:
+    """`text` with any character that would break a one-line message escaped (a pickle can name anything)."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _first_line(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _described(exc: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message` (the type alone where the message is empty); a line longer than `limit`
+    is cut after its last whole sentence that fits (torch appends paragraphs of advice to some)."""
+    line = _first_line(str(exc))
+    if len(line) > limit:
+        end = line.rfind(". ", 0, limit)
+        line = line[: end + 1] if end > 0 else line[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def _in_file(name: str, message: str) -> str:
+    """One line `name: message` (the name is not repeated when the message already starts with it)."""
+    line = _first_line(message)
+    return line if line.startswith(f"{name}: ") else f"{name}: {line}"
+
+
+def _refusal_in(exc: BaseException) -> Optional[PickleRefusedError]:
+    """The PickleRefusedError that `exc` is, or was raised from or while handling (torch may wrap what the
+    unpickler raises): a refusal is never reported as a corrupt file."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, PickleRefusedError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class _StandIn:
@@ -382,8 +435,23 @@ _ALLOWED_GLOBALS: Dict[str, Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """pickle.Unpickler whose find_class only answers names in `_ALLOWED_GLOBALS` (and never imports)."""
+class _OpcodeTable(dict):
+    """The pure-Python unpickler's opcode table; an unknown opcode is an UnpicklingError (as in the C one), not a
+    KeyError."""
+
+    def __missing__(self, opcode: int) -> Any:
+        raise pickle.UnpicklingError(f"invalid load key, {repr(bytes([opcode]))[1:]}.")
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler whose find_class only answers names in `_ALLOWED_GLOBALS` (and never imports).
+
+    Built on the pure-Python unpickler, not the C one: the C unpickler's memo is an array sized by the
+    largest index a PUT names, so a corrupt 9-byte pickle makes it allocate and zero gigabytes (the OOM killer,
+    not an exception); the Python one keeps its memo in a dict. A tokenizer pickle is a few thousand objects
+    (the tensors' bytes are read by torch), so the speed does not matter."""
+
+    dispatch = _OpcodeTable(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol-2 pickles spell some names the Python 2 way (__builtin__.set); rename as pickle does.
@@ -393,10 +461,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[qualname]
         except KeyError:
-            spelled = f" (pickled as `{module}.{name}`)" if qualname != f"{module}.{name}" else ""
+            pickled = f"{module}.{name}"
+            spelled = f" (pickled as `{_escaped(pickled)}`)" if qualname != pickled else ""
             raise PickleRefusedError(
-                f"refused to unpickle `{qualname}`{spelled}: not one of the classes a DALL-E dVAE pickle or a "
-                "state dict needs (nothing was imported or called)"
+                f"refused to unpickle `{_escaped(qualname)}`{spelled}: not one of the classes a DALL-E dVAE pickle "
+                "or a state dict needs (nothing was imported or called)"
             ) from None
 
 
@@ -414,18 +483,45 @@ _RESTRICTED_PICKLE.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr
 
 def _restricted_torch_load(path: PathLike) -> Any:
     """torch.load through the restricted unpickler, on the CPU. TorchScript archives are refused:
-    torch.load would hand them to torch.jit.load, past the unpickler."""
-    with open(path, "rb") as f:
-        if zipfile.is_zipfile(f):
+    torch.load would hand them to torch.jit.load, past the unpickler.
+
+    Raises FileNotFoundError (no such file), PickleRefusedError (naming the file and the global), or
+    TokenizerFileError for anything else that stops the read (a directory, an empty file, bytes that are not a
+    whole torch.save file: torch raises a dozen exception types for those)."""
+    name = _file_name(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a parent that is a file, permissions, a name too long...
+        raise TokenizerFileError(f"{name}: cannot open ({_described(exc)})") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise TokenizerFileError(f"{name}: is a directory, not a tokenizer file")
+    if not stat.S_ISREG(info.st_mode):
+        raise TokenizerFileError(f"{name}: not a regular file")
+    if info.st_size == 0:
+        raise TokenizerFileError(f"{name}: not a tokenizer file: empty file")
+    try:
+        with open(path, "rb") as f:
+            if zipfile.is_zipfile(f):
+                f.seek(0)
+                with zipfile.ZipFile(f) as zf:
+                    if any(n.split("/", 1)[-1] == "constants.pkl" for n in zf.namelist()):
+                        raise PickleRefusedError(f"{name}: refused a TorchScript archive (torch.load would run it)")
             f.seek(0)
-            with zipfile.ZipFile(f) as zf:
-                if any(n.split("/", 1)[-1] == "constants.pkl" for n in zf.namelist()):
-                    raise PickleRefusedError(f"{path}: refused a TorchScript archive (torch.load would run it)")
-        f.seek(0)
-        with warnings.catch_warnings():
-            # The legacy format compares a pickled module's source with its class; stand-ins have none.
-            warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
-            return torch.load(f, map_location="cpu", pickle_module=_RESTRICTED_PICKLE, weights_only=False, mmap=False)
+            with warnings.catch_warnings():
+                # The legacy format compares a pickled module's source with its class; stand-ins have none.
+                warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
+                return torch.load(f, map_location="cpu", pickle_module=_RESTRICTED_PICKLE, weights_only=False,
+                                  mmap=False)
+    except Exception as exc:  # every way bad bytes fail becomes one of the three documented types
+        refusal = _refusal_in(exc)
+        if refusal is not None:
+            raise PickleRefusedError(_in_file(name, str(refusal))) from None
+        if isinstance(exc, FileNotFoundError):  # removed since the stat
+            raise
+        raise TokenizerFileError(f"{name}: cannot read (truncated or corrupt, or not a torch.save file: "
+                                 f"{_described(exc)})") from exc
 
 
 def _modules_of(root: _StandIn) -> Dict[str, _StandIn]:
@@ -567,17 +663,34 @@ def _config_from_state_dict(cls: type, sd: Mapping[str, torch.Tensor]) -> Dict[s
 _DVAE_FORMAT = "beit-fast dvae"  # train/tokenizer.py: {"format", "encoder", "decoder", "image_size", ...}
 
 
+def _is_dvae(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and isinstance(obj.get("format"), str) and obj["format"] == _DVAE_FORMAT
+
+
 def _build(cls: type, path: PathLike, obj: Any, part: str) -> nn.Module:
-    """A loaded object (stand-in tree, state dict, or dvae checkpoint) -> `cls` with its weights."""
-    if isinstance(obj, Mapping) and obj.get("format") == _DVAE_FORMAT:
+    """A loaded object (stand-in tree, state dict, or dvae checkpoint) -> `cls` with its weights.
+
+    Whatever stops the build (a file of another kind, hyper-parameters or weights that do not fit; a pickle
+    can hold any allowed object, so any exception) becomes a one-line TokenizerFileError naming the file."""
+    name = _file_name(path)
+    try:
+        return _build_model(cls, obj, part)
+    except ValueError as exc:
+        raise TokenizerFileError(_in_file(name, str(exc))) from exc
+    except Exception as exc:  # a pickle can hold any allowed object: any error means the file does not fit
+        raise TokenizerFileError(f"{name}: does not hold a usable {cls.__name__} ({_described(exc)})") from exc
+
+
+def _build_model(cls: type, obj: Any, part: str) -> nn.Module:
+    if _is_dvae(obj):
         if part not in obj:
-            raise ValueError(f"{path}: the {_DVAE_FORMAT} checkpoint has no {part!r} entry")
+            raise ValueError(f"the {_DVAE_FORMAT} checkpoint has no {part!r} entry")
         obj = obj[part]
     # Built on the meta device first: the hyper-parameters come from the file, and nothing is allocated
     # until the file's own tensors are known to have exactly the shapes they imply.
     if isinstance(obj, _StandIn):
         if obj.QUALNAME != cls.DALLE_NAME:
-            raise ValueError(f"{path}: holds a pickled {obj.QUALNAME}, expected a {cls.DALLE_NAME}")
+            raise ValueError(f"holds a pickled {obj.QUALNAME}, expected a {cls.DALLE_NAME}")
         with torch.device("meta"):
             model = cls(**_config_from_standin(cls, obj))
         state = _state_dict_from_standins(model, obj)
@@ -586,14 +699,14 @@ def _build(cls: type, path: PathLike, obj: Any, part: str) -> nn.Module:
         with torch.device("meta"):
             model = cls(**_config_from_state_dict(cls, state))
     else:
-        raise ValueError(f"{path}: expected a pickled {cls.DALLE_NAME}, a {cls.__name__} state dict or a "
+        raise ValueError(f"expected a pickled {cls.DALLE_NAME}, a {cls.__name__} state dict or a "
                          f"{_DVAE_FORMAT} checkpoint, got {type(obj).__name__}")
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if want != got:
         missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         wrong = [f"{k}: {got[k]} vs {want[k]}" for k in sorted(set(want) & set(got)) if got[k] != want[k]]
-        raise ValueError(f"{path}: weights do not fit {cls.__name__}: missing {missing[:4]}, unexpected "
+        raise ValueError(f"weights do not fit {cls.__name__}: missing {missing[:4]}, unexpected "
                          f"{unexpected[:4]}, wrong shapes (file vs model) {wrong[:4]}")
     model = model.to_empty(device="cpu")
     with torch.no_grad():
@@ -608,8 +721,9 @@ def load_dalle_encoder(path: PathLike) -> DalleEncoder:
     `beit-fast dvae` checkpoint, without importing `dall_e` or running pickled code.
 
     Returns a frozen (eval, no grad) fp32 `DalleEncoder` on the CPU; its forward takes mapped pixels.
-    Raises `PickleRefusedError` (a pickle.UnpicklingError) naming any global outside the allow-list,
-    ValueError for a file of another kind or with weights that do not fit."""
+    Raises FileNotFoundError for a missing file, `PickleRefusedError` (a pickle.UnpicklingError) naming the file
+    and any global outside the allow-list, and `TokenizerFileError` (a ValueError) for anything else: a file
+    that cannot be read or holds another kind of object or weights that do not fit. Messages are one line."""
     return _build(DalleEncoder, path, _restricted_torch_load(path), "encoder")
 
 
@@ -619,6 +733,11 @@ def load_dalle_decoder(path: PathLike) -> DalleDecoder:
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def _check_fast(fast: Union[bool, str]) -> None:
+    if fast not in (True, False, "auto"):
+        raise ValueError(f"fast={fast!r}: must be True, False or 'auto'")
 
 
 class DalleTokenizer(VisualTokenizer):
@@ -641,8 +760,7 @@ class DalleTokenizer(VisualTokenizer):
         source: Optional[str] = None,
     ) -> None:
         super().__init__()
-        if fast not in (True, False, "auto"):
-            raise ValueError(f"fast={fast!r}: must be True, False or 'auto'")
+        _check_fast(fast)
         if image_size % encoder.downsample:
             raise ValueError(f"image_size {image_size} must be a multiple of the encoder's {encoder.downsample}x "
                              "downsampling")
@@ -674,11 +792,16 @@ class DalleTokenizer(VisualTokenizer):
         fast: Union[bool, str] = False,
     ) -> "DalleTokenizer":
         """From `encoder.pkl` [+ `decoder.pkl`], state dicts, or one `beit-fast dvae` checkpoint (which
-        carries the decoder and image size too). image_size defaults to the checkpoint's, else 14 codes a side."""
+        carries the decoder and image size too). image_size defaults to the checkpoint's, else 14 codes a side.
+
+        A file that cannot be loaded raises FileNotFoundError, `PickleRefusedError` or `TokenizerFileError`
+        (see `load_dalle_encoder`); so do files that load but do not make a tokenizer together (a decoder that
+        does not match the encoder, an image size the encoder cannot take)."""
+        _check_fast(fast)
         obj = _restricted_torch_load(encoder_path)
         encoder = _build(DalleEncoder, encoder_path, obj, "encoder")
         decoder = None
-        is_dvae = isinstance(obj, Mapping) and obj.get("format") == _DVAE_FORMAT
+        is_dvae = _is_dvae(obj)
         if decoder_path is not None:
             decoder = load_dalle_decoder(decoder_path)
         elif is_dvae and "decoder" in obj:
@@ -686,8 +809,11 @@ class DalleTokenizer(VisualTokenizer):
         if image_size is None:
             size = obj.get("image_size") if is_dvae else None
             image_size = size if isinstance(size, int) and not isinstance(size, bool) else 14 * encoder.downsample
-        source = os.fspath(encoder_path) + (f" + {os.fspath(decoder_path)}" if decoder_path is not None else "")
-        return cls(encoder, decoder, image_size=image_size, fast=fast, source=source)
+        source = _file_name(encoder_path) + (f" + {_file_name(decoder_path)}" if decoder_path is not None else "")
+        try:
+            return cls(encoder, decoder, image_size=image_size, fast=fast, source=source)
+        except ValueError as exc:
+            raise TokenizerFileError(_in_file(source, str(exc))) from exc
 
     def fast_reasons(self, device: Union[torch.device, str]) -> List[str]:
         """Why the fast path cannot run on `device` (empty: it can)."""

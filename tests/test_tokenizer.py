@@ -6,6 +6,9 @@ import contextlib
 import copy
 import json
 import os
+import pickle
+import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,12 +18,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import run_cli
 
 from beit_fast.tokenizer import (
     DalleDecoder,
     DalleEncoder,
     DalleTokenizer,
     PickleRefusedError,
+    TokenizerFileError,
     decoded_images,
     load_dalle_decoder,
     load_dalle_encoder,
@@ -212,21 +217,20 @@ def test_refuses_globals_outside_the_allow_list(tmp_path, name, layout):
     elif layout == "legacy_format":
         torch.save(payload, path, _use_new_zipfile_serialization=False)
     else:
-        import pickle
-
         path.write_bytes(pickle.dumps(payload, protocol=2))
     module, _, fn = name.rpartition(".")
     module = {"os": "(os|posix)"}.get(module, module)
     for load in (load_dalle_encoder, load_dalle_decoder, DalleTokenizer.from_files):
-        with pytest.raises(PickleRefusedError, match=rf"`{module}\.{fn}`"):
+        with pytest.raises(PickleRefusedError, match=rf"`{module}\.{fn}`") as info:
             load(path)
+        assert str(info.value).startswith(f"{path}: refused to unpickle ") and "\n" not in str(info.value)
     assert not marker.exists()
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated; old files still exist
 def test_refuses_torchscript_archives(tmp_path):
     torch.jit.save(torch.jit.script(nn.ReLU()), tmp_path / "scripted.pt")
-    with pytest.raises(PickleRefusedError, match="TorchScript"):
+    with pytest.raises(PickleRefusedError, match=f"^{re.escape(str(tmp_path / 'scripted.pt'))}: .*TorchScript"):
         load_dalle_encoder(tmp_path / "scripted.pt")
 
 
@@ -281,6 +285,180 @@ def test_wrong_files_raise_clear_errors(tmp_path):
     torch.save({"blocks.input.weight": torch.zeros(8, 3, 7, 7)}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match="DalleEncoder state dict"):
         load_dalle_encoder(tmp_path / "partial.pt")
+
+
+def _tiny_dvae_checkpoint() -> dict:
+    """A `beit-fast dvae` checkpoint (train/tokenizer.py's format) at the smallest widths: loads in milliseconds."""
+    torch.manual_seed(4)
+    enc = DalleEncoder(n_hid=8, n_blk_per_group=1, vocab_size=16)
+    dec = DalleDecoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=16)
+    return {"format": "beit-fast dvae", "encoder": enc.state_dict(), "decoder": dec.state_dict(), "image_size": 16}
+
+
+def _bad_tokenizer_file(tmp_path: Path, kind: str) -> Path:
+    """A tokenizer file of the given kind of badness (see BAD_FILES)."""
+    path = tmp_path / f"{kind}.pt"
+    if kind == "missing":
+        pass
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random_bytes":
+        path.write_bytes(random.Random(0).randbytes(4096))
+    elif kind in ("truncated_zip", "truncated_legacy"):
+        torch.save(_tiny_dvae_checkpoint(), path, _use_new_zipfile_serialization=kind == "truncated_zip")
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "under_a_file":
+        (tmp_path / "file").write_bytes(b"x")
+        path = tmp_path / "file" / "tok.pt"
+    elif kind == "torch_saved_list":
+        torch.save([1, 2, 3], path)
+    elif kind == "pickled_list":
+        path.write_bytes(pickle.dumps([1, 2, 3]))
+    elif kind == "wrong_shapes":
+        ckpt = _tiny_dvae_checkpoint()
+        for part in ("encoder", "decoder"):
+            ckpt[part]["blocks.group_1.block_1.res_path.conv_2.weight"] = torch.zeros(3, 3, 3, 3)
+        torch.save(ckpt, path)
+    else:
+        raise AssertionError(kind)
+    return path
+
+
+BAD_FILES = {  # kind -> (the exception type, what its message says)
+    "missing": (FileNotFoundError, "No such file or directory"),
+    "empty": (TokenizerFileError, r"not a tokenizer file: empty file$"),
+    "random_bytes": (TokenizerFileError, r"cannot read \(truncated or corrupt, or not a torch.save file: Unpickling"),
+    "truncated_zip": (TokenizerFileError, r"cannot read \(truncated or corrupt, or not a torch.save file: Runtime"),
+    "truncated_legacy": (TokenizerFileError, r"cannot read \(truncated or corrupt, or not a torch.save file: "),
+    "directory": (TokenizerFileError, "is a directory, not a tokenizer file$"),
+    "under_a_file": (TokenizerFileError, r"cannot open \(NotADirectoryError: "),
+    "torch_saved_list": (TokenizerFileError, "state dict or a beit-fast dvae checkpoint, got list$"),
+    "pickled_list": (TokenizerFileError, r"not a torch.save file: RuntimeError: Invalid magic number"),
+    "wrong_shapes": (TokenizerFileError, r"weights do not fit Dalle(En|De)coder: .*\(3, 3, 3, 3\) vs \(\d+, \d+, 3, 3"),
+}
+
+
+@pytest.mark.parametrize("loader", ["load_dalle_encoder", "load_dalle_decoder", "from_files", "from_files_decoder"])
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_bad_tokenizer_files_raise_one_line_errors(tmp_path, kind, loader):
+    """Every way a tokenizer file can be bad is one documented exception type whose one-line message names the
+    file (issue 10): no EOFError, RuntimeError, BadZipFile, IsADirectoryError... from the depths of torch.load."""
+    good = tmp_path / "good.pt"
+    torch.save(_tiny_dvae_checkpoint(), good)
+    load = {
+        "load_dalle_encoder": load_dalle_encoder,
+        "load_dalle_decoder": load_dalle_decoder,
+        "from_files": DalleTokenizer.from_files,
+        "from_files_decoder": lambda p: DalleTokenizer.from_files(good, p),  # a good encoder, a bad decoder file
+    }[loader]
+    path = _bad_tokenizer_file(tmp_path, kind)
+    want, says = BAD_FILES[kind]
+    with pytest.raises(Exception) as info:
+        load(path)
+    message = str(info.value)
+    assert type(info.value) is want, f"{type(info.value).__name__}: {message}"
+    assert len(message.splitlines()) == 1 and message == message.strip(), message
+    assert str(path) in message
+    if want is TokenizerFileError:
+        assert message.startswith(f"{path}: ")
+    assert re.search(says, message), message
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_corrupt_tokenizer_files_raise_only_documented_errors(tmp_path, legacy):
+    """Cut anywhere or with bytes overwritten anywhere, a real tokenizer file loads (the bytes hit were weights)
+    or raises TokenizerFileError / PickleRefusedError (a corrupt name) in one line naming the file."""
+    good = tmp_path / "good.pt"
+    torch.save(_tiny_dvae_checkpoint(), good, _use_new_zipfile_serialization=not legacy)
+    data = good.read_bytes()
+    rng = random.Random(10 + legacy)
+    variants = [data[:n] for n in rng.sample(range(1, len(data)), 16)]
+    for _ in range(24):
+        corrupt = bytearray(data)
+        for _ in range(rng.choice([1, 8])):
+            corrupt[rng.randrange(len(corrupt))] = rng.randrange(256)
+        variants.append(bytes(corrupt))
+    path = tmp_path / "tok.pt"
+    failed = 0
+    for variant in variants:
+        path.write_bytes(variant)
+        try:
+            DalleTokenizer.from_files(path)
+        except (TokenizerFileError, PickleRefusedError) as exc:
+            failed += 1
+            assert str(exc).startswith(f"{path}: ") and len(str(exc).splitlines()) == 1, str(exc)
+    assert failed >= 16  # at least every truncated copy
+
+
+def test_corrupt_memo_index_allocates_nothing(tmp_path):
+    """A 9-byte pickle whose PUT names memo index 2**26: the C unpickler sizes its memo array by the index and
+    zeroes it (1 GiB here; 32 GiB at 2**31: the OOM killer, not an exception). The restricted unpickler keeps
+    its memo in a dict: the load fails as a bad file without the memory. Measured in a fresh process."""
+    path = tmp_path / "memo.pkl"
+    path.write_bytes(b"\x80\x02]r" + (2**26).to_bytes(4, "little") + b".")  # PROTO 2, EMPTY_LIST, LONG_BINPUT, STOP
+    script = textwrap.dedent(f"""
+        import resource
+        from beit_fast.tokenizer import TokenizerFileError, load_dalle_encoder
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            load_dalle_encoder({str(path)!r})
+        except TokenizerFileError as exc:
+            print(exc)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    message, grown_mib = res.stdout.strip().splitlines()
+    assert message.startswith(f"{path}: cannot read") and "Invalid magic number" in message
+    assert int(grown_mib) < 256, f"the load grew the process by {grown_mib} MiB"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated_zip", "directory", "wrong_shapes", "refused_global"])
+def test_cli_tokenize_bad_tokenizer_file_is_one_line(tmp_path, capsys, kind):
+    """`beit-fast tokenize --tokenizer BAD`: exit 2, one line on stderr naming the file, nothing written."""
+    from beit_fast.cli import main
+
+    if kind == "refused_global":
+        path = tmp_path / "evil.pt"
+        torch.save(_Payload(os.system, f"touch {tmp_path / 'pwned'}"), path)
+    else:
+        path = _bad_tokenizer_file(tmp_path, kind)
+    out = tmp_path / "x.pt"
+    assert main(["tokenize", "--tokenizer", str(path), "--out", str(out), "--num-images", "4"]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("beit-fast tokenize: error: "), captured.err
+    assert str(path) in lines[0] and "Traceback" not in captured.err
+    assert not out.exists() and not (tmp_path / "pwned").exists()
+
+
+def test_cli_tokenize_truncated_tokenizer_file_in_a_shell(tmp_path):
+    """The same as a user's shell runs it (a fresh process): a truncated legacy-format file is one line, exit 2."""
+    path = _bad_tokenizer_file(tmp_path, "truncated_legacy")
+    res = run_cli("tokenize", "--tokenizer", str(path), "--out", str(tmp_path / "x.pt"), "--num-images", "4",
+                  timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert lines[0].startswith(f"beit-fast tokenize: error: {path}: cannot read (truncated or corrupt"), lines[0]
+
+
+def test_files_that_do_not_make_a_tokenizer_together(tmp_path):
+    ckpt = _tiny_dvae_checkpoint()
+    torch.save(ckpt["encoder"], tmp_path / "enc.pt")
+    torch.save(DalleDecoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=32).state_dict(), tmp_path / "dec.pt")
+    with pytest.raises(TokenizerFileError, match=re.escape(f"{tmp_path / 'enc.pt'} + {tmp_path / 'dec.pt'}: decoder")):
+        DalleTokenizer.from_files(tmp_path / "enc.pt", tmp_path / "dec.pt")
+    with pytest.raises(TokenizerFileError, match="image_size 20 must be a multiple of the encoder's 8x"):
+        DalleTokenizer.from_files(tmp_path / "enc.pt", image_size=20)
+    with pytest.raises(ValueError, match="fast='yes'") as info:  # the caller's mistake: checked before any read
+        DalleTokenizer.from_files(tmp_path / "missing.pt", fast="yes")
+    assert type(info.value) is ValueError
 
 
 def test_tokenize_and_decode():
