@@ -312,3 +312,28 @@ def test_dist_timeout_is_checked_and_may_change_on_resume():
     with pytest.raises(ValueError, match="dist_timeout"):
         pt.config_from_args(["--dist-timeout", "0"])
     assert pt.PretrainConfig().dist_timeout == 600 and "dist_timeout" in pt.RESUME_MAY_DIFFER
+
+
+@pytest.mark.gpu
+def test_fused_adamw_skips_an_inf_gradient_on_the_device():
+    """On CUDA the plain engine skips through fused AdamW's found_inf input (no host sync before the update):
+    weights, moments and the step count are exactly as before the skipped step."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = torch.nn.Linear(64, 64).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    engine = PlainEngine(model, opt, device=device, bf16=True, clip_grad=3.0, grad_accum=1)
+    x = torch.randn(8, 64, device=device)
+    model(x).square().mean().backward()
+    assert torch.isfinite(torch.tensor(engine.step()))
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    model(x).square().mean().backward()
+    model.weight.grad[0, 0] = float("inf")
+    assert engine.step() == float("inf")
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+    for before, p in zip(state, model.parameters()):
+        assert all(torch.equal(before[k], opt.state[p][k]) for k in before), p.shape
+    model(x).square().mean().backward()
+    assert torch.isfinite(torch.tensor(engine.step())) and not torch.equal(params[0], model.weight)
+    assert float(opt.state[model.weight]["step"]) == 2.0
