@@ -13,6 +13,7 @@ import torch
 from beit_fast import BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling
 from beit_fast.checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     atomic_save,
     convert_state_dict,
     resize_rel_pos_bias,
@@ -434,8 +435,9 @@ def test_atomic_save_writes(tmp_path):
     assert os.listdir(path.parent) == ["ck.pth"]
 
 
-@pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt])
-def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch, exc_type):
+@pytest.mark.parametrize("exc_type,raised",
+                         [(RuntimeError, CheckpointWriteError), (KeyboardInterrupt, KeyboardInterrupt)])
+def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch, exc_type, raised):
     path = tmp_path / "ck.pth"
     atomic_save({"w": torch.arange(5.0)}, path)
     before = path.read_bytes()
@@ -445,8 +447,10 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch, exc_type
         raise exc_type("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(exc_type):
+    with pytest.raises(raised) as info:  # a writer's error is one line naming the file
         atomic_save({"w": torch.arange(1000.0)}, path)
+    if raised is CheckpointWriteError:
+        assert str(info.value) == f"cannot write {path}: write failed (RuntimeError: disk full)"
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ck.pth"]  # no temp file left behind

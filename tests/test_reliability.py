@@ -172,7 +172,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 # -- 3. one run per directory -----------------------------------------------------------------------------------------
 def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "beit_fast.cli", "pretrain", *RUN, "--max-steps", "400",
+    first = subprocess.Popen([sys.executable, "-m", "beit_fast.cli", "pretrain", *RUN, "--max-steps", "100000",
                               "--save-every", "0", "--out", str(out)], stderr=subprocess.PIPE, text=True, env=_env())
     try:
         deadline = time.time() + 120
@@ -227,7 +227,7 @@ def test_incomplete_or_hostile_deepspeed_checkpoints_are_never_resumed(tmp_path)
     assert not marker.exists()
 
 
-# -- 5. a full disk -----------------------------------------------------------------------------------------------------
+# -- 5. a full disk ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("engine_args", [[], pytest.param(["--deepspeed", "--zero-stage", "1"],
                                                           marks=needs_deepspeed)], ids=["plain", "zero1"])
 def test_disk_full_during_a_checkpoint_is_one_line_and_loses_nothing(tmp_path, engine_args):
@@ -245,7 +245,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_loses_nothing(tmp_path, e
     assert r.returncode == 0 and "resumed from" in r.stderr and "step_00000002" in r.stderr, r.stderr[-3000:]
 
 
-# -- 11. signals ---------------------------------------------------------------------------------------------------------
+# -- 11. signals -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig,code", [("TERM", 143), ("INT", 130)])
 def test_a_signal_mid_run_checkpoints_and_resumes_to_the_uninterrupted_run(tmp_path, sig, code):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
@@ -271,7 +271,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert (out / "checkpoints" / "step_00000002" / "rng_rank00001.pt").is_file()
 
 
-# -- 12. a hung rank ends the job -----------------------------------------------------------------------------------------
+# -- 12. a hung rank ends the job --------------------------------------------------------------------------------------
 @needs_deepspeed
 def test_a_hung_rank_ends_the_job_after_dist_timeout(tmp_path):
     t0 = time.time()
@@ -282,7 +282,7 @@ def test_a_hung_rank_ends_the_job_after_dist_timeout(tmp_path):
     _only_the_launchers_traceback(r.stderr)
 
 
-# -- 7. and 10. bad tokenizer and checkpoint files are one line ------------------------------------------------------------
+# -- 7. and 10. bad tokenizer and checkpoint files are one line --------------------------------------------------------
 def test_bad_tokenizer_and_hand_edited_checkpoints_are_one_line(tmp_path):
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")

@@ -47,7 +47,7 @@ import torch
 
 from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.attention import AttentionCase, select_backend
-from beit_fast.checkpoint import CheckpointError, CheckpointWriteError, atomic_save, safe_load
+from beit_fast.checkpoint import CheckpointError, atomic_save, safe_load
 from beit_fast.config import parse_options
 from beit_fast.data import (
     DataError,
