@@ -21,6 +21,11 @@ commands:
 COMMANDS = ("info", "pretrain", "export", "mask-bench", "train-tokenizer", "tokenize")
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def _error(prog: str, message: str) -> int:
     """Every usage error of the CLI: one line on stderr, exit status 2."""
     print(f"{prog}: error: {message}", file=sys.stderr)
@@ -126,7 +131,7 @@ def tokenize(argv: List[str]) -> int:
     from torchvision.transforms import functional as TF
 
     from beit_fast.checkpoint import atomic_save
-    from beit_fast.data import build_dataset
+    from beit_fast.data import DataError, build_dataset
     from beit_fast.kernels import check_deferred
     from beit_fast.tokenizer import DalleTokenizer, PickleRefusedError, TokenizerFileError
 
@@ -141,17 +146,21 @@ def tokenize(argv: List[str]) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = tok.to(device)
     tokens, labels = [], []
-    for start in range(0, len(data), a.batch_size):
-        batch = [data[i] for i in range(start, min(len(data), start + a.batch_size))]
-        views = torch.stack([TF.to_tensor(TF.resize(TF.center_crop(img, min(img.size)), [tok.image_size] * 2))
-                             for img, _ in batch])
-        tokens.append(tok.tokenize(views.to(device)).cpu())
-        labels += [label for _, label in batch]
-        check_deferred()
-    ids = torch.cat(tokens)
-    ids = ids.to(torch.int16 if tok.vocab_size <= 32767 else torch.int32)
-    atomic_save({"tokens": ids, "labels": torch.tensor(labels), "tokenizer": tok.description,
-                 "image_size": tok.image_size, "data": a.data}, a.out)
+    try:  # a folder whose images cannot be read, or an --out that cannot be written: one line, exit 1
+        for start in range(0, len(data), a.batch_size):
+            batch = [data[i] for i in range(start, min(len(data), start + a.batch_size))]
+            views = torch.stack([TF.to_tensor(TF.resize(TF.center_crop(img, min(img.size)), [tok.image_size] * 2))
+                                 for img, _ in batch])
+            tokens.append(tok.tokenize(views.to(device)).cpu())
+            labels += [label for _, label in batch]
+            check_deferred()
+        ids = torch.cat(tokens)
+        ids = ids.to(torch.int16 if tok.vocab_size <= 32767 else torch.int32)
+        atomic_save({"tokens": ids, "labels": torch.tensor(labels), "tokenizer": tok.description,
+                     "image_size": tok.image_size, "data": a.data}, a.out)
+    except (DataError, OSError) as exc:
+        print(f"{p.prog}: error: {_first_line(exc)}", file=sys.stderr)
+        return 1
     print(f"{ids.shape[0]} images -> {tuple(ids.shape)} tokens ({tok.description}) written to {a.out}")
     return 0
 
@@ -181,9 +190,12 @@ def export(argv: List[str]) -> int:
         path = latest
     try:  # every file is read weights-only: a hostile checkpoint is refused, nothing in it runs
         written = export_checkpoint(path, a.out, a.layout)
-    except (ValueError, OSError, RuntimeError) as exc:  # not a checkpoint, unwritable --out, mismatched weights
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # not a checkpoint, mismatched weights: exit 2
         return _error(p.prog, " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
                       or type(exc).__name__)
+    except OSError as exc:  # --out cannot be written (disk full, permissions): exit 1
+        print(f"{p.prog}: error: {_first_line(exc)}", file=sys.stderr)
+        return 1
     print(f"{path} -> {written} ({a.layout} layout)")
     return 0
 

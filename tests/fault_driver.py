@@ -7,6 +7,7 @@ FAULT, with N counting forward calls from 1 on each rank (the fault fires during
   nanweight@N     before forward N, one weight becomes NaN (so the loss is NaN from then on)
   signal@N:SIG    at forward N this process sends itself SIG (TERM, INT); with :SIG:RANK only that rank does
   stop@N:RANK     at forward N rank RANK stops itself (SIGSTOP: hung, not dead)
+  sleep@N:S       at forward N sleep S seconds (a run to kill at a known step)
   enospc@K        the K-th checkpoint file write (counted from 1) fails with ENOSPC, as on a full disk
 """
 
@@ -14,6 +15,7 @@ import errno
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -71,6 +73,14 @@ def inject(fault: str) -> None:
                 os.kill(os.getpid(), getattr(signal, "SIG" + sig))
 
         _on_forward(int(call), send)
+    elif kind == "sleep":
+        call, seconds = arg.split(":")
+
+        def sleep(eng, when):
+            if when == "before":
+                time.sleep(float(seconds))
+
+        _on_forward(int(call), sleep)
     elif kind == "stop":
         call, rank = arg.split(":")
 

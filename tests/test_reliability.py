@@ -189,6 +189,29 @@ def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
     assert _cli("pretrain", *RUN, "--max-steps", "1", "--out", str(out), "--overwrite").returncode == 0
 
 
+def test_kill_9_with_a_data_worker_then_resume_is_exact(tmp_path):
+    """A run killed with SIGKILL (its data-loader worker outliving it for a moment) can be restarted at once: the
+    worker does not hold the run's lock; the resumed run ends with the uninterrupted run's weights and metrics."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = [*RUN, "--max-steps", "8", "--save-every", "2", "--keep-last", "5", "--num-workers", "1"]
+    assert _cli("pretrain", *args, "--out", str(straight)).returncode == 0
+    proc = subprocess.Popen([sys.executable, DRIVER, "sleep@6:60", *args, "--out", str(killed)],
+                            stderr=subprocess.DEVNULL, env=_env())  # holds still in step 6
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_00000004.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    r = _cli("pretrain", *args, "--out", str(killed), "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = "checkpoints/step_00000008.pt"
+    a, b = _weights(straight / final), _weights(killed / final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [x["loss"] for x in metrics_rows(killed)] == [x["loss"] for x in metrics_rows(straight)]
+    _no_stray_files(killed)
+
+
 # -- 4. and 6. checkpoints are complete or not there; nothing stray survives a start -----------------------------------
 @needs_deepspeed
 def test_incomplete_or_hostile_deepspeed_checkpoints_are_never_resumed(tmp_path):
@@ -203,7 +226,7 @@ def test_incomplete_or_hostile_deepspeed_checkpoints_are_never_resumed(tmp_path)
     # removed at the next start, with a warning each, and the run resumes from step 1.
     (ck / "step_00000002" / "model.pt").unlink()
     (ck / ".tmp-step_00000003").mkdir()
-    (ck / ".step_00000003.pt.x1y2.tmp").write_bytes(b"x" * 100)
+    (ck / ".step_00000003.pt.x1y2z3w4.tmp").write_bytes(b"x" * 100)
     r = _cli("pretrain", *args, "--max-steps", "3", "--resume", "auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "incomplete checkpoint: model.pt is missing" in r.stderr and "resumed from" in r.stderr
@@ -296,10 +319,18 @@ def test_bad_tokenizer_and_hand_edited_checkpoints_are_one_line(tmp_path):
     missing_key = {**good, "model": {k: v for k, v in model.items() if k != "cls_token"}}
     bad_rng = {**good, "rng": {**good["rng"], "torch": torch.zeros(3)}}
     bad_step = {**good, "step": "one"}
+    bad_hist = {**good, "stats": {**good["stats"], "token_hist": torch.zeros(3, dtype=torch.long)}}
+    bad_acc = {**good, "stats": {**good["stats"], "recent_acc": 5}}
+    opt = good["optimizer"]
+    moments = {i: {**st, "exp_avg": torch.zeros(3)} if i == 0 else st for i, st in opt["state"].items()}
+    bad_moment = {**good, "optimizer": {**opt, "state": moments}}
     for name, ckpt, words in (("shape", wrong_shape, ("model state does not fit", "cls_token")),
                               ("missing", missing_key, ("model state does not fit", "cls_token")),
                               ("rng", bad_rng, ("malformed RNG state",)),
-                              ("step", bad_step, ("malformed checkpoint", "step='one'"))):
+                              ("step", bad_step, ("malformed checkpoint", "step='one'")),
+                              ("hist", bad_hist, ("malformed checkpoint", "token_hist")),
+                              ("acc", bad_acc, ("malformed checkpoint", "recent_acc")),
+                              ("moment", bad_moment, ("optimizer state does not fit", "exp_avg"))):
         path = tmp_path / f"{name}.pt"
         torch.save(ckpt, path)
         _one_line(_cli("pretrain", *RUN, "--max-steps", "2", "--out", str(tmp_path / name), "--resume", str(path)),

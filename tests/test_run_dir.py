@@ -271,13 +271,18 @@ def test_checkpoints_lists_only_complete_ones_oldest_first(tmp_path):
     ds_checkpoint(d, 13, {"a.pt": b"a"}, {"a.pt": 1}).rename(d / ".tmp-step_00000013")
     plain_checkpoint(d, 14).rename(d / ".del-step_00000014.pt")
     (d / "notes.txt").write_text("hello")
-    assert checkpoints(tmp_path) == [c2, c4, c9, c10]
+    # Written before manifests existed: complete when every file a DeepSpeed checkpoint needs is there.
+    legacy = {n: b"x" for n in ("meta.pt", "model.pt", "rng_rank00000.pt", "mp_rank_00_model_states.pt")}
+    c15 = ds_checkpoint(d, 15, legacy)
+    c16 = ds_checkpoint(d, 16, {k: v for k, v in legacy.items() if k != "model.pt"})
+    assert checkpoints(tmp_path) == [c2, c4, c9, c10, c15]
 
-    for complete in (c2, c4, c9, c10):
+    for complete in (c2, c4, c9, c10, c15):
         assert checkpoint_problem(complete) is None
-    problems = {p: checkpoint_problem(p) for p in (c3, c5, c6, c7, c8)}
+    problems = {p: checkpoint_problem(p) for p in (c3, c5, c6, c7, c8, c16)}
     assert problems[c3] == "empty file"
-    assert MANIFEST in problems[c5] and problems[c5].startswith("no ")
+    assert MANIFEST in problems[c5] and "meta.pt" in problems[c5] and "missing" in problems[c5]
+    assert problems[c16] == f"model.pt missing (no {MANIFEST})"
     assert "b.pt" in problems[c6] and "missing" in problems[c6]
     assert "b.pt" in problems[c7] and "2 bytes" in problems[c7] and "5" in problems[c7]
     assert "unreadable" in problems[c8] and MANIFEST in problems[c8]
@@ -342,10 +347,10 @@ def test_remove_checkpoint_crash_between_rename_and_removal(tmp_path, monkeypatc
 def test_clean_run_directory_removes_leftovers_and_keeps_the_rest(tmp_path, caplog):
     out, d = tmp_path, checkpoint_dir(tmp_path)
     strays = [
-        out / ".metrics.csv.abc123.tmp",
+        out / ".metrics.csv.abc123_9.tmp",
         out / ".metrics.csv.tmp",
         out / ".write-test-123",
-        plain_checkpoint(d, 2).rename(d / ".step_00000002.pt.xyz.tmp"),
+        plain_checkpoint(d, 2).rename(d / ".step_00000002.pt.xyz0w1_2.tmp"),
         ds_checkpoint(d, 3, {"a.pt": b"a"}, {"a.pt": 1}).rename(d / ".tmp-step_00000003"),
         ds_checkpoint(d, 9, {"a.pt": b"a"}, {"a.pt": 1}).rename(d / ".old-step_00000008"),  # step 8 is there
         plain_checkpoint(d, 5).rename(d / ".del-step_00000005.pt"),

@@ -102,9 +102,18 @@ def set_rng_state(state: Dict[str, Any], where: str = "checkpoint") -> None:
 
 
 def _load_state(what: str, module: Any, state: Any, where: str) -> None:
-    """`module.load_state_dict(state)` with a hand-edited or mismatched state reported in one line."""
+    """`module.load_state_dict(state)` with a hand-edited or mismatched state reported in one line. An optimizer's
+    per-parameter tensors (moments) must have their parameter's shape: torch does not check, and a mismatch would
+    only fail inside the first step."""
     try:
         module.load_state_dict(state)
+        if isinstance(module, torch.optim.Optimizer):
+            for group in module.param_groups:
+                for p in group["params"]:
+                    for key, value in module.state.get(p, {}).items():
+                        if torch.is_tensor(value) and value.numel() > 1 and value.shape != p.shape:
+                            raise ValueError(f"state {key!r} of shape {tuple(value.shape)} for a parameter of shape "
+                                             f"{tuple(p.shape)}")
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
         text = " ".join(ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip())
         raise CheckpointError(f"{where}: the {what} state does not fit this run ({text[:400]})") from None
@@ -113,12 +122,17 @@ def _load_state(what: str, module: Any, state: Any, where: str) -> None:
 def checkpoint_problem(path: Path) -> Optional[str]:
     """None if `path` is a complete checkpoint, else what is wrong. A plain engine's file is complete by
     construction (written under another name and renamed); a DeepSpeed directory needs its manifest and every file
-    the manifest lists, at the listed size."""
+    the manifest lists, at the listed size. A directory written before manifests existed is complete when it holds
+    meta.pt, model.pt, rank 0's RNG file and DeepSpeed's model states (loading checks every rank's RNG file)."""
     if path.is_file():
         return None if path.stat().st_size > 0 else "empty file"
     manifest = path / MANIFEST
     if not manifest.is_file():
-        return f"no {MANIFEST} (written last: the save or a delete was interrupted)"
+        names = {f.name for f in path.iterdir()} if path.is_dir() else set()
+        missing = [n for n in ("meta.pt", "model.pt", "rng_rank00000.pt") if n not in names]
+        if not any(n.endswith("model_states.pt") for n in names):
+            missing.append("DeepSpeed's model states")
+        return f"{', '.join(missing)} missing (no {MANIFEST})" if missing else None
     try:
         files = json.loads(manifest.read_text())["files"]
         for name, size in files.items():
@@ -292,6 +306,9 @@ class DeepSpeedEngine:
         self.model = model
         self.compiled = ""
         self.ds.checkpoint_engine = _safe_checkpoint_engine()
+        # DeepSpeed copies zero_to_fp32.py beside the checkpoints on rank 0, outside its checkpoint engine (a full
+        # disk there would fail rank 0 alone); model.pt already holds the consolidated weights.
+        self.ds._copy_recovery_script = lambda *args, **kwargs: None
         if zero_stage == 0:
             self._guard_stage0(optimizer)
 
@@ -449,6 +466,7 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(str(ckpt_dir), tag=tmp.name, save_latest=False)
         full = self.full_state_dict()  # a collective under ZeRO-3: every rank, in order
         error: Optional[CheckpointWriteError] = writer.error
+        mine: Dict[str, int] = {}
         try:
             if error is None:
                 tmp.mkdir(parents=True, exist_ok=True)
@@ -457,7 +475,7 @@ class DeepSpeedEngine:
                     write_torch_file({"model": full}, tmp / "model.pt")
                     write_torch_file({**meta, "engine": {"kind": self.kind, "world_size": self.world_size,
                                                          "zero_stage": self.zero_stage}}, tmp / "meta.pt")
-                self._fsync_mine(tmp)
+                mine = self._fsync_mine(tmp)
         except CheckpointWriteError as exc:
             error = exc
         except OSError as exc:
@@ -468,10 +486,16 @@ class DeepSpeedEngine:
             self.barrier()
             raise error or CheckpointWriteError(0, "another process could not write its part (its error is in its "
                                                    "log)", str(final))
+        # The manifest lists what each rank wrote, as that rank sees it (on several nodes rank 0's view of another
+        # node's files can lag behind).
+        import torch.distributed as dist
+
+        parts: List[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, mine)
         if self.is_main:
             try:
-                files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
-                atomic_save_json({"step": step, "files": files}, tmp / MANIFEST)
+                files = {name: size for part in parts for name, size in part.items()}
+                atomic_save_json({"step": step, "files": dict(sorted(files.items()))}, tmp / MANIFEST)
                 _fsync_dir(tmp)
                 old = ckpt_dir / f".old-{tag}"
                 if final.exists():  # the same step saved again (a finished run resumed and extended): swap, drop
@@ -488,21 +512,27 @@ class DeepSpeedEngine:
                                                    "log)", str(final))
         return final
 
-    def _fsync_mine(self, tmp: Path) -> None:
+    def _fsync_mine(self, tmp: Path) -> Dict[str, int]:
         """Every rank flushes what it wrote (on several nodes rank 0 cannot flush another node's writes): its ZeRO
-        shard and RNG file; rank 0 also the shared files (model states, model.pt, meta.pt)."""
+        shard and RNG file; rank 0 also the shared files (model states, model.pt, meta.pt). Returns {name: size}
+        of those files, for the manifest."""
+        sizes = {}
         for f in tmp.iterdir():
             shard = "zero_pp_rank_" in f.name or "rng_rank" in f.name
             mine = f"zero_pp_rank_{self.rank}_" in f.name or f.name == f"rng_rank{self.rank:05d}.pt"
             if f.is_file() and (mine or (self.is_main and not shard)):
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                    sizes[f.name] = os.fstat(fh.fileno()).st_size
+        return sizes
 
     def load(self, path: Path, ckpt: Dict[str, Any]) -> None:
         """DeepSpeed's shards (read through `safe_load`), then this rank's RNG file, which must be there."""
         rng = path / f"rng_rank{self.rank:05d}.pt"
-        if not rng.is_file():
-            raise CheckpointError(f"{path}: {rng.name} is missing (every rank's RNG state is part of a checkpoint)")
+        here = rng.is_file()
+        if not self.agree(here):  # every rank stops, not only the one whose file is missing
+            what = rng.name if not here else "another rank's RNG file"
+            raise CheckpointError(f"{path}: {what} is missing (every rank's RNG state is part of a checkpoint)")
         try:
             loaded, _ = self.ds.load_checkpoint(
                 str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -550,6 +580,12 @@ def _safe_checkpoint_engine() -> Any:
                 write_torch_file(state_dict, path, fsync=False)  # fsynced with the rest before the rename
             except CheckpointWriteError as exc:
                 self.error = exc
+
+        def makedirs(self, path: str, exist_ok: bool = False) -> None:
+            try:
+                os.makedirs(path, exist_ok=exist_ok)
+            except OSError as exc:
+                self.error = self.error or CheckpointWriteError(exc.errno or 0, exc.strerror or str(exc), str(path))
 
         def load(self, path: str, map_location: Any = None) -> Any:
             return safe_load(path, map_location=map_location, what="DeepSpeed checkpoint file",

@@ -71,6 +71,7 @@ from beit_fast.train.engine import (
 )
 from beit_fast.train.metrics import MetricsWriter, Progress, plot_metrics
 from beit_fast.train.run import (
+    LOCK_NAME,
     RunLock,
     SignalStop,
     checkpoint_dir,
@@ -359,10 +360,28 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
               if k not in ("step",) and not isinstance(ckpt[k], dict)]
     if not path.is_dir() and isinstance(ckpt["model"], dict):
         wrong += [f"model[{k!r}] is a {type(v).__name__}" for k, v in ckpt["model"].items() if not torch.is_tensor(v)]
+    if isinstance(ckpt["stats"], dict):
+        wrong += _stats_problems(ckpt["stats"], ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {})
     if wrong:
         raise CheckpointError(f"{path}: malformed checkpoint: {'; '.join(wrong[:3])}")
     ckpt.setdefault("engine", {"kind": "plain", "world_size": 1})
     return ckpt
+
+
+def _stats_problems(stats: Dict[str, Any], model_config: Dict[str, Any]) -> List[str]:
+    """What is wrong with a checkpoint's run statistics (hand-edited into something the loop cannot use)."""
+    wrong = [f"stats.{k}={stats[k]!r} (not an int >= 0)" for k in ("skipped_steps", "skipped_images", "bad_in_row")
+             if k in stats and not (_is_int(stats[k]) and stats[k] >= 0)]
+    for k in ("recent_acc", "bad_files", "suspect_steps"):
+        v = stats.get(k, [])
+        number = (int, float) if k == "recent_acc" else int
+        if not isinstance(v, list) or not all(isinstance(x, number) and not isinstance(x, bool) for x in v):
+            wrong.append(f"stats.{k} is not a list of {'numbers' if k == 'recent_acc' else 'ints'}")
+    hist, vocab = stats.get("token_hist"), model_config.get("vocab_size")
+    if "token_hist" in stats and not (torch.is_tensor(hist) and hist.dtype == torch.long and hist.dim() == 1
+                                      and (vocab is None or hist.numel() == vocab)):
+        wrong.append(f"stats.token_hist is not a LongTensor of {vocab} counts")
+    return wrong
 
 
 def checkpoint_model_state(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -553,30 +572,49 @@ def _process_layout() -> Tuple[int, int, int]:
 def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
     """Run pretraining; returns a summary (final metrics, paths). Under DeepSpeed every rank calls it.
 
-    Everything that can be checked (config, data, resume checkpoint, tokenizer) is checked before `out` is touched.
-    Then rank 0 takes the run directory's lock (`RunLock`) for the rest of the run - a second run into the same
-    `out` is refused (`RunDirectoryBusy`, a ValueError) - and removes what an interrupted run left there."""
-    locks: List[RunLock] = []
+    The config and the data are checked first. Then rank 0 takes the run directory's lock (`RunLock`) for the rest
+    of the run - a second run into the same `out` is refused (`RunDirectoryBusy`, a ValueError) - and removes what an
+    interrupted run left there, before it looks for a checkpoint to resume. A run refused before it trains leaves
+    no directory behind that it created. SIGTERM / SIGINT are caught from the start (`SignalStop`)."""
+    run = _Run(signals=SignalStop().install())
     try:
-        return _pretrain(cfg, locks)
+        return _pretrain(cfg, run)
+    except BaseException:
+        if run.created is not None and run.lock is not None:
+            run.lock.release()
+            run.lock = None
+            leftover = {p.name for p in run.created.iterdir()} if run.created.is_dir() else set()
+            if leftover <= {LOCK_NAME}:  # nothing of a run in it: as if it had never been made
+                shutil.rmtree(run.created, ignore_errors=True)
+        raise
     finally:
-        for lock in locks:
-            lock.release()
+        run.signals.restore()
+        if run.lock is not None:
+            run.lock.release()
 
 
-def _lock_run_directory(out: Path, locks: List[RunLock]) -> None:
+@dataclass
+class _Run:
+    signals: SignalStop
+    lock: Optional[RunLock] = None
+    created: Optional[Path] = None  # `out`, if this run made it
+
+
+def _lock_run_directory(out: Path, run: _Run) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if not out.exists():
+            out.mkdir(parents=True)
+            run.created = out
         probe = out / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
         raise ValueError(f"out={str(out)!r} is not a writable directory ({type(exc).__name__}: {exc})") from None
-    locks.append(RunLock(out).acquire())
+    run.lock = RunLock(out).acquire()
     clean_run_directory(out)
 
 
-def _pretrain(cfg: PretrainConfig, locks: List[RunLock]) -> Dict[str, Any]:
+def _pretrain(cfg: PretrainConfig, run: _Run) -> Dict[str, Any]:
     cfg.validate()
     mcfg = cfg.model_config()
     out = Path(cfg.out)
@@ -607,6 +645,8 @@ def _pretrain(cfg: PretrainConfig, locks: List[RunLock]) -> Dict[str, Any]:
             base.check_readable()
     elif cfg.num_images < cfg.batch_size:
         raise ValueError(f"num_images={cfg.num_images} is fewer than batch_size={cfg.batch_size}")
+    if is_main:  # before the checkpoints are listed: a run in progress there is refused, leftovers are gone
+        _lock_run_directory(out, run)
 
     resume_path: Optional[Path] = None
     if cfg.resume == "auto":
@@ -649,10 +689,16 @@ def _pretrain(cfg: PretrainConfig, locks: List[RunLock]) -> Dict[str, Any]:
     if cfg.apex:
         _apex_classes()  # fails with its one-line reason before anything starts
     tokenizer = build_tokenizer(cfg, mcfg, device)  # a bad tokenizer file fails before anything is written
-    if is_main:
-        _lock_run_directory(out, locks)
     if cfg.deepspeed:
         _start_distributed(device, cfg.dist_timeout)
+        if world > 1:  # the other ranks listed the checkpoints while rank 0 may have been cleaning: rank 0's choice
+            import torch.distributed as dist
+
+            chosen = [str(resume_path) if resume_path is not None else ""]
+            dist.broadcast_object_list(chosen, src=0)
+            if chosen[0] != (str(resume_path) if resume_path is not None else ""):
+                resume_path = Path(chosen[0]) if chosen[0] else None
+                ckpt = read_checkpoint(resume_path) if resume_path is not None else None
     tok_size = tokenizer.image_size
     if is_main:
         (out / "config.json").write_text(json.dumps({"pretrain": cfg.to_dict(), "model": mcfg.to_dict()}, indent=2))
@@ -682,7 +728,8 @@ def _pretrain(cfg: PretrainConfig, locks: List[RunLock]) -> Dict[str, Any]:
     # Run statistics, saved in every checkpoint: counts, the recent accuracies, the global token histogram
     # (for the majority-token baseline; on resume rank 0 carries it, the other ranks start from zero).
     stats: Dict[str, Any] = {"skipped_steps": 0, "skipped_images": 0, "bad_in_row": 0, "recent_acc": [],
-                             "token_hist": torch.zeros(mcfg.vocab_size, dtype=torch.long), "bad_files": []}
+                             "token_hist": torch.zeros(mcfg.vocab_size, dtype=torch.long), "bad_files": [],
+                             "suspect_steps": []}
     if ckpt is not None:
         engine.load(resume_path, ckpt)
         start_step, stats = ckpt["step"], {**stats, **ckpt["stats"]}
@@ -771,12 +818,15 @@ def _pretrain(cfg: PretrainConfig, locks: List[RunLock]) -> Dict[str, Any]:
         new_bad = set()
         stats["bad_files"], stats["skipped_images"] = sorted(bad_files), len(bad_files)
 
-    suspect: set = set()  # checkpoints this run wrote inside a streak of skipped steps
+    suspect = set(stats.get("suspect_steps", []))  # checkpoints written inside a streak of skipped steps
 
     def save() -> Path:
         merge_bad_files()
         stats["recent_acc"] = list(recent_acc)
         stats["token_hist"] = engine.reduce_sum(token_hist).cpu()  # the global histogram (a collective)
+        if stats["bad_in_row"]:
+            suspect.add(step)
+        stats["suspect_steps"] = sorted(suspect)
         if not engine.params_finite():  # (every rank) a checkpoint is never written from non-finite weights
             newest = find_latest_checkpoint(out)
             raise TrainingStopped(f"the weights are not finite at step {step}: no checkpoint written (the newest "
@@ -785,13 +835,11 @@ def _pretrain(cfg: PretrainConfig, locks: List[RunLock]) -> Dict[str, Any]:
             metrics.flush()  # every row up to the checkpoint is on disk before it
         path = engine.save(checkpoint_dir(out), step, {"step": step, "config": cfg.to_dict(),
                                                        "model_config": mcfg.to_dict(), "stats": stats})
-        if stats["bad_in_row"]:
-            suspect.add(path.name)
         if is_main:
-            prune_checkpoints(out, cfg.keep_last, good=lambda p: p.name not in suspect)
+            prune_checkpoints(out, cfg.keep_last, good=lambda p: checkpoint_step(p) not in suspect)
         return path
 
-    signals = SignalStop().install()
+    signals = run.signals
     data_iter = iter(loader)
     try:
         while step < cfg.max_steps:
@@ -873,7 +921,6 @@ def _pretrain(cfg: PretrainConfig, locks: List[RunLock]) -> Dict[str, Any]:
         elif signals.requested is not None:
             raise StoppedBySignal(signals.requested, step, last_ckpt)
     finally:
-        signals.restore()
         progress.close()
         if metrics is not None:
             metrics.close()

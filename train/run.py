@@ -1,15 +1,17 @@
 """The run directory: one run at a time, checkpoints found, checked, pruned and removed safely, signals.
 
 - `RunLock`: a run holds an exclusive lock on its `out` for its lifetime (`out/.lock`, with the holder's pid, host
-  and start time). `fcntl.flock` where the filesystem supports it (released by the kernel when the process dies,
-  however it dies); elsewhere the lock file itself, created exclusively, and a holder on this host that no longer
-  runs is recognised as stale and replaced (with a warning). A second run into the same directory is refused with
-  `RunDirectoryBusy` (one line: who holds it).
+  and start time). `fcntl.flock` where the filesystem supports it: released by the kernel when the process dies,
+  however it dies. A forked child (a data-loader worker) closes its copy of the lock's descriptor at once, so a
+  killed run's workers cannot keep its directory locked. Elsewhere the lock file itself, created
+  exclusively, and a holder on this host that no longer runs is recognised as stale and replaced (with a
+  warning). A second run into the same directory is refused with `RunDirectoryBusy` (one line: who holds it).
 - Checkpoints: `step_XXXXXXXX.pt` (plain engine) and `step_XXXXXXXX/` (DeepSpeed, complete only when every file its
-  manifest lists is there: `beit_fast.train.engine.checkpoint_problem`). Deletes are atomic: a checkpoint is first
-  renamed to `.del-*` (no longer a checkpoint to anyone), then removed. `clean_run_directory` removes, at start and
-  with a warning each, what a crash can leave: temporary files and directories of an interrupted save, delete or
-  metrics rewrite, and incomplete checkpoint directories - so they are never resumed and never fill the disk.
+  manifest lists is there, or, written before manifests, every file a checkpoint needs:
+  `beit_fast.train.engine.checkpoint_problem`). Deletes are atomic: a checkpoint is first renamed to `.del-*` (no
+  longer a checkpoint to anyone), then removed. `clean_run_directory` removes, at start and with a warning each,
+  what a crash can leave: exactly the temporary names this code writes, and checkpoint directories with files
+  missing - so they are never resumed and never fill the disk. Nothing else in the directory is touched.
 - `prune_checkpoints`: keep the newest `keep_last`, and always the newest checkpoint written outside a run of
   skipped steps (a "good" one), so a streak of non-finite steps never leaves only suspect checkpoints.
 - `SignalStop`: SIGTERM and SIGINT set a flag that the loop reads after each step (agreed by every rank); the run
@@ -47,10 +49,12 @@ __all__ = [
 
 LOCK_NAME = ".lock"
 _CKPT_NAME = re.compile(r"step_(\d{8})(\.pt)?")
-# What an interrupted write or delete leaves: atomic_save's `.NAME.RANDOM.tmp`, the manifest's `.NAME.tmp`, the
-# plot's `.metrics.png.tmp.png`,
-# DeepSpeed's `.tmp-step_*`, a re-save's `.old-step_*`, a delete's `.del-step_*`, the out/ write probe.
-_STRAY = re.compile(r"\..+\.tmp(\.\w+)?|\.(tmp|old|del)-step_\d{8}(\.pt)?|\.write-test-\d+")
+# Exactly what an interrupted write or delete of this code leaves (nothing else is touched): atomic_save's
+# `.NAME.XXXXXXXX.tmp` (mkstemp), the metrics rewrite's `.metrics.csv.tmp`, the plot's `.metrics.png.tmp.png`, the
+# manifest's `.manifest.json.tmp`, DeepSpeed's `.tmp-step_*`, a re-save's `.old-step_*`, a delete's `.del-step_*`,
+# the out/ write probe and a stale fallback lock moved aside.
+_STRAY = re.compile(r"\.[^/]+\.[a-z0-9_]{8}\.tmp|\.metrics\.csv\.tmp|\.metrics\.png\.tmp\.png|\.manifest\.json\.tmp"
+                    r"|\.(tmp|old|del)-step_\d{8}(\.pt)?|\.write-test-\d+|\.lock\.owner\.stale-\d+")
 
 
 class RunDirectoryBusy(ValueError):
@@ -127,7 +131,10 @@ def clean_run_directory(out: Path) -> List[str]:
                 why = "left by an interrupted write or delete"
             elif d != Path(out) and p.is_dir() and _CKPT_NAME.fullmatch(p.name):
                 problem = checkpoint_problem(p)
-                why = f"incomplete checkpoint: {problem}" if problem else None
+                if problem and not problem.startswith("unreadable"):  # missing files: a save or delete cut short
+                    why = f"incomplete checkpoint: {problem}"
+                elif problem:  # a manifest we cannot read: not ours to delete; never resumed either
+                    log.warning("%s is not a checkpoint (%s): left as it is, never resumed", p, problem)
             if why is None:
                 continue
             try:
@@ -172,6 +179,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_HELD_FDS: set = set()  # descriptors of the locks this process holds
+
+
+def _close_held_in_child() -> None:
+    """After a fork: the child's copies of the lock descriptors would keep the locks held after the parent died."""
+    for fd in _HELD_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 class RunLock:
     """An exclusive lock on a run directory for the lifetime of this object (or the process)."""
 
@@ -202,6 +226,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, self._me().encode(), 0)
         self._fd = fd
+        _HELD_FDS.add(fd)
         return self
 
     def _acquire_exclusive_file(self) -> "RunLock":
@@ -239,7 +264,8 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # the file stays: unlinking a flock'd file lets two runs lock two different files
+            _HELD_FDS.discard(self._fd)
+            os.close(self._fd)  # the file stays: unlinking a locked file lets two runs lock two different files
             self._fd = None
         if self._exclusive_file:
             self.path.with_name(LOCK_NAME + ".owner").unlink(missing_ok=True)
