@@ -103,7 +103,16 @@ def test_lock_refuses_another_process_and_names_the_holder(tmp_path):
     assert (tmp_path / ".lock").exists()  # kept: unlinking a flock'd file would let two runs lock two files
     r = take_in_child(tmp_path)
     assert r.returncode == 0 and r.stdout.split()[0] == "got", r.stdout + r.stderr
-    assert f"pid={r.stdout.split()[1]} " in (tmp_path / ".lock").read_text()
+    assert (tmp_path / ".lock").read_text() == ""  # released normally: it names nobody
+
+
+def test_a_killed_holder_is_reported_when_its_lock_is_taken(tmp_path, caplog):
+    (tmp_path / ".lock").write_text("pid=999999 host=elsewhere since=0\n")  # what a killed run leaves
+    with caplog.at_level(logging.WARNING, logger="beit_fast.pretrain"):
+        with RunLock(tmp_path):
+            assert f"pid={os.getpid()} " in (tmp_path / ".lock").read_text()
+    assert any("ended without releasing" in r.getMessage() and "pid 999999" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_lock_context_manager(tmp_path):

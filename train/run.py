@@ -223,6 +223,10 @@ class RunLock:
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
             return self._acquire_exclusive_file()
+        before = os.pread(fd, 4096, 0).decode(errors="replace")
+        if "pid=" in before:  # a run that ended without releasing (killed): the kernel freed its lock
+            log.warning("%s: the previous run (%s) ended without releasing its lock (killed?); taking it",
+                        self.path, _holder_text(before))
         os.ftruncate(fd, 0)
         os.pwrite(fd, self._me().encode(), 0)
         self._fd = fd
@@ -265,6 +269,10 @@ class RunLock:
     def release(self) -> None:
         if self._fd is not None:
             _HELD_FDS.discard(self._fd)
+            try:
+                os.ftruncate(self._fd, 0)  # emptied: a holder named at the next start is one that was killed
+            except OSError:
+                pass
             os.close(self._fd)  # the file stays: unlinking a locked file lets two runs lock two different files
             self._fd = None
         if self._exclusive_file:
