@@ -133,7 +133,8 @@ def safe_load(path: Union[str, Path], map_location: Any = "cpu", what: str = "fi
         text = str(exc)
         m = re.search(r"GLOBAL ([\w.]+)", text)
         if m:
-            raise UnsafeFileError(f"{path}: refused to load: it references `{m.group(1)}`, which is not on the "
+            refused = m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}"  # torch drops "builtins."
+            raise UnsafeFileError(f"{path}: refused to load: it references `{refused}`, which is not on the "
                                   f"allow-list of a {what} (nothing in the file was run)") from None
         if "TorchScript" in text:
             raise UnsafeFileError(f"{path}: refused to load a TorchScript archive as a {what}") from None

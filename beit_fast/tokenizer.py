@@ -482,8 +482,9 @@ _RESTRICTED_PICKLE.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr
 
 
 def _restricted_torch_load(path: PathLike) -> Any:
-    """torch.load through the restricted unpickler, on the CPU. TorchScript archives are refused:
-    torch.load would hand them to torch.jit.load, past the unpickler.
+    """`beit_fast.checkpoint.safe_load` (weights only), and for a published DALL-E module pickle torch.load through
+    the restricted unpickler, on the CPU. TorchScript archives are refused: torch.load would hand them to
+    torch.jit.load, past the unpickler.
 
     Raises FileNotFoundError (no such file), PickleRefusedError (naming the file and the global), or
     TokenizerFileError for anything else that stops the read (a directory, an empty file, bytes that are not a
@@ -501,6 +502,23 @@ def _restricted_torch_load(path: PathLike) -> Any:
         raise TokenizerFileError(f"{name}: not a regular file")
     if info.st_size == 0:
         raise TokenizerFileError(f"{name}: not a tokenizer file: empty file")
+    # The project's one loader first (weights only: beit-fast's tokenizer.pt and state dicts need nothing more).
+    # Only a file whose first non-tensor global is a `dall_e` class - a published whole-module pickle, which a
+    # weights-only load cannot read - goes on to the restricted unpickler below; any other global is refused here.
+    from beit_fast.checkpoint import CheckpointReadError, UnsafeFileError, safe_load
+
+    try:
+        return safe_load(path, what="tokenizer file")
+    except UnsafeFileError as exc:
+        m = re.search(r"`([^`]+)`", str(exc))
+        if m is None:  # a TorchScript archive
+            raise PickleRefusedError(_in_file(name, str(exc).split(": ", 1)[-1])) from None
+        if not m.group(1).startswith("dall_e."):
+            raise PickleRefusedError(f"{name}: refused to unpickle `{_escaped(m.group(1))}`: not one of the classes "
+                                     "a DALL-E dVAE pickle or a state dict needs (nothing was imported or called)"
+                                     ) from None
+    except CheckpointReadError:
+        pass  # read again below, where a truncated or foreign file gets its detailed one-line error
     try:
         with open(path, "rb") as f:
             if zipfile.is_zipfile(f):
