@@ -38,6 +38,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from beit_fast.config import first_line
+
 __all__ = [
     "CheckpointError",
     "convert_state_dict",
@@ -51,6 +53,7 @@ __all__ = [
     "atomic_save",
     "safe_load",
     "write_torch_file",
+    "write_error",
     "CheckpointReadError",
     "CheckpointWriteError",
     "UnsafeFileError",
@@ -107,11 +110,6 @@ def _safe_globals() -> List[Any]:
 SAFE_GLOBALS = _safe_globals()
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
 def safe_load(path: Union[str, Path], map_location: Any = "cpu", what: str = "file", extra_globals: Sequence[Any] = ()
               ) -> Any:
     """`torch.load(path, weights_only=True)` with `SAFE_GLOBALS` (+ `extra_globals`, named classes a caller's own
@@ -146,7 +144,7 @@ def safe_load(path: Union[str, Path], map_location: Any = "cpu", what: str = "fi
         raise
     except Exception as exc:  # torch.load raises many types for a truncated or foreign file
         raise CheckpointReadError(f"{path}: cannot read the {what} (truncated or not a torch file: "
-                                  f"{type(exc).__name__}: {_first_line(exc)})") from None
+                                  f"{type(exc).__name__}: {first_line(exc)})") from None
 
 
 # -- reading files ---------------------------------------------------------------------------------------------------
@@ -161,7 +159,7 @@ def load_state_dict_file(path: Union[str, Path]) -> Dict[str, Any]:
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types for a bad header
-            raise CheckpointReadError(f"{path}: cannot read ({type(exc).__name__}: {_first_line(exc)})") from None
+            raise CheckpointReadError(f"{path}: cannot read ({type(exc).__name__}: {first_line(exc)})") from None
     return safe_load(path, what="checkpoint")
 
 
@@ -498,11 +496,13 @@ class _RecordingFile:
         return getattr(self._f, name)
 
 
-def _write_error(exc: BaseException, path: Union[str, Path], recorded: Optional[OSError]) -> CheckpointWriteError:
+def write_error(exc: BaseException, path: Union[str, Path], recorded: Optional[OSError] = None
+                ) -> CheckpointWriteError:
+    """`exc` (or the OSError `recorded` beneath it) raised while writing `path`, as one CheckpointWriteError."""
     os_error = recorded or (exc if isinstance(exc, OSError) else None)
     if os_error is not None and os_error.errno:
         return CheckpointWriteError(os_error.errno, os.strerror(os_error.errno), str(path))
-    return CheckpointWriteError(0, f"write failed ({type(exc).__name__}: {_first_line(exc)})", str(path))
+    return CheckpointWriteError(0, f"write failed ({type(exc).__name__}: {first_line(exc)})", str(path))
 
 
 def write_torch_file(obj: Any, path: Union[str, Path], fsync: bool = True) -> None:
@@ -516,7 +516,7 @@ def write_torch_file(obj: Any, path: Union[str, Path], fsync: bool = True) -> No
             if fsync:
                 os.fsync(raw.fileno())
     except (OSError, RuntimeError) as exc:
-        raise _write_error(exc, path, rec.error if rec is not None else None) from None
+        raise write_error(exc, path, rec.error if rec is not None else None) from None
 
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:

@@ -8,6 +8,8 @@ import re
 import sys
 from typing import List, Optional
 
+from beit_fast.config import first_line, one_line
+
 USAGE = """usage: beit-fast <command> [options]   (beit-fast --version; beit-fast <command> --help)
 
 commands:
@@ -19,11 +21,6 @@ commands:
   tokenize    write a token cache of a dataset with fixed views (beit-fast tokenize --help)
 """
 COMMANDS = ("info", "pretrain", "export", "mask-bench", "train-tokenizer", "tokenize")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def _error(prog: str, message: str) -> int:
@@ -138,7 +135,7 @@ def tokenize(argv: List[str]) -> int:
     try:
         tok = DalleTokenizer.from_files(a.tokenizer, fast="auto")
     except (FileNotFoundError, TokenizerFileError, PickleRefusedError) as exc:  # every bad tokenizer file
-        return _error(p.prog, (str(exc).splitlines() or [type(exc).__name__])[0])
+        return _error(p.prog, first_line(exc))
     try:
         data = build_dataset(a.data, num_images=a.num_images, seed=a.seed, size=max(16, tok.image_size * 3 // 2))
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
@@ -159,7 +156,7 @@ def tokenize(argv: List[str]) -> int:
         atomic_save({"tokens": ids, "labels": torch.tensor(labels), "tokenizer": tok.description,
                      "image_size": tok.image_size, "data": a.data}, a.out)
     except (DataError, OSError) as exc:
-        print(f"{p.prog}: error: {_first_line(exc)}", file=sys.stderr)
+        print(f"{p.prog}: error: {first_line(exc)}", file=sys.stderr)
         return 1
     print(f"{ids.shape[0]} images -> {tuple(ids.shape)} tokens ({tok.description}) written to {a.out}")
     return 0
@@ -191,10 +188,9 @@ def export(argv: List[str]) -> int:
     try:  # every file is read weights-only: a hostile checkpoint is refused, nothing in it runs
         written = export_checkpoint(path, a.out, a.layout)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # not a checkpoint, mismatched weights: exit 2
-        return _error(p.prog, " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
-                      or type(exc).__name__)
+        return _error(p.prog, one_line(str(exc)) or type(exc).__name__)
     except OSError as exc:  # --out cannot be written (disk full, permissions): exit 1
-        print(f"{p.prog}: error: {_first_line(exc)}", file=sys.stderr)
+        print(f"{p.prog}: error: {first_line(exc)}", file=sys.stderr)
         return 1
     print(f"{path} -> {written} ({a.layout} layout)")
     return 0

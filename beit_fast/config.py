@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-__all__ = ["BeitConfig", "PRESETS", "ATTN_BACKENDS"]
+__all__ = ["BeitConfig", "PRESETS", "ATTN_BACKENDS", "parse_options", "first_line", "one_line"]
 
 ATTN_BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
 
@@ -165,6 +165,21 @@ def parse_options(args: List[str], flags: Union[Iterable[str], Dict[str, str]] =
         pairs.append((k.replace("-", "_"), v))
         i += 1
     return pairs
+
+
+def first_line(what: Union[str, BaseException]) -> str:
+    """The first non-blank line of a message, stripped (for one-line CLI errors); an exception whose message is
+    empty gives its type's name, an empty message ''."""
+    lines = [ln.strip() for ln in str(what).splitlines() if ln.strip()]
+    if lines:
+        return lines[0]
+    return type(what).__name__ if isinstance(what, BaseException) else ""
+
+
+def one_line(text: str) -> str:
+    """Every non-blank line of `text`, stripped and joined by spaces (a multi-line message kept whole, on one
+    line)."""
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
 
 
 def _is_int(v: Any) -> bool:

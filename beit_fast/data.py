@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from beit_fast.config import first_line
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -269,8 +271,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 def _reason(exc: BaseException) -> str:
     """One line on why a file cannot be used: to_rgb's refusals say it themselves, decoders by type and message."""
-    text = str(exc) if isinstance(exc, UnsupportedImageError) else f"{type(exc).__name__}: {exc}"
-    return (text.splitlines() or [""])[0]
+    return first_line(str(exc) if isinstance(exc, UnsupportedImageError) else f"{type(exc).__name__}: {exc}")
 
 
 def _is_image(name: str) -> bool:

@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from beit_fast.config import first_line
+
 __all__ = [
     "VisualTokenizer",
     "RandomConvTokenizer",
@@ -344,15 +346,10 @@ def _escaped(text: str) -> str:
     return text if text.isprintable() else repr(text)[1:-1]
 
 
-def _first_line(message: str) -> str:
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return lines[0] if lines else ""
-
-
 def _described(exc: BaseException, limit: int = 160) -> str:
     """`Type: first line of the message` (the type alone where the message is empty); a line longer than `limit`
     is cut after its last whole sentence that fits (torch appends paragraphs of advice to some)."""
-    line = _first_line(str(exc))
+    line = first_line(str(exc))
     if len(line) > limit:
         end = line.rfind(". ", 0, limit)
         line = line[: end + 1] if end > 0 else line[: limit - 3] + "..."
@@ -361,7 +358,7 @@ def _described(exc: BaseException, limit: int = 160) -> str:
 
 def _in_file(name: str, message: str) -> str:
     """One line `name: message` (the name is not repeated when the message already starts with it)."""
-    line = _first_line(message)
+    line = first_line(message)
     return line if line.startswith(f"{name}: ") else f"{name}: {line}"
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from beit_fast.checkpoint import atomic_save
-from beit_fast.config import parse_options
+from beit_fast.config import first_line, parse_options
 from beit_fast.data import DataError, build_dataset
 from beit_fast.tokenizer import LOGIT_LAPLACE_EPS, DalleDecoder, DalleEncoder, map_pixels
 
@@ -246,8 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"beit-fast train-tokenizer: error: {exc}", file=sys.stderr)
         return 2
     except (DataError, OSError) as exc:  # unreadable images, a write error (disk full): one line, exit 1
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        print(f"beit-fast train-tokenizer: error: {lines[0] if lines else type(exc).__name__}", file=sys.stderr)
+        print(f"beit-fast train-tokenizer: error: {first_line(exc)}", file=sys.stderr)
         return 1
     print(f"done | recon mse {summary['recon_mse']:.4f} | codebook perplexity {summary['perplexity']:.1f} | "
           f"dead codes {summary['dead_codes']}")
