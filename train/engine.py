@@ -56,8 +56,10 @@ from beit_fast.checkpoint import (
     _fsync_dir,
     atomic_save,
     safe_load,
+    write_error,
     write_torch_file,
 )
+from beit_fast.config import first_line, one_line
 
 log = logging.getLogger("beit_fast.pretrain")
 
@@ -92,13 +94,18 @@ def set_rng_state(state: Dict[str, Any], where: str = "checkpoint") -> None:
         np.random.RandomState().set_state(numpy_state)
         random.Random().setstate(state["python"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        raise CheckpointError(f"{where}: malformed RNG state ({why})") from None
+        raise CheckpointError(f"{where}: malformed RNG state ({type(exc).__name__}: {first_line(exc)})") from None
     torch.set_rng_state(torch_state)
     random.setstate(state["python"])
     np.random.set_state(numpy_state)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_finite(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor on the tensors' device: is every element of every tensor finite (no host sync)."""
+    flags = [t.detach().isfinite().all() for t in tensors if t.numel()]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
 
 
 def _load_state(what: str, module: Any, state: Any, where: str) -> None:
@@ -115,7 +122,7 @@ def _load_state(what: str, module: Any, state: Any, where: str) -> None:
                             raise ValueError(f"state {key!r} of shape {tuple(value.shape)} for a parameter of shape "
                                              f"{tuple(p.shape)}")
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
-        text = " ".join(ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip())
+        text = one_line(f"{type(exc).__name__}: {exc}")
         raise CheckpointError(f"{where}: the {what} state does not fit this run ({text[:400]})") from None
 
 
@@ -227,7 +234,7 @@ class PlainEngine:
 
     def params_finite(self) -> bool:
         """Are all weights finite (one host sync; before a checkpoint is written)."""
-        return bool(torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all())
+        return bool(_all_finite(list(self.model.parameters())))
 
     def load(self, path: Path, ckpt: Dict[str, Any]) -> None:
         _load_state("model", self.model, ckpt["model"], str(path))
@@ -353,26 +360,25 @@ class DeepSpeedEngine:
         """(is the loss finite on every rank, is each flag true on every rank): one all-reduce, so every rank takes
         the same path - a NaN on one rank skips the step everywhere, a failed input check on one stops them all, a
         signal on one stops every rank after the same step."""
+        values = torch.tensor([float(f) for f in flags], dtype=torch.float32).to(loss.device, non_blocking=True)
+        return self._all_true(torch.cat([torch.isfinite(loss.detach()).to(torch.float32).reshape(1), values]))
+
+    @staticmethod
+    def _all_true(flags: torch.Tensor) -> Tuple[bool, ...]:
+        """Each of a float tensor of 0/1 flags, true on every rank: one all-reduce (MIN) and one read."""
         import torch.distributed as dist
 
-        values = torch.tensor([float(f) for f in flags], dtype=torch.float32).to(loss.device, non_blocking=True)
-        both = torch.cat([torch.isfinite(loss.detach()).to(torch.float32).reshape(1), values])
-        dist.all_reduce(both, op=dist.ReduceOp.MIN)
-        return tuple(bool(v) for v in both.tolist())
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        return tuple(bool(v) for v in flags.tolist())
 
     def agree(self, ok: bool) -> bool:
         """Is `ok` true on every rank (one all-reduce; outside the step loop)."""
-        import torch.distributed as dist
-
-        flag = torch.tensor([float(ok)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return self._all_true(torch.tensor([float(ok)], device=self.device))[0]
 
     def params_finite(self) -> bool:
-        """Are this rank's weights (its ZeRO-3 partitions) finite, on every rank."""
+        """Are the weights finite on every rank (each rank checks what it holds: its ZeRO-3 partitions)."""
         params = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in self.model.parameters()]
-        local = all(bool(t.detach().isfinite().all()) for t in params if t.numel())
-        return self.agree(local)
+        return self._all_true(_all_finite(params).float().reshape(1).to(self.device))[0]
 
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -479,7 +485,7 @@ class DeepSpeedEngine:
         except CheckpointWriteError as exc:
             error = exc
         except OSError as exc:
-            error = CheckpointWriteError(exc.errno or 0, exc.strerror or str(exc), str(exc.filename or tmp))
+            error = write_error(exc, exc.filename or tmp)
         if not self.agree(error is None):
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -506,7 +512,7 @@ class DeepSpeedEngine:
                 shutil.rmtree(old, ignore_errors=True)
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
-                error = CheckpointWriteError(exc.errno or 0, exc.strerror or str(exc), str(exc.filename or final))
+                error = write_error(exc, exc.filename or final)
         if not self.agree(error is None):
             raise error or CheckpointWriteError(0, "rank 0 could not complete the checkpoint (its error is in its "
                                                    "log)", str(final))
@@ -540,7 +546,7 @@ class DeepSpeedEngine:
         except (CheckpointError, FileNotFoundError):
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, AssertionError, IndexError, AttributeError) as exc:
-            text = " ".join(ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip())
+            text = one_line(f"{type(exc).__name__}: {exc}")
             raise CheckpointError(f"{path}: DeepSpeed could not load it ({text[:400]})") from None
         if loaded is None:
             raise CheckpointError(f"{path}: DeepSpeed could not load the checkpoint")
@@ -585,7 +591,7 @@ def _safe_checkpoint_engine() -> Any:
             try:
                 os.makedirs(path, exist_ok=exist_ok)
             except OSError as exc:
-                self.error = self.error or CheckpointWriteError(exc.errno or 0, exc.strerror or str(exc), str(path))
+                self.error = self.error or write_error(exc, path)
 
         def load(self, path: str, map_location: Any = None) -> Any:
             return safe_load(path, map_location=map_location, what="DeepSpeed checkpoint file",

@@ -48,7 +48,7 @@ import torch
 from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.attention import AttentionCase, select_backend
 from beit_fast.checkpoint import CheckpointError, atomic_save, safe_load
-from beit_fast.config import parse_options
+from beit_fast.config import first_line, one_line, parse_options
 from beit_fast.data import (
     DataError,
     ImageFolderDataset,
@@ -335,10 +335,6 @@ def find_latest_checkpoint(out: Path) -> Optional[Path]:
     return paths[-1] if paths else None
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     """A checkpoint's run state: the whole file for the plain engine, `meta.pt` of a DeepSpeed directory
     (its weights and optimizer shards stay for DeepSpeed to load). Read weights-only (`safe_load`: nothing in the
@@ -355,7 +351,8 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} is not a pretraining checkpoint of this engine (missing {missing})")
-    wrong = [f"step={ckpt['step']!r} (not an int >= 0)"] if not (_is_int(ckpt["step"]) and ckpt["step"] >= 0) else []
+    wrong = [f"step={ckpt['step']!r} (not an int >= 0)"] if not (_type_ok(ckpt["step"], int) and ckpt["step"] >= 0) \
+        else []
     wrong += [f"{k} is a {type(ckpt[k]).__name__}, not a dict" for k in needed
               if k not in ("step",) and not isinstance(ckpt[k], dict)]
     if not path.is_dir() and isinstance(ckpt["model"], dict):
@@ -371,11 +368,10 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
 def _stats_problems(stats: Dict[str, Any], model_config: Dict[str, Any]) -> List[str]:
     """What is wrong with a checkpoint's run statistics (hand-edited into something the loop cannot use)."""
     wrong = [f"stats.{k}={stats[k]!r} (not an int >= 0)" for k in ("skipped_steps", "skipped_images", "bad_in_row")
-             if k in stats and not (_is_int(stats[k]) and stats[k] >= 0)]
+             if k in stats and not (_type_ok(stats[k], int) and stats[k] >= 0)]
     for k in ("recent_acc", "bad_files", "suspect_steps"):
         v = stats.get(k, [])
-        number = (int, float) if k == "recent_acc" else int
-        if not isinstance(v, list) or not all(isinstance(x, number) and not isinstance(x, bool) for x in v):
+        if not isinstance(v, list) or not all(_type_ok(x, float if k == "recent_acc" else int) for x in v):
             wrong.append(f"stats.{k} is not a list of {'numbers' if k == 'recent_acc' else 'ints'}")
     hist, vocab = stats.get("token_hist"), model_config.get("vocab_size")
     if "token_hist" in stats and not (torch.is_tensor(hist) and hist.dtype == torch.long and hist.dim() == 1
@@ -409,11 +405,11 @@ def export_checkpoint(path: Union[str, Path], out: Union[str, Path], layout: str
         model = BeitForMaskedImageModeling(BeitConfig.from_dict(mc))
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: its model config does not build a model ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+                              f"{first_line(str(exc))})") from None
     try:
         result = model.load_state_dict(sd, strict=False)
     except RuntimeError as exc:  # shape mismatches: torch lists them over many lines
-        text = " ".join(ln.strip() for ln in str(exc).splitlines()[1:4] if ln.strip())
+        text = one_line("\n".join(str(exc).splitlines()[1:4]))
         raise CheckpointError(f"{path}: the weights do not fit its model config ({text[:300]})") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path}: the weights do not fit its model config (missing {result.missing_keys[:5]}, "
@@ -432,7 +428,7 @@ def build_tokenizer(cfg: PretrainConfig, mcfg: BeitConfig, device: torch.device)
     try:
         tok = DalleTokenizer.from_files(cfg.tokenizer, fast="auto")
     except (pickle.UnpicklingError, ValueError, OSError, RuntimeError, KeyError, EOFError) as exc:
-        why = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()) or type(exc).__name__
+        why = one_line(str(exc)) or type(exc).__name__
         raise ValueError(f"tokenizer={cfg.tokenizer!r} cannot be loaded: {why}") from None
     if tok.grid_size != mcfg.grid_size or tok.vocab_size != mcfg.vocab_size:
         raise ValueError(

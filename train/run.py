@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from beit_fast.train.engine import checkpoint_problem
+
 log = logging.getLogger("beit_fast.pretrain")
 
 __all__ = [
@@ -74,8 +76,6 @@ def checkpoint_step(path: Path) -> int:
 
 def checkpoints(out: Path) -> List[Path]:
     """Complete checkpoints, oldest first. Temporary names and incomplete directories are not checkpoints."""
-    from beit_fast.train.engine import checkpoint_problem
-
     d = checkpoint_dir(out)
     if not d.is_dir():
         return []
@@ -112,8 +112,6 @@ def _remove_tree(p: Path) -> None:
 def clean_run_directory(out: Path) -> List[str]:
     """Remove what an interrupted run left in `out` and its checkpoint directory (see the module docstring);
     returns one line per thing removed (also logged as warnings)."""
-    from beit_fast.train.engine import checkpoint_problem
-
     removed = []
     ckpts = checkpoint_dir(out)
     if ckpts.is_dir():  # a re-save of step N crashed between its two renames: the old copy is step N again
