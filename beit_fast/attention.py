@@ -11,9 +11,11 @@ takes the first one in `AUTO_ORDER` with no reasons; an explicitly requested bac
 run raises with its reasons (`beit-fast info` prints them).
 
 Backends:
-- `triton`: `beit_fast.kernels.relpos_attention` - flash attention with the table gathered
-  in-kernel and the table gradient reduced in-kernel. On the CPU it runs only through the Triton
-  interpreter, and only when asked for by name ("auto" never picks the interpreter).
+- `triton`: `beit_fast.kernels.relpos_attention` - FlashAttention-2-style kernels reading the padded
+  dense bias (built once per forward, shared by the layers), the bias gradient reduced without
+  atomics (deterministic). On the CPU it runs only through the Triton interpreter, and only when
+  asked for by name ("auto" never picks the interpreter); "auto" leaves float32 on a GPU to SDPA
+  (the kernel's fp32 path is IEEE fp32 on CUDA cores: exact, not fast).
 - `xformers`: `memory_efficient_attention` with a tensor bias, only when its CUDA kernels really
   load (probed once with a tiny call, the answer cached).
 - `sdpa`: `F.scaled_dot_product_attention` with the bias as `attn_mask`; on CUDA the
@@ -43,18 +45,30 @@ AUTO_ORDER = ("triton", "xformers", "sdpa", "math")
 
 
 class RelPosBias(NamedTuple):
-    """table (T, H) and index (N, N): bias[h, i, j] = table[index[i, j], h]; `dense` is that gather
-    as (H, N, N) when a non-Triton backend needs it (None otherwise)."""
+    """table (T, H) and index (N, N): bias[h, i, j] = table[index[i, j], h]. Built once per forward and shared by
+    the layers that use the same table: `dense` is that gather as (H, N, N) for the SDPA / xformers / math backends,
+    `padded` the Triton kernel's (H, P, P) layout (`beit_fast.kernels.relpos_attention.relpos_bias_padded`)."""
 
     table: torch.Tensor
     index: torch.Tensor
     dense: Optional[torch.Tensor] = None
+    padded: Optional[torch.Tensor] = None
 
     def materialise(self) -> torch.Tensor:
         if self.dense is not None:
             return self.dense
         n = self.index.shape[0]
         return self.table[self.index.reshape(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+
+    def for_backend(self, backend: str) -> "RelPosBias":
+        """This bias with the one form `backend` reads computed (once, here)."""
+        if backend == "triton":
+            if self.padded is not None:
+                return self
+            from beit_fast.kernels.relpos_attention import relpos_bias_padded
+
+            return self._replace(padded=relpos_bias_padded(self.table, self.index))
+        return self if self.dense is not None else self._replace(dense=self.materialise())
 
 
 @dataclass(frozen=True)
@@ -100,7 +114,7 @@ def _triton(qkv, num_heads, bias, scale, dropout_p, training):
 
     if bias is None:
         return relpos_attention_qkv(qkv, num_heads, scale=scale)
-    return relpos_attention_qkv(qkv, num_heads, bias.table, bias.index, scale=scale)
+    return relpos_attention_qkv(qkv, num_heads, scale=scale, padded_bias=bias.for_backend("triton").padded)
 
 
 def _xformers(qkv, num_heads, bias, scale, dropout_p, training):
@@ -140,6 +154,9 @@ def _reasons_triton(case: AttentionCase, auto: bool) -> List[str]:
         reasons.append(f"head_dim {case.head_dim} > 128")
     if case.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"dtype {case.dtype} (fp16, bf16 and fp32 only)")
+    if case.dtype == torch.float32 and case.device_type == "cuda" and auto:
+        reasons.append("float32 on a GPU: the kernel computes IEEE fp32 without tensor cores; auto leaves fp32 to "
+                       "SDPA (ask for attn_backend='triton' by name to run it)")
     if case.dropout_p > 0:
         reasons.append("attention dropout is not implemented in the kernel")
     return reasons

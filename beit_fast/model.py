@@ -137,9 +137,7 @@ class Attention(nn.Module):
             table = self.relative_position_bias_table
             if rel_pos is not None:
                 table = rel_pos.table + table  # same index: summing the tables sums the biases
-            rel_pos = RelPosBias(table, self.relative_position_index)
-            if backend != "triton":
-                rel_pos = rel_pos._replace(dense=rel_pos.materialise())
+            rel_pos = RelPosBias(table, self.relative_position_index).for_backend(backend)
         x = attention_qkv(qkv, self.num_heads, rel_pos, self.scale, backend, self.attn_drop, self.training)
         return self.proj(x)
 
@@ -309,8 +307,8 @@ class BeitModel(nn.Module):
         rel_pos = None
         if self.rel_pos_bias is not None:
             rpb = self.rel_pos_bias
-            rel_pos = RelPosBias(rpb.relative_position_bias_table, rpb.relative_position_index,
-                                 None if backend == "triton" else rpb())  # the kernel gathers in-kernel
+            # built once here, shared by every layer (the table's gradient: one scatter per step)
+            rel_pos = RelPosBias(rpb.relative_position_bias_table, rpb.relative_position_index).for_backend(backend)
         wanted = set(return_layers or ())
         layers = []
         for i, blk in enumerate(self.blocks):

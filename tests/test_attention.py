@@ -16,12 +16,15 @@ from helpers import perturb, rel_err
 TOL = 1e-5
 
 
-def _table_and_index(N, H, g):
-    """BEiT's table for an N = h*w + 1 token grid, else a random index into a table of the same form."""
+def _table_and_index(N, H, g, grid=None):
+    """BEiT's table for an N = h*w + 1 token grid (`grid`, or square), else a random index into a table."""
     side = int(round((N - 1) ** 0.5))
-    if side * side + 1 == N:
-        index = relative_position_index((side, side))
-        rows = (2 * side - 1) ** 2 + 3
+    if grid is None and side * side + 1 == N:
+        grid = (side, side)
+    if grid is not None:
+        assert grid[0] * grid[1] + 1 == N
+        index = relative_position_index(grid)
+        rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
     else:
         rows = 50
         index = torch.randint(0, rows, (N, N), generator=g)
@@ -29,12 +32,16 @@ def _table_and_index(N, H, g):
 
 
 @pytest.mark.parametrize(
-    "B,H,N,Dh", [(2, 2, 37, 32), (1, 3, 50, 64), (1, 2, 197, 64), (2, 1, 17, 80), (1, 1, 10, 128), (1, 1, 577, 64)]
+    "B,H,N,Dh,grid",
+    [(2, 2, 37, 32, None), (1, 3, 50, 64, None), (1, 2, 197, 64, None), (2, 1, 17, 80, None), (1, 1, 10, 128, None),
+     (1, 1, 577, 64, None), (3, 2, 29, 32, (4, 7)), (5, 1, 16, 16, None)],
 )
-def test_table_bias_matches_ref(B, H, N, Dh):
+def test_table_bias_matches_ref(B, H, N, Dh, grid):
+    """Outputs and every gradient incl. the table's; N around block edges (16 = one full block of the tail width),
+    a 4x7 grid, odd batch sizes (the dk/dv programs group the batch)."""
     g = torch.Generator().manual_seed(N * 7 + Dh)
     q, k, v = (torch.randn(B, H, N, Dh, generator=g).requires_grad_() for _ in range(3))
-    table, index = _table_and_index(N, H, g)
+    table, index = _table_and_index(N, H, g, grid)
     table.requires_grad_()
     out = relpos_attention(q, k, v, table, index)
     ref = relpos_attention_ref(q, k, v, table, index)
@@ -59,6 +66,42 @@ def test_dense_bias_and_no_bias_and_scale():
         do = torch.randn(out.shape, generator=g)
         for a, b in zip(torch.autograd.grad(out, ins, do), torch.autograd.grad(ref, ins, do)):
             assert rel_err(a, b) <= TOL
+
+
+def test_strided_qkv_taken_as_given_and_padded_bias_shared():
+    """q, k, v as (B, N, H, Dh) buffers seen through transposes: no stack / copy of them before the kernel; one
+    padded bias built once serves two calls, its gradient reaching the table through the gather."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from beit_fast.kernels.relpos_attention import relpos_bias_padded
+
+    g = torch.Generator().manual_seed(3)
+    B, N, H, Dh = 2, 26, 2, 32
+    q, k, v = (torch.randn(B, N, H, Dh, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+    assert not q.is_contiguous()
+    table, index = _table_and_index(N, H, g)
+    table.requires_grad_()
+
+    class Ops(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    padded = relpos_bias_padded(table, index)
+    with Ops() as ops:
+        out = relpos_attention(q, k, v, padded_bias=padded)
+    assert not [op for op in ops.seen if any(c in op for c in ("stack", "cat", "clone", "copy"))], ops.seen
+    out2 = relpos_attention(q * 0.5, k, v, padded_bias=padded)
+    ref = relpos_attention_ref(q, k, v, table, index)
+    ref2 = relpos_attention_ref(q * 0.5, k, v, table, index)
+    assert rel_err(out, ref) <= TOL and rel_err(out2, ref2) <= TOL
+    do, do2 = torch.randn(out.shape, generator=g), torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad((out * do).sum() + (out2 * do2).sum(), [q, k, v, table])
+    want = torch.autograd.grad((ref * do).sum() + (ref2 * do2).sum(), [q, k, v, table])
+    for name, a, b in zip(("dq", "dk", "dv", "dtable"), got, want):
+        assert rel_err(a, b) <= TOL, name
 
 
 def test_packed_qkv_entry_point():
@@ -86,6 +129,10 @@ def test_bad_arguments():
         relpos_attention(*(torch.randn(1, 1, 4, 160) for _ in range(3)))
     with pytest.raises(ValueError, match="not both"):
         relpos_attention(q, q, q, torch.randn(7, 2), torch.zeros(5, 5, dtype=torch.long), bias=torch.zeros(2, 5, 5))
+    with pytest.raises(ValueError, match="padded bias must be"):
+        relpos_attention(q, q, q, padded_bias=torch.zeros(2, 5, 5))
+    with pytest.raises(ValueError, match="float16, bfloat16, float32"):
+        relpos_attention(q.double(), q.double(), q.double())
 
 
 # -- dispatcher ------------------------------------------------------------------------------------------------------
@@ -102,6 +149,9 @@ def test_dispatcher_reasons_and_auto(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not_supported_reasons("triton", AttentionCase("cpu", torch.float32, 160, True))  # head_dim > 128
     assert not_supported_reasons("triton", AttentionCase("cpu", torch.float32, 64, True, dropout_p=0.1))
+    cuda32 = AttentionCase(device_type="cuda", dtype=torch.float32, head_dim=64, bias_requires_grad=True)
+    assert any("float32 on a GPU" in r for r in not_supported_reasons("triton", cuda32, auto=True))
+    assert not not_supported_reasons("triton", cuda32)  # by name it runs (IEEE fp32)
     info = available_backends("cpu")
     assert set(info) == {"triton", "xformers", "sdpa", "math"} and info["math"] == []
     with pytest.raises(ValueError, match="unknown attention backend"):
@@ -136,10 +186,10 @@ def test_model_triton_backend_equals_math(per_layer):
 
 # -- GPU -------------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("N,Dh", [(197, 64), (50, 80), (577, 64)])
-def test_gpu_bf16_error_rule(N, Dh):
+@pytest.mark.parametrize("N,Dh,H", [(197, 64, 12), (50, 80, 12), (577, 64, 12), (197, 128, 8), (577, 128, 4)])
+def test_gpu_bf16_error_rule(N, Dh, H):
     g = torch.Generator(device="cuda").manual_seed(0)
-    B, H = 8, 12
+    B = 8
     q, k, v = (torch.randn(B, H, N, Dh, device="cuda", generator=g).bfloat16().requires_grad_() for _ in range(3))
     side = int(round((N - 1) ** 0.5))
     index = relative_position_index((side, side)).cuda()
@@ -159,3 +209,37 @@ def test_gpu_bf16_error_rule(N, Dh):
         ek = float((kk.double() - ee.double()).abs().max())
         et = float((tt.double() - ee.double()).abs().max())
         assert ek <= 2 * et + 1e-3 * float(ee.abs().max()), (name, ek, et)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,Dh,H", [(197, 64, 12), (577, 128, 4)])
+def test_gpu_backward_is_deterministic(N, Dh, H):
+    """No atomics: two identical backward calls give bitwise-equal gradients, the table's included."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B = 32
+    q, k, v = (torch.randn(B, H, N, Dh, device="cuda", generator=g).bfloat16().requires_grad_() for _ in range(3))
+    side = int(round((N - 1) ** 0.5))
+    index = relative_position_index((side, side)).cuda()
+    table = torch.randn((2 * side - 1) ** 2 + 3, H, device="cuda", generator=g).requires_grad_()
+    do = torch.randn(B, H, N, Dh, device="cuda", generator=g).bfloat16()
+    runs = [torch.autograd.grad(relpos_attention(q, k, v, table, index), [q, k, v, table], do) for _ in range(2)]
+    for name, a, b in zip(("dq", "dk", "dv", "dtable"), *runs):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_is_ieee_not_tf32():
+    """fp32 inputs: the kernel's dots are IEEE fp32 (TF32 would be ~1e-3 off)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    B, H, N, Dh = 4, 4, 197, 64
+    q, k, v = (torch.randn(B, H, N, Dh, device="cuda", generator=g).requires_grad_() for _ in range(3))
+    index = relative_position_index((14, 14)).cuda()
+    table = torch.randn(27 * 27 + 3, H, device="cuda", generator=g).requires_grad_()
+    out = relpos_attention(q, k, v, table, index)
+    ref = relpos_attention_ref(*(t.double() for t in (q, k, v)), table.double(), index)
+    assert rel_err(out, ref) <= 1e-5
+    do = torch.randn(out.shape, device="cuda", generator=g)
+    got = torch.autograd.grad(out, [q, k, v, table], do)
+    want = torch.autograd.grad(ref, [q, k, v, table], do.double())
+    for name, a, b in zip(("dq", "dk", "dv", "dtable"), got, want):
+        assert rel_err(a, b) <= 1e-4, name
