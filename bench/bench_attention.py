@@ -1,6 +1,7 @@
 """Attention with BEiT's relative position bias: fwd and fwd+bwd (bias gradient included), bf16.
 
-Shapes: BEiT-B (B=128, H=12, N=197, Dh=64), BEiT-L (H=16), and 384px (N=577, B=32).
+Shapes: BEiT-B (B=128, H=12, N=197, Dh=64), BEiT-L (H=16), 384px (N=577, B=32), and head_dim 128 at both N.
+`BEIT_BENCH_QUICK=1` (the GPU suite's quick part): BEiT-B, 384px and Dh=128 at 384px, no inductor-compiled peer.
 Peers in the same process: SDPA memory-efficient (the only PyTorch kernel with a float bias
 gradient), SDPA math, xformers when its kernels load, and FlexAttention with a `score_mod`
 reading the table when it compiles (BEiT-B shape only, to bound compile time). Each is fed the
@@ -12,6 +13,8 @@ memory, time relative to ours.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from benchutil import AVAILABLE, DEVICE, SMOKE, median_ms, peak_extra_gb
@@ -21,7 +24,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 DT = torch.float32 if SMOKE else torch.bfloat16
-SHAPES = {"BEiT-B": (128, 12, 197, 64), "BEiT-L": (128, 16, 197, 64), "384px": (32, 12, 577, 64)}
+QUICK = os.environ.get("BEIT_BENCH_QUICK", "0") not in ("", "0")
+SHAPES = {"BEiT-B": (128, 12, 197, 64), "BEiT-L": (128, 16, 197, 64), "384px": (32, 12, 577, 64),
+          "Dh128": (128, 8, 197, 128), "Dh128 384px": (32, 8, 577, 128)}
+if QUICK:
+    SHAPES = {k: SHAPES[k] for k in ("BEiT-B", "384px", "Dh128 384px")}
 if SMOKE:
     SHAPES = {"smoke": (1, 2, 37, 32)}
 
@@ -74,6 +81,8 @@ def _peers(shape: str):
     try:
         if shape not in ("BEiT-B", "smoke"):  # one compile, at the shape of ANCHORS.md (compiles eat the time budget)
             raise RuntimeError("measured at the BEiT-B shape only")
+        if QUICK:
+            raise RuntimeError("not run in the quick suite (an inductor compile)")
         from torch.nn.attention.flex_attention import flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False, backend="aot_eager" if SMOKE else "inductor")

@@ -11,11 +11,14 @@ of `../shared/ANCHORS.md` (bench/peers.py), all in this process on this card.
 Correctness first: ours and timm-composed load the same weights and must give the same loss (fp32) before
 anything is timed. Reported: median ms per step (CUDA events), img/s, absolute peak memory of the step, and
 `speedup_of_ours` = peer ms / our ms. `BEIT_BENCH_SMOKE=1`: the tiny preset at batch 2 on the CPU (code paths only).
+`BEIT_BENCH_QUICK=1` (the GPU suite's quick part): the backbone step of ours and timm-composed, eager only (nothing
+compiled by inductor); the other rows are recorded as not run.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
@@ -36,6 +39,7 @@ else:
     CFG = BeitConfig.from_preset("base", drop_path_rate=0.1)
     B, TOK = 128, dict(n_hid=256, n_blk_per_group=2, vocab_size=8192)
 BF16 = DEVICE == "cuda"
+QUICK = os.environ.get("BEIT_BENCH_QUICK", "0") not in ("", "0")
 COMPILE_BACKEND = "aot_eager" if SMOKE else "inductor"
 K = CFG.num_masking_patches
 TOK_SIZE = CFG.grid_size * 8  # the dVAE downsamples 8x: 112px -> 14x14 for base
@@ -162,6 +166,14 @@ def test_e2e_backbone_step(record):
     results: dict = {}
     what = "backbone step (tokens given)"
     _time("beit-fast (engine, eager)", lambda: _ours(), results, record, what)
+    if QUICK:
+        _time("timm-composed eager", lambda: timm_composed(CFG, DEVICE, BF16), results, record, what,
+              "beit-fast (engine, eager)")
+        for name in ("beit-fast (engine, torch.compile)", "timm-composed torch.compile",
+                     "transformers BeitForMaskedImageModeling (sdpa)"):
+            record(bench=f"{BENCH} {what}", impl=name, ms=float("nan"), note="not run in the quick suite")
+        _no_failures(results)
+        return
     _time("beit-fast (engine, torch.compile)", lambda: _ours("default"), results, record, what)
     ours = _fastest(results)
     _time("timm-composed eager", lambda: timm_composed(CFG, DEVICE, BF16), results, record, what, ours)
