@@ -56,7 +56,7 @@ SINGLE_PASS_MAX_V = 8192  # one row in registers: 8192 fp32 over 8 warps = 32 pe
 # Persistent row programs: 2 per SM on a 132-SM H100 at the single-pass kernel's register use (one wave),
 # and the row count of the partial d bias buffer (264 x V fp32).
 ROW_PROGRAMS = 264
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jit code may only read constexpr globals
 
 
 # -- kernels ---------------------------------------------------------------------------------------------------------

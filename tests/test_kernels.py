@@ -23,6 +23,7 @@ from helpers import rel_err
 
 # The module itself (the package attribute of that name is the function).
 flce_mod = importlib.import_module("beit_fast.kernels.fused_linear_cross_entropy")
+gln_mod = importlib.import_module("beit_fast.kernels.gather_layer_norm")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-5
@@ -97,6 +98,28 @@ def test_gather_layer_norm_matches_ref(B, N, D, K):
     keep = torch.ones(B, N + 1, dtype=torch.bool)
     keep[:, 1:] = ~mask
     assert torch.count_nonzero(dh[keep]) == 0  # cls and unmasked rows stay zero
+
+
+@pytest.mark.parametrize("B,N,D,K,progs", [(3, 13, 96, 5, 2), (2, 7, 100, 0, None), (2, 7, 100, 7, 3)])
+def test_gather_layer_norm_backward_writes_every_row(monkeypatch, B, N, D, K, progs):
+    """The backward writes each row of dhidden exactly (no zero-fill first): its buffer starts as NaN here, so a
+    row it skipped would show. K=0 (no masked row) and K=N (every patch row) are the edges; `progs` makes each
+    persistent program loop over several row tiles."""
+    if progs:
+        monkeypatch.setattr(gln_mod, "BWD_PROGRAMS", progs)
+    empty_like = torch.empty_like
+    monkeypatch.setattr(gln_mod.torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
+    g = torch.Generator().manual_seed(B * N + D + K)
+    h = (torch.randn(B, N + 1, D, generator=g) * 2 - 1).requires_grad_()
+    mask = _mask(B, N, gen=g, exact=K)
+    w, b = torch.randn(D, generator=g).requires_grad_(), torch.randn(D, generator=g).requires_grad_()
+    out = gather_masked_layer_norm(h, mask, w, b, 1e-6, num_masked_per_image=K)
+    ref = gather_masked_layer_norm_ref(h, mask, w, b, 1e-6)
+    assert out.shape == ref.shape == (B * K, D) and (K == 0 or rel_err(out, ref) <= TOL)
+    dy = torch.randn(out.shape, generator=g)
+    got, want = _grads(out, [h, w, b], dy), _grads(ref, [h, w, b], dy)
+    for a, c in zip(got, want):
+        assert torch.isfinite(a).all() and (rel_err(a, c) <= TOL if K else torch.count_nonzero(a) == 0)
 
 
 def test_masked_row_index_order_and_promise():
