@@ -44,7 +44,11 @@ def _grads(out, inputs, g):
 
 
 # -- masked_embed ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("B,N,D,pos", [(3, 13, 96, True), (2, 50, 192, False), (2, 7, 768, True), (1, 1, 96, False)])
+# (37, 5, 200): more images than one backward batch step (32) and D over two 128-column blocks, the last partial.
+@pytest.mark.parametrize(
+    "B,N,D,pos",
+    [(3, 13, 96, True), (2, 50, 192, False), (2, 7, 768, True), (1, 1, 96, False), (37, 5, 200, True)],
+)
 def test_masked_embed_matches_ref(B, N, D, pos):
     g = torch.Generator().manual_seed(B * 1000 + N + D)
     x = torch.randn(B, N, D, generator=g).requires_grad_()
