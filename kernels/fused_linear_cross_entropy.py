@@ -35,7 +35,7 @@ TRITON_INTERPRET=1 in fp32; sm_90 compile checked ahead of time (no spills).
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -152,7 +152,9 @@ def _flce_rows_blocked_fwd_kernel(
 
 
 # -- launcher --------------------------------------------------------------------------------------------------------
-_OUT_DTYPE_GEMM: List[bool] = [True]  # torch's fp32-output half GEMM (CUDA, torch >= 2.9); cleared if it fails
+# torch's fp32-output half GEMMs (CUDA, torch >= 2.9), per op (some versions take an fp32 addmm input, some do
+# not); an op is dropped for the process when it fails on real tensors.
+_OUT_DTYPE_GEMM: Dict[str, bool] = {"mm": True, "addmm": True}
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -167,7 +169,8 @@ def _mm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
         else:
             torch.mm(a, b, out=out)
         return
-    if a.is_cuda and _OUT_DTYPE_GEMM[0]:
+    op = "addmm" if accumulate else "mm"
+    if a.is_cuda and _OUT_DTYPE_GEMM[op]:
         try:  # the GEMM writes fp32 itself: no rounding of the product, no temporary
             if accumulate:
                 torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
@@ -176,7 +179,7 @@ def _mm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
             return
         except (RuntimeError, TypeError):
             if not _is_fake(a):
-                _OUT_DTYPE_GEMM[0] = False
+                _OUT_DTYPE_GEMM[op] = False
     prod = torch.mm(a, b)  # older torch: one half-precision temporary per chunk
     if accumulate:
         out.add_(prod)
