@@ -6,28 +6,36 @@
 Shapes: hidden (M, D), weight (V, D), bias (V,) or None, target (M,) int64. Returns
 (loss: 0-d fp32, num_correct: 0-d int64, no gradient).
 
-How: the rows are processed in chunks of C rows (C * V logits at most `chunk_bytes`, 64 MiB by
-default), so the (M, V) logits never exist at full size. Per chunk:
+How: the rows are processed in balanced chunks of C rows: with C_max = `chunk_bytes` / (V * elem)
+(64 MiB by default), C = ceil(M / ceil(M / C_max)) rounded up to a multiple of the GEMM tile (128),
+so 9600 rows make 3 x 3200, not 4096/4096/1408. The (M, V) logits never exist at full size. Per chunk:
   1. z_c = hidden_c @ weight.T + bias           (cuBLAS GEMM, compute dtype = hidden's)
-  2. one Triton program per row: online max / sum-exp / argmax / target logit in fp32,
-     then, when gradients are needed, overwrite z_c IN PLACE with
-     dz = (softmax(z) - onehot(target)) * scale   (scale = 1/M for "mean")
-  3. d hidden_c = dz @ weight (cuBLAS), d weight += dz.T @ hidden_c and d bias += sum(dz)
-     accumulated in fp32.
+  2. a Triton row kernel, persistent programs of several rows each, fp32 statistics: max, sum-exp,
+     first argmax, target logit; when gradients are needed it overwrites z_c IN PLACE with the
+     UNSCALED logit gradient dz = softmax(z) - onehot(target) (values in [-1, 1]: no fp16 underflow)
+     and adds dz's column sums to its own row of a (programs, V) fp32 partial d bias (no atomics).
+     V <= 8192 (BLOCK_V >= V): one pass, the row is read once and written once. Larger V: two
+     sweeps over (4, 2048) tiles (statistics, then gradient).
+  3. d hidden_c = dz @ weight and d weight += dz.T @ hidden_c, both written straight into fp32
+     buffers (torch's out_dtype GEMM on CUDA for bf16/fp16: dW accumulates in place, no per-chunk
+     temporary; elsewhere an fp32 addmm_ or a half GEMM added in fp32).
 The gradients are thus computed during the forward (the loss is a scalar, so the backward only
-multiplies them by the incoming grad); no logits are recomputed. Arithmetic: 3 GEMMs of
-2*M*V*D (the floor of any implementation) plus one read and one write of each logits chunk.
+multiplies them by grad_output * (1/M for "mean"), in fp32, then casts); no logits are recomputed.
+Arithmetic: 3 GEMMs of 2*M*V*D (the floor of any implementation) plus one read and one write of
+each logits chunk. Extra memory at M=9600, D=768, V=8192 bf16: logits chunk 52.4 MB (dz in place)
++ fp32 d hidden 29.5 MB + fp32 d weight 25.2 MB + partial d bias 8.7 MB = 0.116 GB.
 
 Targets out of [0, V) raise ValueError: at once on the CPU, through a deferred device flag on a
 GPU (`beit_fast.kernels.check_deferred`, no host sync here); the kernel never reads out of
 bounds for them. reduction: "mean" or "sum" ("none" would need the per-row grads in the
 backward, which this design does not keep).
-Cards measured: none yet; correctness checked under TRITON_INTERPRET=1 in fp32.
+Cards measured: none yet (no GPU has run this version); correctness checked under
+TRITON_INTERPRET=1 in fp32; sm_90 compile checked ahead of time (no spills).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -43,81 +51,166 @@ __all__ = [
 ]
 
 CHUNK_BYTES = 64 * 2**20
+GEMM_TILE_ROWS = 128
+SINGLE_PASS_MAX_V = 8192  # one row in registers: 8192 fp32 over 8 warps = 32 per thread (+ the d bias partial)
+# Persistent row programs: 2 per SM on a 132-SM H100 at the single-pass kernel's register use (one wave),
+# and the row count of the partial d bias buffer (264 x V fp32).
+ROW_PROGRAMS = 264
+LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jit code may only read constexpr globals
 
 
-# -- kernel ----------------------------------------------------------------------------------------------------------
-# Per row r of a logits chunk z (fp32 statistics):
-#   m = max_v z[v], s = sum_v exp(z[v] - m), lse = m + log(s)       (online over V blocks)
-#   loss[r] = lse - z[target], correct[r] = (first argmax == target)
-#   if WRITE_GRAD: z[v] <- (exp(z[v] - lse) - [v == target]) * scale   (second sweep, in place)
+# -- kernels ---------------------------------------------------------------------------------------------------------
+# Per row r of a logits chunk z (fp32 statistics), with e = exp(z - max):
+#   loss[r] = max + log(sum e) - z[target],  correct[r] = (first argmax == target)
+#   if WRITE_GRAD: z[v] <- e[v] / sum e - [v == target]       (in place, unscaled)
+#   if HAS_DB:     db_part[program] += that gradient row       (each program owns its partial row)
 @triton.jit
-def _ce_rows_kernel(
-    z_ptr, target_ptr, loss_ptr, correct_ptr,
-    V, stride_z_row, scale,
-    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+def _flce_rows_fwd_kernel(
+    z_ptr, target_ptr, loss_ptr, correct_ptr, db_part_ptr,
+    n_rows, V, stride_z_row,
+    WRITE_GRAD: tl.constexpr, HAS_DB: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    z_row = z_ptr + row.to(tl.int64) * stride_z_row
-    target = tl.load(target_ptr + row).to(tl.int32)
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.full((), 0.0, tl.float32)
-    best = tl.full((), float("-inf"), tl.float32)
-    best_idx = tl.full((), 0, tl.int32)
-    z_target = tl.full((), 0.0, tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        block_max = tl.max(z, axis=0)
-        block_arg = tl.argmax(z, axis=0).to(tl.int32)
-        better = block_max > best  # strict: ties keep the earlier (first) index
-        best_idx = tl.where(better, v0 + block_arg, best_idx)
-        best = tl.maximum(best, block_max)
-        m_new = tl.maximum(m, block_max)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-        z_target += tl.sum(tl.where(cols == target, z, 0.0), axis=0)
-    lse = m + tl.log(s)
-    tl.store(loss_ptr + row, lse - z_target)
-    tl.store(correct_ptr + row, (best_idx == target).to(tl.int32))
-    if WRITE_GRAD:
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    db_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for i in range(0, tl.cdiv(n_rows - pid, nprog)):  # the grid never exceeds n_rows
+        row = pid + i * nprog
+        z_row = z_ptr + row.to(tl.int64) * stride_z_row
+        target = tl.load(target_ptr + row).to(tl.int32)
+        z = tl.load(z_row + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
+        m = tl.max(z, axis=0)
+        arg = tl.argmax(z, axis=0)  # ties: the lowest index, as torch.argmax
+        e = tl.exp2((z - m) * LOG2E)  # padding: exp2(-inf) = 0
+        s = tl.sum(e, axis=0)
+        is_t = cols == target
+        z_t = tl.sum(tl.where(is_t, z, 0.0), axis=0)
+        tl.store(loss_ptr + row, m + tl.log(s) - z_t)
+        tl.store(correct_ptr + row, (arg == target).to(tl.int32))
+        if WRITE_GRAD:
+            dz = e * (1.0 / s) - tl.where(is_t, 1.0, 0.0)
+            tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=col_ok)
+            if HAS_DB:
+                db_acc += dz
+    if HAS_DB:
+        part = db_part_ptr + pid * V + cols
+        tl.store(part, tl.load(part, mask=col_ok, other=0.0) + db_acc, mask=col_ok)
+
+
+# The same for rows that do not fit one block: (BLOCK_R, BLOCK_V) tiles, an online max / sum-exp /
+# argmax sweep, then a gradient sweep that re-reads the tile.
+@triton.jit
+def _flce_rows_blocked_fwd_kernel(
+    z_ptr, target_ptr, loss_ptr, correct_ptr, db_part_ptr,
+    n_rows, V, stride_z_row,
+    WRITE_GRAD: tl.constexpr, HAS_DB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    r_off = tl.arange(0, BLOCK_R)
+    c_off = tl.arange(0, BLOCK_V)
+    for r0 in range(pid * BLOCK_R, n_rows, nprog * BLOCK_R):
+        rows = r0 + r_off
+        row_ok = rows < n_rows
+        z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_z_row
+        target = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+        m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        best_idx = tl.zeros((BLOCK_R,), dtype=tl.int32)
+        z_t = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            ok = cols < V
-            z = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32)
-            g = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
-            tl.store(z_row + cols, g.to(z_ptr.dtype.element_ty), mask=ok)
+            cols = v0 + c_off
+            ok = row_ok[:, None] & (cols < V)[None, :]
+            # Padding rows read 0 (finite statistics); their results are never stored.
+            z = tl.load(z_rows + cols[None, :], mask=ok, other=float("-inf"))
+            z = tl.where(row_ok[:, None], z.to(tl.float32), 0.0)
+            block_max = tl.max(z, axis=1)
+            block_arg = tl.argmax(z, axis=1).to(tl.int32)
+            best_idx = tl.where(block_max > best, v0 + block_arg, best_idx)  # strict: ties keep the first
+            best = tl.maximum(best, block_max)
+            m_new = tl.maximum(m, block_max)
+            s = s * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new[:, None]) * LOG2E), axis=1)
+            m = m_new
+            z_t += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+        lse = m + tl.log(s)
+        tl.store(loss_ptr + rows, lse - z_t, mask=row_ok)
+        tl.store(correct_ptr + rows, (best_idx == target).to(tl.int32), mask=row_ok)
+        if WRITE_GRAD:
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + c_off
+                col_ok = cols < V
+                ok = row_ok[:, None] & col_ok[None, :]
+                z = tl.load(z_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                dz = tl.exp2((z - lse[:, None]) * LOG2E) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+                dz = tl.where(ok, dz, 0.0)
+                tl.store(z_rows + cols[None, :], dz.to(z_ptr.dtype.element_ty), mask=ok)
+                if HAS_DB:
+                    part = db_part_ptr + pid * V + cols
+                    tl.store(part, tl.load(part, mask=col_ok, other=0.0) + tl.sum(dz, axis=0), mask=col_ok)
 
 
 # -- launcher --------------------------------------------------------------------------------------------------------
-_MM_OUT_DTYPE_OK: Optional[bool] = None
+# torch's fp32-output half GEMMs (CUDA, torch >= 2.9), per op (some versions take an fp32 addmm input, some do
+# not); an op is dropped for the process when it fails on real tensors.
+_OUT_DTYPE_GEMM: Dict[str, bool] = {"mm": True, "addmm": True}
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc (fp32) += a @ b, with fp32 accumulation across calls even for bf16/fp16 a, b."""
-    global _MM_OUT_DTYPE_OK
+def _is_fake(t: torch.Tensor) -> bool:
+    return isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+
+
+def _mm_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out (fp32) = a @ b, or += when `accumulate`, accumulated in fp32 even for bf16/fp16 a, b; in place."""
     if a.dtype == torch.float32:
-        return acc.addmm_(a, b)
-    if a.is_cuda and _MM_OUT_DTYPE_OK is not False:
-        try:  # torch >= 2.9 on CUDA: half-precision GEMM with an fp32 output, no rounding per chunk
-            out = torch.addmm(acc, a, b, out_dtype=torch.float32)
-            _MM_OUT_DTYPE_OK = True
-            return out
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    op = "addmm" if accumulate else "mm"
+    if a.is_cuda and _OUT_DTYPE_GEMM[op]:
+        try:  # the GEMM writes fp32 itself: no rounding of the product, no temporary
+            if accumulate:
+                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            else:
+                torch.mm(a, b, out_dtype=torch.float32, out=out)
+            return
         except (RuntimeError, TypeError):
-            _MM_OUT_DTYPE_OK = False
-    return acc.add_(torch.mm(a, b))
+            if not _is_fake(a):
+                _OUT_DTYPE_GEMM[op] = False
+    prod = torch.mm(a, b)  # older torch: one half-precision temporary per chunk
+    if accumulate:
+        out.add_(prod)
+    else:
+        out.copy_(prod)
 
 
 def _chunk_rows(M: int, V: int, elem: int, chunk_bytes: int) -> int:
-    return max(1, min(M, chunk_bytes // max(1, V * elem)))
+    """Rows per chunk: balanced (equal chunks, not full ones and a small tail), a multiple of the GEMM tile
+    where that stays within the byte budget."""
+    c_max = max(1, min(M, chunk_bytes // max(1, V * elem)))
+    c = triton.cdiv(M, triton.cdiv(M, c_max))
+    tiled = triton.cdiv(c, GEMM_TILE_ROWS) * GEMM_TILE_ROWS
+    return min(M, tiled) if tiled <= c_max else c
+
+
+def _row_config(V: int) -> Tuple[bool, int, int, int]:
+    """-> (single_pass, BLOCK_R, BLOCK_V, num_warps) of the row kernel."""
+    if V <= SINGLE_PASS_MAX_V:
+        BLOCK_V = triton.next_power_of_2(V)
+        return True, 1, BLOCK_V, 8 if BLOCK_V >= 4096 else 4
+    return False, 4, min(2048, triton.next_power_of_2(SINGLE_PASS_MAX_V)), 8
 
 
 def fused_linear_cross_entropy_fwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor, scale: float,
-    compute_grad: bool, chunk_bytes: int = CHUNK_BYTES,
+    compute_grad: bool, chunk_bytes: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> loss (fp32 0-d, already scaled), num_correct (int64 0-d), and when `compute_grad`:
-    d hidden (M, D) in hidden's dtype, d weight (V, D) fp32, d bias (V,) fp32 (else empty tensors),
-    all for an incoming gradient of 1."""
+    """-> loss (fp32 0-d, already scaled), num_correct (int64 0-d), and when `compute_grad` the UNSCALED
+    gradients of sum_k loss_k (the caller multiplies by scale * grad_output): d hidden (M, D), d weight (V, D),
+    d bias (V,), all fp32 (d bias empty without a bias); else empty tensors."""
     M, D = hidden.shape
     V = weight.shape[0]
     dtype = hidden.dtype
@@ -128,14 +221,19 @@ def fused_linear_cross_entropy_fwd(
     target = target.contiguous()
     loss_rows = torch.empty((M,), device=dev, dtype=torch.float32)
     correct = torch.empty((M,), device=dev, dtype=torch.int32)
-    dh, dw, db = (hidden.new_empty((0,)) for _ in range(3))  # distinct: custom-op outputs may not alias
+    f32 = torch.float32
+    dh, dw, db = (hidden.new_empty((0,), dtype=f32) for _ in range(3))  # distinct: custom-op outputs may not alias
+    C = _chunk_rows(M, V, hidden.element_size(), CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+    single, BLOCK_R, BLOCK_V, num_warps = _row_config(V)
+    nprog_max = max(1, min(ROW_PROGRAMS, triton.cdiv(C, BLOCK_R)))
+    has_db = compute_grad and b is not None
+    db_part = dw  # placeholder pointer when there is no bias gradient (never dereferenced)
     if compute_grad:
-        dh = torch.empty_like(hidden)
-        dw = torch.zeros((V, D), device=dev, dtype=torch.float32)
-        db = torch.zeros((V,), device=dev, dtype=torch.float32)
-    C = _chunk_rows(M, V, hidden.element_size(), chunk_bytes)
+        dh = torch.empty((M, D), device=dev, dtype=f32)
+        dw = torch.zeros((V, D), device=dev, dtype=f32)
+        if has_db:
+            db_part = torch.zeros((nprog_max, V), device=dev, dtype=f32)
     z = torch.empty((C, V), device=dev, dtype=dtype) if M else None
-    BLOCK_V = min(triton.next_power_of_2(V), 8192)
     for r0 in range(0, M, C):
         r1 = min(M, r0 + C)
         h_c = hidden[r0:r1]
@@ -144,16 +242,22 @@ def fused_linear_cross_entropy_fwd(
             torch.addmm(b, h_c, w.t(), out=z_c)
         else:
             torch.mm(h_c, w.t(), out=z_c)
-        _ce_rows_kernel[(r1 - r0,)](
-            z_c, target[r0:r1], loss_rows[r0:r1], correct[r0:r1],
-            V, z_c.stride(0), scale,
-            WRITE_GRAD=compute_grad, BLOCK_V=BLOCK_V, num_warps=16 if BLOCK_V >= 4096 else 8,
-        )
+        nprog = max(1, min(nprog_max, triton.cdiv(r1 - r0, BLOCK_R)))
+        args = (z_c, target[r0:r1], loss_rows[r0:r1], correct[r0:r1], db_part, r1 - r0, V, z_c.stride(0))
+        if single:
+            _flce_rows_fwd_kernel[(nprog,)](
+                *args, WRITE_GRAD=compute_grad, HAS_DB=has_db, BLOCK_V=BLOCK_V, num_warps=num_warps,
+            )
+        else:
+            _flce_rows_blocked_fwd_kernel[(nprog,)](
+                *args, WRITE_GRAD=compute_grad, HAS_DB=has_db, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V,
+                num_warps=num_warps,
+            )
         if compute_grad:
-            torch.mm(z_c, w, out=dh[r0:r1])
-            dw = _accumulate_mm(dw, z_c.t(), h_c)
-            if b is not None:
-                db += z_c.sum(0, dtype=torch.float32)
+            _mm_fp32(dh[r0:r1], z_c, w, accumulate=False)
+            _mm_fp32(dw, z_c.t(), h_c, accumulate=True)
+    if has_db:
+        db = db_part.sum(0)
     loss = loss_rows.sum() * scale
     return loss, correct.sum(dtype=torch.int64), dh, dw, db
 
@@ -174,10 +278,11 @@ def _(hidden, weight, bias, target, scale, compute_grad):
     f32 = torch.float32
     loss = hidden.new_empty((), dtype=f32)
     nc = hidden.new_empty((), dtype=torch.int64)
+    e = hidden.new_empty((0,), dtype=f32)
     if not compute_grad:
-        e = hidden.new_empty((0,))
         return loss, nc, e, e.clone(), e.clone()
-    return loss, nc, torch.empty_like(hidden), hidden.new_empty((V, D), dtype=f32), hidden.new_empty((V,), dtype=f32)
+    db = hidden.new_empty((V,), dtype=f32) if bias is not None else e.clone()
+    return loss, nc, hidden.new_empty((M, D), dtype=f32), hidden.new_empty((V, D), dtype=f32), db
 
 
 # -- autograd --------------------------------------------------------------------------------------------------------
@@ -190,6 +295,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         )
         ctx.mark_non_differentiable(num_correct)
         ctx.save_for_backward(dh, dw, db)
+        ctx.scale = scale
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return loss, num_correct
 
@@ -197,7 +303,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, g_loss, g_correct):
         dh, dw, db = ctx.saved_tensors
         h_dtype, w_dtype, b_dtype = ctx.dtypes
-        g = g_loss.to(torch.float32)
+        # 1/M and the incoming gradient (a loss scale under fp16) meet the fp32 gradients here, once:
+        # nothing small was ever rounded to half precision before this product.
+        g = g_loss.to(torch.float32) * ctx.scale
         d_hidden = (dh * g).to(h_dtype) if ctx.needs_input_grad[0] else None
         d_weight = (dw * g).to(w_dtype) if ctx.needs_input_grad[1] else None
         d_bias = (db * g).to(b_dtype) if b_dtype is not None and ctx.needs_input_grad[2] else None

@@ -4,9 +4,11 @@
 
 Shapes: hidden (B, N+1, D), cls row first; bool_masked_pos (B, N) bool; weight, bias (D,).
 Output (M, D), M = number of masked patches, in the promoted dtype of hidden and weight (as
-torch's layer_norm); mean and rstd kept in fp32. Backward writes dx straight into the masked
-rows of a zero (B, N+1, D) gradient and reduces d weight / d bias over rows in fp32
-(per-program partial sums, then one sum: deterministic).
+torch's layer_norm); mean and rstd kept in fp32. Backward: a tiny kernel tags each hidden row with
+its masked index (k + 1, 0 for cls / unmasked rows; a 4-byte-per-row memset, not a zero-fill of the
+(B, N+1, D) gradient), then persistent programs sweep EVERY hidden row once, writing dx for masked
+rows and zeros for the others (each gradient byte written once), and reduce d weight / d bias in fp32
+(per-program partial rows, then one sum: deterministic, no atomics).
 
 Host synchronisation: the masked-row indices need the mask's nonzero positions. With
 `num_masked_per_image=K` (every image has exactly K masked patches, as
@@ -14,7 +16,8 @@ Host synchronisation: the masked-row indices need the mask's nonzero positions. 
 the equal-count promise is verified by a deferred device-side check
 (`beit_fast.kernels.check_deferred`). Without it, `nonzero` is used (one sync), correct for any
 mask. D up to 16384 (one row in one block).
-Cards measured: none yet; correctness checked under TRITON_INTERPRET=1 in fp32.
+Cards measured: none yet (no GPU has run this version); correctness checked under TRITON_INTERPRET=1
+in fp32; sm_90 compile checked ahead of time (no spills).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ __all__ = [
 ]
 
 MAX_D = 16384
+# Persistent backward programs: a fixed count (no device query, so launchers also run on fake tensors), enough
+# for 2 per SM on a 132-SM H100, few enough that the (programs, D) partial sums stay small.
+BWD_PROGRAMS = 264
 
 
 # -- kernels ---------------------------------------------------------------------------------------------------------
@@ -66,13 +72,23 @@ def _gather_ln_fwd_kernel(
     tl.store(rstd_ptr + ks, rstd, mask=k_ok)
 
 
-# Backward, per masked row with xhat = (x - mean) * rstd and g = weight * dy:
-#   dx    = rstd * (g - mean(g) - xhat * mean(g * xhat))     -> written into dhidden[row]
+# Row tags for the backward: tag[rows[k]] = k + 1 over a zeroed (B*(N+1),) int32 buffer.
+@triton.jit
+def _gather_ln_row_tag_kernel(rows_ptr, tag_ptr, M, BLOCK: tl.constexpr):
+    ks = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = ks < M
+    rows = tl.load(rows_ptr + ks, mask=ok, other=0)
+    tl.store(tag_ptr + rows, ks + 1, mask=ok)
+
+
+# Backward over every hidden row r (k = tag[r] - 1; k < 0: cls or unmasked row, dx = 0), with
+# xhat = (x - mean) * rstd and g = weight * dy:
+#   dx    = rstd * (g - mean(g) - xhat * mean(g * xhat))     -> dhidden[r]
 #   dw   += dy * xhat,  db += dy                             -> per-program partials, summed by the launcher
 @triton.jit
 def _gather_ln_bwd_kernel(
-    x_ptr, rows_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-    M, D,
+    x_ptr, tag_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+    R, D,
     stride_x_row, stride_dy_row, stride_dx_row,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -83,22 +99,25 @@ def _gather_ln_bwd_kernel(
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for start in range(pid * BLOCK_M, M, nprog * BLOCK_M):
-        ks = start + tl.arange(0, BLOCK_M)
-        k_ok = ks < M
-        ok = k_ok[:, None] & col_ok[None, :]
-        rows = tl.load(rows_ptr + ks, mask=k_ok, other=0).to(tl.int64)
-        x = tl.load(x_ptr + rows[:, None] * stride_x_row + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + ks[:, None].to(tl.int64) * stride_dy_row + cols[None, :], mask=ok, other=0.0)
-        dy = dy.to(tl.float32)
-        mean = tl.load(mean_ptr + ks, mask=k_ok, other=0.0)
-        rstd = tl.load(rstd_ptr + ks, mask=k_ok, other=0.0)
-        xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+    for start in range(pid * BLOCK_M, R, nprog * BLOCK_M):
+        rs = start + tl.arange(0, BLOCK_M)
+        r_ok = rs < R
+        k = tl.load(tag_ptr + rs, mask=r_ok, other=0) - 1
+        is_m = k >= 0
+        k64 = tl.maximum(k, 0).to(tl.int64)
+        rs64 = rs.to(tl.int64)
+        ld = is_m[:, None] & col_ok[None, :]  # unmasked rows read nothing and compute exact zeros
+        x = tl.load(x_ptr + rs64[:, None] * stride_x_row + cols[None, :], mask=ld, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + k64[:, None] * stride_dy_row + cols[None, :], mask=ld, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + k64, mask=is_m, other=0.0)
+        rstd = tl.load(rstd_ptr + k64, mask=is_m, other=0.0)
+        xhat = tl.where(ld, (x - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * w[None, :]
         c1 = tl.sum(g * xhat, axis=1) / D
         c2 = tl.sum(g, axis=1) / D
         dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + rows[:, None] * stride_dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        tl.store(dx_ptr + rs64[:, None] * stride_dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & col_ok[None, :])
         dw_acc += tl.sum(dy * xhat, axis=0)
         db_acc += tl.sum(dy, axis=0)
     tl.store(dw_part_ptr + pid * D + cols, dw_acc, mask=col_ok)
@@ -142,24 +161,24 @@ def gather_masked_layer_norm_bwd(
     D = hidden.shape[-1]
     x = hidden.contiguous().view(-1, D)
     dy = dy.contiguous()
-    dx = torch.zeros_like(x)
+    R = x.shape[0]
     M = rows.shape[0]
-    BLOCK_M, BLOCK_D = _blocks(D)
-    nblocks = triton.cdiv(M, BLOCK_M)
-    if hidden.is_cuda:  # enough programs to fill the card, few enough partial rows to sum
-        nprog = min(nblocks, 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count)
-    else:
-        nprog = min(nblocks, 8)
-    nprog = max(nprog, 1)
-    dw_part = torch.zeros((nprog, D), device=hidden.device, dtype=torch.float32)
-    db_part = torch.zeros((nprog, D), device=hidden.device, dtype=torch.float32)
+    dx = torch.empty_like(x)  # every row is written by the kernel
+    tag = torch.zeros((R,), device=hidden.device, dtype=torch.int32)
     if M > 0:
-        _gather_ln_bwd_kernel[(nprog,)](
-            x, rows, weight.contiguous(), dy, mean, rstd, dx, dw_part, db_part,
-            M, D,
-            x.stride(0), dy.stride(0), dx.stride(0),
-            BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_M * BLOCK_D >= 8192 else 4,
-        )
+        _gather_ln_row_tag_kernel[(triton.cdiv(M, 1024),)](rows, tag, M, BLOCK=1024, num_warps=4)
+    BLOCK_M, BLOCK_D = _blocks(D)
+    # Half the forward's rows per tile: 4 x 1024 over 8 warps stays under 128 registers (2 programs per SM).
+    BLOCK_M = max(1, BLOCK_M // 2)
+    nprog = max(1, min(triton.cdiv(R, BLOCK_M), BWD_PROGRAMS))
+    dw_part = torch.empty((nprog, D), device=hidden.device, dtype=torch.float32)
+    db_part = torch.empty((nprog, D), device=hidden.device, dtype=torch.float32)
+    _gather_ln_bwd_kernel[(nprog,)](
+        x, tag, weight.contiguous(), dy, mean, rstd, dx, dw_part, db_part,
+        R, D,
+        x.stride(0), dy.stride(0), dx.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_M * BLOCK_D >= 4096 else 4,
+    )
     return dx.view(hidden.shape), dw_part.sum(0), db_part.sum(0)
 
 
