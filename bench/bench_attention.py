@@ -13,18 +13,15 @@ memory, time relative to ours.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from benchutil import AVAILABLE, DEVICE, SMOKE, median_ms, peak_extra_gb
+from benchutil import AVAILABLE, DEVICE, NO_COMPILE, NO_COMPILE_NOTE, QUICK, SMOKE, median_ms, peak_extra_gb
 
 pytestmark = pytest.mark.skipif(
     not AVAILABLE, reason="attention benchmarks need a CUDA device (or BEIT_BENCH_SMOKE=1 for a CPU smoke run)"
 )
 
 DT = torch.float32 if SMOKE else torch.bfloat16
-QUICK = os.environ.get("BEIT_BENCH_QUICK", "0") not in ("", "0")
 SHAPES = {"BEiT-B": (128, 12, 197, 64), "BEiT-L": (128, 16, 197, 64), "384px": (32, 12, 577, 64),
           "Dh128": (128, 8, 197, 128), "Dh128 384px": (32, 8, 577, 128)}
 if QUICK:
@@ -81,8 +78,8 @@ def _peers(shape: str):
     try:
         if shape not in ("BEiT-B", "smoke"):  # one compile, at the shape of ANCHORS.md (compiles eat the time budget)
             raise RuntimeError("measured at the BEiT-B shape only")
-        if QUICK:
-            raise RuntimeError("not run in the quick suite (an inductor compile)")
+        if NO_COMPILE:
+            raise RuntimeError(NO_COMPILE_NOTE)
         from torch.nn.attention.flex_attention import flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False, backend="aot_eager" if SMOKE else "inductor")

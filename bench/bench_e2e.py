@@ -18,11 +18,10 @@ compiled by inductor); the other rows are recorded as not run.
 from __future__ import annotations
 
 import gc
-import os
 
 import pytest
 import torch
-from benchutil import AVAILABLE, DEVICE, SMOKE, median_ms
+from benchutil import AVAILABLE, DEVICE, QUICK, SMOKE, median_ms
 
 from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.train.engine import PlainEngine
@@ -39,7 +38,6 @@ else:
     CFG = BeitConfig.from_preset("base", drop_path_rate=0.1)
     B, TOK = 128, dict(n_hid=256, n_blk_per_group=2, vocab_size=8192)
 BF16 = DEVICE == "cuda"
-QUICK = os.environ.get("BEIT_BENCH_QUICK", "0") not in ("", "0")
 COMPILE_BACKEND = "aot_eager" if SMOKE else "inductor"
 K = CFG.num_masking_patches
 TOK_SIZE = CFG.grid_size * 8  # the dVAE downsamples 8x: 112px -> 14x14 for base

@@ -6,8 +6,9 @@ figures): a check that the suite's code paths work, not a measurement.
 
 `graph_ms` times the replay of a CUDA graph of fn (for launch-bound ops: what a graph-captured training
 step pays), falling back to plain launches on the CPU or when fn cannot be captured (a host sync).
-`BEIT_BENCH_NO_COMPILE=1` (the quick GPU suite): `compile_fn` returns None and suites record the
-inductor-compiled peer as "not run" instead of compiling it.
+`BEIT_BENCH_QUICK=1` (`SUITE=quick` of bench/gpu_suite.sh): the suites run their quick shapes and no
+inductor-compiled peer; `BEIT_BENCH_NO_COMPILE=1` alone drops only the compiled peers: `compile_fn` returns
+None and suites record that peer as "not run" instead of compiling it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 SMOKE = os.environ.get("BEIT_BENCH_SMOKE", "0") not in ("", "0")
-NO_COMPILE = os.environ.get("BEIT_BENCH_NO_COMPILE", "0") not in ("", "0")
-NO_COMPILE_NOTE = "not run: inductor peers are skipped in the quick suite (BEIT_BENCH_NO_COMPILE=1)"
+QUICK = os.environ.get("BEIT_BENCH_QUICK", "0") not in ("", "0")
+NO_COMPILE = QUICK or os.environ.get("BEIT_BENCH_NO_COMPILE", "0") not in ("", "0")
+NO_COMPILE_NOTE = "not run: no inductor compile in the quick suite (BEIT_BENCH_QUICK / BEIT_BENCH_NO_COMPILE)"
 DEVICE = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"
 AVAILABLE = DEVICE == "cuda" or SMOKE
 
