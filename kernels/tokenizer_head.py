@@ -16,7 +16,9 @@ the first index, as torch.argmax: strict `>` across vocabulary blocks and slices
 
 Shapes: features (B, C, h, w) (any strides: NCHW or channels_last); weight (V, C) or (V, C, 1, 1);
 bias (V,) or None. Returns (B, h*w) int64. fp16 / bf16 / fp32 inputs, fp32 accumulation (fp32
-inputs run `tl.dot` as TF32 on a GPU). No gradient (tokenization only). NaN logits are not
+inputs run `tl.dot` as TF32 on a GPU). The GEMM runs in the weight's dtype when it is fp16 or bf16
+(the features are cast on load: the tokenizer pairs bf16 features with fp16 weights), in the
+features' dtype when the weight is fp32. No gradient (tokenization only). NaN logits are not
 handled as torch.argmax does (it returns the first NaN's index).
 Limits: P = B*h*w and V below 2**31 (pixel and vocabulary indices are int32; memory offsets int64).
 Cards measured: none yet (no GPU has run this code); correctness checked under TRITON_INTERPRET=1
@@ -150,7 +152,8 @@ def tokenizer_head_argmax(
     if torch.is_autocast_enabled(features.device.type):
         dt = torch.get_autocast_dtype(features.device.type)
         features, weight = features.to(dt), weight.to(dt)
-    weight = weight.to(features.dtype)
+    if weight.dtype == torch.float32:
+        weight = weight.to(features.dtype)  # else the GEMM runs in the weight's 16-bit dtype (features cast on load)
     # Pixels of one image must be one stride apart in h*w order (NCHW and channels_last both are).
     if features.stride(2) != w * features.stride(3):
         features = features.contiguous()

@@ -101,3 +101,7 @@ def test_gpu_bf16_agreement(splits):
     agree_kernel = (got == exact).float().mean().item()
     agree_torch = (torch_bf16 == exact).float().mean().item()
     assert agree_kernel >= agree_torch - 0.01, (agree_kernel, agree_torch)
+    # bf16 features with fp16 weights (the tokenizer's pairing): at least as close to float64 as all-bf16.
+    mixed = tokenizer_head_argmax(x, w.half(), b.half(), splits=splits)
+    exact16 = tokenizer_head_argmax_ref(x.double(), w.half().double(), b.half().double())
+    assert (mixed == exact16).float().mean().item() >= agree_torch - 0.01
