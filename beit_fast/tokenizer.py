@@ -930,11 +930,11 @@ class DalleTokenizer(VisualTokenizer):
     (B*h*w, vocab) logits), "auto" (triton where Triton runs, else torch). `cuda_graph`: the fast path
     is captured in a CUDA graph per (batch shape, dtype, device) on its first call (after a warm-up
     that lets cuDNN pick algorithms) and replayed after; the graph keeps its activations' memory pool
-    (~2.5 GB at B=128, 112px) while cached (up to 4 shapes). Weights are re-prepared when the encoder's
-    parameters change (pointer or version). If a capture fails, the reason is kept in `graph_error`
-    and the call runs eagerly from then on. The wrapped modules are frozen (eval, no grad). On a GPU
-    the [0, 1] input check is deferred, not a sync: it is reported by the next
-    `beit_fast.kernels.check_deferred()`.
+    (~2 GB at B=128, 112px, by our count of the live activations) while cached (up to 4 shapes).
+    Weights are re-prepared when the encoder's parameters change (pointer or version). If a capture
+    fails, the reason is kept in `graph_error` and the call runs eagerly from then on. The wrapped
+    modules are frozen (eval, no grad). On a GPU the [0, 1] input check is deferred, not a sync: it is
+    reported by the next `beit_fast.kernels.check_deferred()`.
     """
 
     def __init__(

@@ -22,7 +22,7 @@ features' dtype when the weight is fp32. No gradient (tokenization only). NaN lo
 handled as torch.argmax does (it returns the first NaN's index).
 Limits: P = B*h*w and V below 2**31 (pixel and vocabulary indices are int32; memory offsets int64).
 Cards measured: none yet (no GPU has run this code); correctness checked under TRITON_INTERPRET=1
-in fp32, the sm_90 compile checked statically (Triton 3.8: see the issue-11 notes).
+in fp32; sm_90 compiled ahead of time (Triton 3.8, see `head_argmax_config`).
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def head_argmax_config(P: int, V: int, is_cuda: bool, splits: Optional[int] = No
     """The launch configuration for P pixels and a vocabulary of V: blocks, warps, stages, and the vocabulary
     split (`splits` forces it; it is clamped so that every slice holds at least one vocabulary block)."""
     if is_cuda:
-        # 128x128 fp32 accumulator over 8 warps (64 registers a thread); 3 stages of 128x64 + 64x128 bf16 tiles
-        # = 96 KB of shared memory.
+        # 128x128 fp32 accumulator over 8 warps (64 registers a thread). Ahead-of-time sm_90 compile (Triton 3.8,
+        # bf16 or fp16): 189 registers, no spills, 80 KB shared memory, wgmma (HGMMA), cp.async loads.
         cfg = dict(BLOCK_P=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
     else:
         cfg = dict(BLOCK_P=16, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=1)
