@@ -508,3 +508,101 @@ def test_pixel_maps():
     assert torch.allclose(unmap_pixels(map_pixels(x)), x, atol=1e-6)
     out = torch.cat([torch.full((1, 3, 2, 2), 50.0), torch.zeros(1, 3, 2, 2)], 1)
     assert torch.equal(decoded_images(out), torch.ones(1, 3, 2, 2))  # clamped
+
+
+# -- the fast inference path (CUDA; its arithmetic is checked here in fp32 on the CPU) ---------------------------------
+
+
+@pytest.mark.parametrize("group_count,n_blk", [(4, 2), (3, 1)])  # post-gain 1/64 (a power of two) and 1/9
+def test_fast_encoder_regrouping_matches_the_reference(group_count, n_blk):
+    """`_FastEncoder` in fp32: post-gains folded into conv_4, conv_4's bias through the id conv's bias or the ones
+    channel, residual adds as addmm_ into the identity branch, zero-padded input channels, both heads."""
+    from beit_fast.tokenizer import _FastEncoder
+
+    torch.manual_seed(group_count)
+    enc = DalleEncoder(group_count=group_count, n_hid=16, n_blk_per_group=n_blk, vocab_size=96).eval()
+    with torch.no_grad():  # zero biases would hide a bias folded into the wrong place
+        for p in enc.parameters():
+            if p.dim() == 1:
+                p.normal_(std=0.1)
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        fe = _FastEncoder(enc, torch.float32, CPU)
+        x = fe.input(images)
+        assert x.shape == (3, 8, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+        got, want = fe.body(x), enc.body(map_pixels(images))
+        assert got.shape == want.shape and rel_err(got, want) <= 1e-5
+        tokens = enc(map_pixels(images)).argmax(1).flatten(1)
+        for head in ("torch", "triton"):
+            assert torch.equal(fe.tokens(images, head), tokens), head
+    assert sum(kind == "block" for kind, _ in fe.steps) == group_count * n_blk
+    assert not torch.equal(images, torch.zeros_like(images))  # the caller's images are not written
+
+
+def test_fast_switches_are_checked():
+    enc = DalleEncoder(n_hid=8, n_blk_per_group=1, vocab_size=16)
+    with pytest.raises(ValueError, match="head='cudnn'"):
+        DalleTokenizer(enc, image_size=16, head="cudnn")
+    with pytest.raises(ValueError, match="fast_dtype"):
+        DalleTokenizer(enc, image_size=16, fast_dtype=torch.float32)
+    tok = DalleTokenizer(enc, image_size=16, fast="auto", head="torch", cuda_graph=False, fast_dtype=torch.float16)
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():  # on the CPU every switch leaves the fp32 reference as it was
+        assert torch.equal(tok.tokenize(images), enc(map_pixels(images)).argmax(1).flatten(1))
+    assert tok._fast_encoder is None and not tok._graphs
+
+
+@pytest.fixture(scope="module")
+def gpu_trained_tokenizer(tmp_path_factory):
+    """A dVAE at the published layout (4 groups x 2 blocks: post-gain 1/64, identity and conv id paths), small
+    widths, trained a few hundred steps on the GPU; images of the same distribution to tokenize."""
+    from torchvision.transforms import functional as TF
+
+    from beit_fast.data import BuiltinShapes
+    from beit_fast.train.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok_gpu")
+    train_tokenizer(TokenizerTrainConfig(image_size=32, group_count=4, n_hid=32, n_init=32, n_blk_per_group=2,
+                                         vocab_size=512, batch_size=32, num_images=512, max_steps=300, lr=3e-3,
+                                         log_every=100, out=str(out), device="cuda"))
+    ds = BuiltinShapes(512, 48, seed=7)
+    images = torch.stack([TF.to_tensor(TF.center_crop(ds[i][0], 48).resize((32, 32))) for i in range(512)])
+    return out / "tokenizer.pt", images
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast_dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fast_path_agrees_with_fp32_on_a_trained_tokenizer(gpu_trained_tokenizer, fast_dtype):
+    path, images = gpu_trained_tokenizer
+    exact = DalleTokenizer.from_files(path).tokenize(images)  # fp32 on the CPU: no TF32 in the reference
+    cuda_images = images.cuda()
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        for head in ("triton", "torch"):
+            for graph in (True, False):
+                tok = DalleTokenizer.from_files(path, fast=True).cuda()
+                tok.head, tok.cuda_graph, tok.fast_dtype = head, graph, fast_dtype
+                halves = [tok.tokenize(cuda_images[:256]), tok.tokenize(cuda_images[256:])]  # a replay, new input
+                again = tok.tokenize(cuda_images[:256])
+                got = torch.cat(halves).cpu()
+                agreement = float((got == exact).float().mean())
+                assert agreement >= 0.99, (fast_dtype, head, graph, agreement)
+                assert float((again.cpu() == got[:256]).float().mean()) >= 0.999, (head, graph)
+                assert tok.graph_error is None and len(tok._graphs) == int(graph), tok.graph_error
+                assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@pytest.mark.gpu
+def test_gpu_fast_path_follows_weight_changes(gpu_trained_tokenizer):
+    """A captured graph replays prepared weights: changing the encoder's weights in place re-prepares them."""
+    path, images = gpu_trained_tokenizer
+    tok = DalleTokenizer.from_files(path, fast=True).cuda()
+    images = images[:64].cuda()
+    first = tok.tokenize(images)
+    with torch.no_grad():
+        tok.encoder.head.bias[:] = -1e4
+        tok.encoder.head.bias[7] = 1e4
+    assert torch.equal(tok.tokenize(images), torch.full_like(first, 7))
