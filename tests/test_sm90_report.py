@@ -1,0 +1,71 @@
+"""Static sm_90 checks of every Triton kernel, no GPU needed: bench/sm90_report.py --quick (BEiT-B shapes, bf16).
+
+Each kernel the launchers pick is compiled for an H100 with this Triton and read back with its bundled cuobjdump:
+no register spills, shared memory within the 227 KB an sm_90 block may use, no atomics that compile with a full
+GPU memory barrier, and a matrix instruction wherever the kernel does a tl.dot. Under TRITON_INTERPRET=1 (set by
+conftest on CPU machines) the report compiles in a subprocess without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "sm90_report.py"
+_spec = importlib.util.spec_from_file_location("sm90_report", _PATH)
+sm90 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sm90)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    missing = sm90.toolchain_missing()
+    if missing:
+        pytest.skip(missing)
+    return sm90.report(quick=True)
+
+
+def _failures(rows, check):
+    return "\n".join(f"{r['kernel']} [{r['config']}] ({r['cases'][0]}): {why}" for r in rows
+                     for why in check(r))
+
+
+def test_every_kernel_module_compiles(rows):
+    assert {r["module"] for r in rows} == set(sm90.MODULES)
+    assert all(r["registers"] > 0 for r in rows), "res-usage not parsed"
+    assert any(r["mma"] > 0 for r in rows), "SASS not parsed"
+
+
+def test_no_spills(rows):
+    bad = _failures(rows, lambda r: [f"{r['spill_bytes']} B/thread stack+local, {r['local_ops']} LDL/STL"]
+                    if r["spill_bytes"] or r["local_ops"] else [])
+    assert not bad, "register spills on sm_90:\n" + bad
+
+
+def test_shared_memory_fits_sm90(rows):
+    bad = _failures(rows, lambda r: [f"{r['shared_bytes']} B"] if r["shared_bytes"] > sm90.SMEM_LIMIT else [])
+    assert not bad, f"shared memory over {sm90.SMEM_LIMIT} B per block:\n" + bad
+
+
+def test_no_barrier_atomics(rows):
+    bad = _failures(rows, lambda r: [f"{r['membar_atomics']} MEMBARs beside {r['atomics']} atomics"]
+                    if r["membar_atomics"] else [])
+    assert not bad, "atomics compiled with a full GPU memory barrier (use sem='relaxed' or no atomics):\n" + bad
+
+
+def test_dots_use_matrix_instructions(rows):
+    bad = _failures(rows, lambda r: [f"{r['dots']} tl.dot, 0 HGMMA/HMMA"] if r["dots"] > r["ieee_dots"]
+                    and not r["mma"] else [])
+    assert not bad, "tl.dot compiled without matrix instructions:\n" + bad
+
+
+def test_problems_names_each_defect():
+    ok = {"spill_bytes": 0, "local_ops": 0, "shared_bytes": 1024, "membar_atomics": 0, "dots": 2, "ieee_dots": 0,
+          "mma": 8}
+    assert sm90.problems(ok) == []
+    bad = {**ok, "spill_bytes": 72, "local_ops": 34, "shared_bytes": sm90.SMEM_LIMIT + 1, "membar_atomics": 3,
+           "mma": 0}
+    assert [p.split(" ")[0] for p in sm90.problems(bad)] == ["spills", "shared", "3", "tl.dot"]
+    assert sm90.problems({**ok, "ieee_dots": 2, "mma": 0}) == []  # IEEE fp32 dots are FFMA by design
