@@ -256,7 +256,7 @@ def _signature_dtype(signature: dict) -> str:
 # -- reading the cubin ------------------------------------------------------------------------------------------------
 _MMA = re.compile(r"\b(HGMMA|HMMA|IMMA|QGMMA|IGMMA)\b")
 _ATOM = re.compile(r"\b(ATOM|ATOMG|RED|REDG)\b")
-_MEMBAR_GPU = re.compile(r"\bMEMBAR\.(\w+\.)*(GPU|SYS|ALL)\b")
+_MEMBAR_GPU = re.compile(r"\bMEMBAR(\.\w+)*\.(GPU|SYS|GL)(?![.\w])")  # the scope is the last part: MEMBAR.ALL.GPU
 _LOCAL = re.compile(r"\b(LDL|STL)\b")
 _SASS_INST = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+([^;]*);", re.M)  # "/*0a10*/  HGMMA.64x64x16... ;"
 
@@ -398,11 +398,16 @@ COLUMNS = ("registers", "spill_bytes", "local_ops", "shared_bytes", "atomics", "
            "compile_s")
 
 
+def _short_case(cases: List[str]) -> str:
+    first = cases[0].split(": ", 1)[-1].replace("B=128 ", "")
+    return first + (f" (+{len(cases) - 1})" if len(cases) > 1 else "")
+
+
 def format_table(rows: List[Dict[str, Any]]) -> str:
     heads = ("kernel", "dtype", "config", "regs", "spill", "LDL/STL", "smem", "atom", "membar", "mma", "dots", "s",
-             "problems")
-    body = [(r["kernel"], r["dtype"], r["config"], *(str(r[c]) for c in COLUMNS), "; ".join(problems(r)) or "ok")
-            for r in rows]
+             "first case (+ more with this compile)", "problems")
+    body = [(r["kernel"], r["dtype"], r["config"], *(str(r[c]) for c in COLUMNS), _short_case(r["cases"]),
+             "; ".join(problems(r)) or "ok") for r in rows]
     widths = [max(len(x) for x in col) for col in zip(heads, *body)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [heads, *body])
 
