@@ -16,14 +16,14 @@ Columns (one row per distinct compile; `cases` in the JSON lists the launches th
   local_ops       LDL / STL instructions in the SASS (local-memory loads / stores)
   shared_bytes    dynamic shared memory per block (Triton metadata `shared`: what the launch requests and what
                   Triton checks against the device's opt-in limit, 227 KB = 232448 bytes on sm_90)
-  static_shared   static shared memory per block from res-usage SHARED (ptxas adds 1 KB in the kernels that use
-                  wgmma; the card reserves 1 KB per block beside the 227 KB anyway)
+  static_shared   static shared memory per block (res-usage SHARED; 1 KB in many of Triton's sm_90 kernels), not
+                  part of Triton's dynamic request above
   atomics         global atomic instructions (ATOM / ATOMG / RED / REDG)
-  membar_atomics  atomics with a GPU- or system-scope MEMBAR within 4 instructions (acq_rel / seq_cst atomics
-                  compile to a full barrier each: slow, and a sign of non-deterministic reductions)
+  membar_atomics  GPU- or system-scope MEMBARs within 4 instructions of an atomic (an acq_rel / seq_cst atomic,
+                  tl.atomic_add's default, compiles to MEMBAR.ALL.GPU + the atomic + CCTL.IVALL: slow)
   mma             matrix instructions (HGMMA, HMMA, IMMA, QGMMA, IGMMA)
-  dots            tt.dot ops in the TTIR after constexpr folding (fp32 dots with input_precision="ieee" are
-                  counted in `ieee_dots`: those compile to FFMA, not to MMA)
+  dots            tt.dot ops in the TTIR after constexpr folding; `ieee_dots` (JSON only) counts the fp32 ones at
+                  input_precision="ieee", which compile to FFMA, not to MMA (fp32 at "tf32", the default, gives MMA)
   compile_s       seconds for triton.compile, cold (a private, temporary Triton cache is used)
 
 Against another Triton (the GPU image has 3.6):
@@ -258,6 +258,8 @@ _MMA = re.compile(r"\b(HGMMA|HMMA|IMMA|QGMMA|IGMMA)\b")
 _ATOM = re.compile(r"\b(ATOM|ATOMG|RED|REDG)\b")
 _MEMBAR_GPU = re.compile(r"\bMEMBAR(\.\w+)*\.(GPU|SYS|GL)(?![.\w])")  # the scope is the last part: MEMBAR.ALL.GPU
 _LOCAL = re.compile(r"\b(LDL|STL)\b")
+# an fp32 x fp32 tt.dot left at the default precision (ieee, not printed) or marked ieee: FFMA on purpose, no MMA
+_IEEE_DOT = re.compile(r"\btt\.dot\b(?!.*inputPrecision = (?!ieee)).*: tensor<[^>]*xf32> \* tensor<[^>]*xf32>")
 _SASS_INST = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+([^;]*);", re.M)  # "/*0a10*/  HGMMA.64x64x16... ;"
 
 
@@ -360,7 +362,7 @@ def report(modules: Sequence[str] = MODULES, quick: bool = False) -> List[Dict[s
                     "config": _config_text(fn, constexprs, options), "dtype": _signature_dtype(signature),
                     **stats, "shared_bytes": int(compiled.metadata.shared),
                     "dots": len(re.findall(r"\btt\.dot\b", ttir)),
-                    "ieee_dots": len(re.findall(r"\btt\.dot\b.*inputPrecision = ieee", ttir)),
+                    "ieee_dots": sum(bool(_IEEE_DOT.search(line)) for line in ttir.splitlines()),
                     "compile_s": round(seconds, 2), "cases": [launch.case],
                 }
     return list(rows.values())

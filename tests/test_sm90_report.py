@@ -69,3 +69,12 @@ def test_problems_names_each_defect():
            "mma": 0}
     assert [p.split(" ")[0] for p in sm90.problems(bad)] == ["spills", "shared", "3", "tl.dot"]
     assert sm90.problems({**ok, "ieee_dots": 2, "mma": 0}) == []  # IEEE fp32 dots are FFMA by design
+
+
+def test_ieee_dot_detection():
+    """TTIR leaves the default precision (ieee) unprinted; tf32 and the bf16 x3 modes are printed."""
+    f32 = ": tensor<64x64xf32> * tensor<64x64xf32> -> tensor<64x64xf32>"
+    assert sm90._IEEE_DOT.search("%4 = tt.dot %a, %b, %c " + f32)
+    assert sm90._IEEE_DOT.search("%4 = tt.dot %a, %b, %c, inputPrecision = ieee " + f32)
+    assert not sm90._IEEE_DOT.search("%4 = tt.dot %a, %b, %c, inputPrecision = tf32 " + f32)
+    assert not sm90._IEEE_DOT.search("%4 = tt.dot %a, %b, %c : tensor<64x64xbf16> * tensor<64x64xbf16> -> tensor<6")
