@@ -78,3 +78,27 @@ def test_ieee_dot_detection():
     assert sm90._IEEE_DOT.search("%4 = tt.dot %a, %b, %c, inputPrecision = ieee " + f32)
     assert not sm90._IEEE_DOT.search("%4 = tt.dot %a, %b, %c, inputPrecision = tf32 " + f32)
     assert not sm90._IEEE_DOT.search("%4 = tt.dot %a, %b, %c : tensor<64x64xbf16> * tensor<64x64xbf16> -> tensor<6")
+
+
+def test_autotuned_kernels_expand_to_every_config():
+    """A launch of an autotuned + heuristics kernel is recorded, not run, and yields one compile per config."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 32}, num_warps=4),
+                              triton.Config({"BLOCK": 64}, num_warps=8, num_stages=2)], key=["n"])
+    @triton.heuristics({"EVEN": lambda args: args["n"] % args["BLOCK"] == 0})
+    @triton.jit
+    def _double(x_ptr, n, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+    launches = []
+    with sm90._recording(launches, ["toy"]):
+        x = torch.empty(96, device="cuda")
+        _double[(3,)](x, 96)
+    assert len(launches) == 1 and launches[0].case == "toy"
+    jobs = [kw for _, _, kw in sm90._expand(launches[0].kernel, launches[0].args, launches[0].kwargs)]
+    assert [(kw["BLOCK"], kw["EVEN"], kw["num_warps"], kw["num_stages"]) for kw in jobs] == [(32, True, 4, 3),
+                                                                                                (64, False, 8, 2)]
