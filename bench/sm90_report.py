@@ -94,26 +94,25 @@ def _fused_linear_cross_entropy(M: int, D: int, V: int, dt: torch.dtype, grad: b
 
 
 def _relpos_attention(B: int, H: int, N: int, Dh: int, dt: torch.dtype, bias: str) -> None:
-    """q, k, v and the gradients as the model passes them: strided views of one packed (B, N, 3*D) buffer."""
+    """q, k, v and the gradients as the model passes them: strided views of one packed (B, N, 3*D) buffer; the bias
+    as the kernels read it, padded (H, P, P) in the compute dtype."""
     m = _kmod("relpos_attention")
-    side = int(round((N - 1) ** 0.5))
-    table = _cuda((2 * side - 1) ** 2 + 3, H) if bias == "table" else None
-    index = _cuda(N, N, dtype=torch.int64) if bias == "table" else None
-    dense = _cuda(H, N, N, dtype=dt) if bias == "dense" else None
+    P = m.padded_len(N)
+    padded = _cuda(H, P, P, dtype=dt) if bias == "padded" else None
     heads = lambda t: t.view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # noqa: E731
     q, k, v = heads(_cuda(B, N, 3 * H * Dh, dtype=dt))
     dq, dk, dv = heads(_cuda(B, N, 3 * H * Dh, dtype=dt))
     out = _cuda(B, N, H * Dh, dtype=dt).view(B, N, H, Dh).transpose(1, 2)
-    lse = m.relpos_attention_fwd(q, k, v, table, index, dense, Dh**-0.5, out)
-    m.relpos_attention_bwd(torch.empty_like(out), q, k, v, out, lse, table, index, dense, Dh**-0.5, dq, dk, dv,
-                           bias != "none")
+    lse = m.relpos_attention_fwd(q, k, v, padded, Dh**-0.5, out)
+    m.relpos_attention_bwd(torch.empty_like(out), q, k, v, out, lse, padded, Dh**-0.5, dq, dk, dv, bias != "none")
 
 
-def _tokenizer_head(B: int, C: int, side: int, V: int, dt: torch.dtype, channels_last: bool) -> None:
+def _tokenizer_head(B: int, C: int, side: int, V: int, dt: torch.dtype, channels_last: bool,
+                    weight_dt: Optional[torch.dtype] = None) -> None:
     feats = _cuda(B, C, side, side, dtype=dt)
     if channels_last:
         feats = feats.contiguous(memory_format=torch.channels_last)
-    _kmod("tokenizer_head").tokenizer_head_argmax(feats, _cuda(V, C, 1, 1, dtype=dt), _cuda(V))
+    _kmod("tokenizer_head").tokenizer_head_argmax(feats, _cuda(V, C, 1, 1, dtype=weight_dt or dt), _cuda(V))
 
 
 # (module, label, quick, dtypes, call(dtype)). BEiT-B: D=768, H=12; BEiT-L: D=1024, H=16; head_dim 128: H=8, D=1024.
@@ -134,13 +133,16 @@ for _D in (768, 1024):
                       lambda dt, D=_D, g=_grad: _fused_linear_cross_entropy(9600, D, 8192, dt, g)))
 for _H, _Dh in ((12, 64), (16, 64), (8, 128)):
     for _N in (197, 577):
-        for _bias in ("table", "dense", "none"):
+        for _bias in ("padded", "none"):
             CASES.append(("relpos_attention", f"B=128 H={_H} N={_N} Dh={_Dh} bias={_bias}", (_H, _N) == (12, 197),
                           ("bf16", "fp32"), lambda dt, H=_H, N=_N, Dh=_Dh, b=_bias: _relpos_attention(128, H, N, Dh,
                                                                                                        dt, b)))
 for _cl in (True, False):  # DALL-E encoder: 8 * n_hid = 2048 feature channels at 14 x 14 for 112 px images
     CASES.append(("tokenizer_head", f"B=128 C=2048 14x14 V=8192 {'channels_last' if _cl else 'NCHW'}", _cl,
                   ("bf16", "fp32"), lambda dt, cl=_cl: _tokenizer_head(128, 2048, 14, 8192, dt, cl)))
+# what DalleTokenizer's fast path ships: bf16 features, fp16 head weights (channels_last)
+CASES.append(("tokenizer_head", "B=128 C=2048 14x14 V=8192 channels_last, fp16 weights", True, ("bf16",),
+              lambda dt: _tokenizer_head(128, 2048, 14, 8192, dt, True, torch.float16)))
 
 
 # -- recording launches on fake tensors -------------------------------------------------------------------------------

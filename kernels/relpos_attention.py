@@ -321,7 +321,9 @@ def _configs(head_dim: int, on_gpu: bool, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:  # FMA dots: small tiles or the accumulators spill
         if bd <= 64:
             return dict(BLOCK_D=bd, fwd=(32, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(32, 16, 4, 1))
-        return dict(BLOCK_D=bd, fwd=(32, 16, 4, 1), dkdv=(16, 16, 8, 1), dq=(16, 16, 4, 1))
+        # dk/dv at head_dim 128: 8 warps spill without the bias terms, 4 spill with them
+        return dict(BLOCK_D=bd, fwd=(16, 16, 4, 1), dkdv=(16, 16, 8, 1), dkdv_no_bias=(16, 16, 4, 1),
+                    dq=(16, 16, 8, 1))
     if bd <= 64:
         return dict(BLOCK_D=bd, fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 2), dq=(64, 64, 8, 2))
     return dict(BLOCK_D=bd, fwd=(128, 64, 8, 2), dkdv=(64, 32, 8, 2), dq=(64, 64, 8, 1))
@@ -391,7 +393,7 @@ def relpos_attention_bwd(
         o, do, delta, H, N, *_s(o), *_s(do), HEAD_DIM=Dh, BLOCK_D=bd, BLOCK_M=64, num_warps=4,
     )
 
-    block_m, block_n, warps, stages = cfg["dkdv"]
+    block_m, block_n, warps, stages = cfg["dkdv"] if has_bias else cfg.get("dkdv_no_bias", cfg["dkdv"])
     key_blocks = triton.cdiv(N, block_n)
     per, groups = _batch_groups(B, key_blocks, H, want_dbias, on_gpu)
     m_full, tail_m = _tail(N, block_m)

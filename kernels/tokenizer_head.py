@@ -106,13 +106,14 @@ def _head_argmax_reduce_kernel(part_max_ptr, part_idx_ptr, out_ptr, P, SPLITS, B
     tl.store(out_ptr + offs_p, best_idx.to(tl.int64), mask=p_ok)
 
 
-def head_argmax_config(P: int, V: int, is_cuda: bool, splits: Optional[int] = None) -> dict:
+def head_argmax_config(P: int, V: int, is_cuda: bool, splits: Optional[int] = None, fp32: bool = False) -> dict:
     """The launch configuration for P pixels and a vocabulary of V: blocks, warps, stages, and the vocabulary
     split (`splits` forces it; it is clamped so that every slice holds at least one vocabulary block)."""
     if is_cuda:
         # 128x128 fp32 accumulator over 8 warps (64 registers a thread). Ahead-of-time sm_90 compile (Triton 3.8,
-        # bf16 or fp16): 189 registers, no spills, 80 KB shared memory, wgmma (HGMMA), cp.async loads.
-        cfg = dict(BLOCK_P=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        # bf16 or fp16): 189 registers, no spills, 80 KB shared memory, wgmma (HGMMA), cp.async loads. fp32
+        # operands: K tiles of 32 in 2 stages (64 x 3 stages spills with NCHW features: bench/sm90_report.py).
+        cfg = dict(BLOCK_P=128, BLOCK_V=128, BLOCK_K=32 if fp32 else 64, num_warps=8, num_stages=2 if fp32 else 3)
     else:
         cfg = dict(BLOCK_P=16, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=1)
     p_blocks, v_blocks = triton.cdiv(P, cfg["BLOCK_P"]), triton.cdiv(V, cfg["BLOCK_V"])
@@ -159,7 +160,7 @@ def tokenizer_head_argmax(
         features = features.contiguous()
     P = B * h * w
     out = torch.empty((B, h * w), device=features.device, dtype=torch.int64)
-    cfg = head_argmax_config(P, V, features.is_cuda, splits)
+    cfg = head_argmax_config(P, V, features.is_cuda, splits, fp32=weight.dtype == torch.float32)
     split = cfg["splits"] > 1
     if split:
         part_max = torch.empty((cfg["splits"], P), device=features.device, dtype=torch.float32)
