@@ -22,14 +22,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import time
 from typing import Callable, Dict
 
 import pytest
 import torch
-
-SMOKE = os.environ.get("BEIT_BENCH_SMOKE", "0") not in ("", "0")
-DEVICE = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"
+from benchutil import DEVICE, SMOKE, median_ms, peak_extra_gb
 
 pytestmark = pytest.mark.skipif(
     DEVICE != "cuda" and not SMOKE,
@@ -40,48 +37,6 @@ if SMOKE:
     B, SIZE, KW = 2, 16, dict(n_hid=16, n_blk_per_group=1, vocab_size=64)
 else:
     B, SIZE, KW = 128, 112, dict(n_hid=256, n_blk_per_group=2, vocab_size=8192)
-
-
-def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 20) -> float:
-    """Median of `iters` calls after `warmup` (CUDA events on a GPU, wall clock on the CPU)."""
-    if SMOKE:
-        warmup, iters = 1, 3
-    for _ in range(warmup):
-        fn()
-    _sync()
-    times = []
-    for _ in range(iters):
-        if DEVICE == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def _peak_extra_gb(fn: Callable[[], object]) -> float:
-    """Peak memory allocated during one call above what was allocated before it (nan on the CPU). A CUDA graph's
-    pool was allocated at capture: a replay shows only its output copy."""
-    if DEVICE != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
 @contextlib.contextmanager
@@ -191,8 +146,8 @@ def test_bench_tokenizer(record):
         try:
             tokens = fn()  # correctness before timing (and the warm-up: cuDNN algorithms, graph capture)
             agreement = float((tokens.to(exact.device) == exact).float().mean())
-            ms = _median_ms(fn)
-            peak = _peak_extra_gb(fn)
+            ms = median_ms(fn, warmup=3, iters=20)
+            peak = peak_extra_gb(fn)
         except Exception as exc:
             record(bench=bench, impl=name, ms=float("nan"), error=_error(exc))
             continue

@@ -185,26 +185,30 @@ def test_model_triton_backend_equals_math(per_layer):
 
 
 # -- GPU -------------------------------------------------------------------------------------------------------------
+def _gpu_inputs(B, H, N, Dh, seed, dtype=torch.bfloat16):
+    """q, k, v, do in `dtype` and BEiT's fp32 table + index for an N = side^2 + 1 grid, on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, H, N, Dh, device="cuda", generator=g).to(dtype).requires_grad_() for _ in range(3))
+    side = int(round((N - 1) ** 0.5))
+    index = relative_position_index((side, side)).cuda()
+    table = torch.randn((2 * side - 1) ** 2 + 3, H, device="cuda", generator=g).requires_grad_()
+    do = torch.randn(B, H, N, Dh, device="cuda", generator=g).to(dtype)
+    return q, k, v, table, index, do
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,Dh,H", [(197, 64, 12), (50, 80, 12), (577, 64, 12), (197, 128, 8), (577, 128, 4)])
 def test_gpu_bf16_error_rule(N, Dh, H):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    B = 8
-    q, k, v = (torch.randn(B, H, N, Dh, device="cuda", generator=g).bfloat16().requires_grad_() for _ in range(3))
-    side = int(round((N - 1) ** 0.5))
-    index = relative_position_index((side, side)).cuda()
-    table = (torch.randn((2 * side - 1) ** 2 + 3, H, device="cuda", generator=g)).requires_grad_()
-    do = torch.randn(B, H, N, Dh, device="cuda", generator=g).bfloat16()
-    ins = [q, k, v, table]
+    q, k, v, table, index, do = _gpu_inputs(8, H, N, Dh, 0)
 
-    def run(fn, *args):
-        out = fn(*args)
+    def run(fn, ins):
+        out = fn(*ins, index)
         return (out, *torch.autograd.grad(out, ins, do.to(out.dtype)))
 
-    kern = run(relpos_attention, q, k, v, table, index)
-    torch_bf16 = run(relpos_attention_ref, q, k, v, table, index)
-    exact = run(lambda *a: relpos_attention_ref(*(t.double() for t in a[:3]), a[3].double(), a[4]), q, k, v, table,
-                index)
+    kern = run(relpos_attention, [q, k, v, table])
+    torch_bf16 = run(relpos_attention_ref, [q, k, v, table])
+    # float64 leaves: the exact gradients are not rounded back to bf16 on their way to the inputs
+    exact = run(relpos_attention_ref, [t.detach().double().requires_grad_() for t in (q, k, v, table)])
     for name, kk, tt, ee in zip(("out", "dq", "dk", "dv", "dtable"), kern, torch_bf16, exact):
         ek = float((kk.double() - ee.double()).abs().max())
         et = float((tt.double() - ee.double()).abs().max())
@@ -215,13 +219,7 @@ def test_gpu_bf16_error_rule(N, Dh, H):
 @pytest.mark.parametrize("N,Dh,H", [(197, 64, 12), (577, 128, 4)])
 def test_gpu_backward_is_deterministic(N, Dh, H):
     """No atomics: two identical backward calls give bitwise-equal gradients, the table's included."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    B = 32
-    q, k, v = (torch.randn(B, H, N, Dh, device="cuda", generator=g).bfloat16().requires_grad_() for _ in range(3))
-    side = int(round((N - 1) ** 0.5))
-    index = relative_position_index((side, side)).cuda()
-    table = torch.randn((2 * side - 1) ** 2 + 3, H, device="cuda", generator=g).requires_grad_()
-    do = torch.randn(B, H, N, Dh, device="cuda", generator=g).bfloat16()
+    q, k, v, table, index, do = _gpu_inputs(32, H, N, Dh, 1)
     runs = [torch.autograd.grad(relpos_attention(q, k, v, table, index), [q, k, v, table], do) for _ in range(2)]
     for name, a, b in zip(("dq", "dk", "dv", "dtable"), *runs):
         assert torch.equal(a, b), name
@@ -230,15 +228,10 @@ def test_gpu_backward_is_deterministic(N, Dh, H):
 @pytest.mark.gpu
 def test_gpu_fp32_is_ieee_not_tf32():
     """fp32 inputs: the kernel's dots are IEEE fp32 (TF32 would be ~1e-3 off)."""
-    g = torch.Generator(device="cuda").manual_seed(2)
-    B, H, N, Dh = 4, 4, 197, 64
-    q, k, v = (torch.randn(B, H, N, Dh, device="cuda", generator=g).requires_grad_() for _ in range(3))
-    index = relative_position_index((14, 14)).cuda()
-    table = torch.randn(27 * 27 + 3, H, device="cuda", generator=g).requires_grad_()
+    q, k, v, table, index, do = _gpu_inputs(4, 4, 197, 64, 2, torch.float32)
     out = relpos_attention(q, k, v, table, index)
     ref = relpos_attention_ref(*(t.double() for t in (q, k, v)), table.double(), index)
     assert rel_err(out, ref) <= 1e-5
-    do = torch.randn(out.shape, device="cuda", generator=g)
     got = torch.autograd.grad(out, [q, k, v, table], do)
     want = torch.autograd.grad(ref, [q, k, v, table], do.double())
     for name, a, b in zip(("dq", "dk", "dv", "dtable"), got, want):
