@@ -55,6 +55,17 @@ def _gen():
     return torch.Generator(device=DEVICE).manual_seed(0)
 
 
+def _checker(ref, ref_g, tol):
+    """check(out, grads) -> "" when the output and every gradient are within `tol` (relative) of the fp32 reference,
+    else the errors (the row's note)."""
+
+    def check(out, grads):
+        errors = [_rel(out, ref)] + [_rel(a, r) for a, r in zip(grads, ref_g)]
+        return f"rel errors {[f'{e:.2g}' for e in errors]}" if max(errors) >= tol else ""
+
+    return check
+
+
 def _rel(a, b):
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
@@ -193,10 +204,7 @@ def test_bench_masked_embed(record, benchmark):
     ref = eager(x.float(), mask, tok.float(), cls.float(), pos.float())
     ref_g = torch.autograd.grad(ref, inputs, dout.float())
 
-    def check(out, grads):
-        errors = [_rel(out, ref)] + [_rel(a, r) for a, r in zip(grads, ref_g)]
-        return f"rel errors {[f'{e:.2g}' for e in errors]}" if max(errors) >= 2e-2 else ""
-
+    check = _checker(ref, ref_g, 2e-2)
     compiled = compile_fn(eager)
     impls = {
         "beit-fast": lambda: masked_embed(x, mask, tok, cls, pos),
@@ -235,10 +243,7 @@ def test_bench_gather_masked_layer_norm(record, benchmark):
     ref = eager(hidden.float(), mask, w.float(), b.float())
     ref_g = torch.autograd.grad(ref, inputs, dy.float())
 
-    def check(out, grads):
-        errors = [_rel(out, ref)] + [_rel(a, r) for a, r in zip(grads, ref_g)]
-        return f"rel errors {[f'{e:.2g}' for e in errors]}" if max(errors) >= 3e-2 else ""
-
+    check = _checker(ref, ref_g, 3e-2)
     compiled = compile_fn(eager)
     impls = {
         "beit-fast": lambda: gather_masked_layer_norm(hidden, mask, w, b, 1e-6, num_masked_per_image=K),
