@@ -20,19 +20,22 @@ Backward, no atomics anywhere (two identical calls give bitwise-equal gradients)
   groups are summed by one torch reduction.
 - `_relpos_attn_bwd_dq_kernel`: one program per (query block, batch * head) over key blocks: dQ = sum dS K * scale.
 Tiles: the loop over the other side's blocks runs full blocks unmasked, then one tail block of the smallest power of
-two >= 16 covering the rest (N=197 with 64-wide blocks: 3 full blocks + a 16-wide tail, not a 256-wide padding).
+two >= 16 covering the rest; the programs likewise (a second launch of 16-row programs for the rest): N=197 with
+64-wide blocks computes 208 x 208 scores, not 256 x 256. Fwd / dq grids are one flat axis (no 65535 limit on B*H).
+A dense bias may hold -inf (a mask); a row that is -inf everywhere gives NaN, as softmax does.
 
 Shapes: q, k, v (B, H, N, Dh), any strides with a contiguous last dim (views of the packed qkv projection need no
 copy); Dh <= 128 (non-powers of two such as 80 are padded inside the kernel). fp16 / bf16 compute with fp32
 statistics; fp32 inputs use IEEE fp32 dots (`input_precision="ieee"`, not TF32).
 `relpos_attention_qkv` takes the packed (B, N, 3*D) projection and returns (B, N, D) directly, with its gradient in
 one (B, N, 3*D) buffer.
-Cards measured: none yet (checked under TRITON_INTERPRET=1 in fp32 and by the static sm_90 report).
+Cards measured: none yet (checked under TRITON_INTERPRET=1 in fp32 and by the static sm_90 report on Triton 3.6
+and 3.8: no spills, no atomics, <= 88 KB shared memory in every shipped bf16 config).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +106,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, offs_d, star
         elif MASKED:
             s = tl.where((offs_n < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        # a row with every key so far at -inf (a mask in a dense bias): subtract 0, not -inf (no exp2(-inf + inf))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _rows_tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM, BLOCK_D, MASKED)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -115,17 +120,19 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, offs_d, star
 @triton.jit
 def _relpos_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr,
-    H, N, N_FULL, qk_scale,
+    H, N, N_FULL, ROW0, ROW_PROGRAMS, qk_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on, stride_bias_h, stride_bias_m,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TAIL_N: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one flat grid axis (a second one stops at 65535 = B*H); the row blocks of one (batch, head) run adjacent, so
+    # they share its K and V in L2
+    pid_m = tl.program_id(0) % ROW_PROGRAMS
+    pid_bh = tl.program_id(0) // ROW_PROGRAMS
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _rows_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM, BLOCK_D, True)
     k_base = k_ptr + b * stride_kb + h * stride_kh
@@ -148,13 +155,15 @@ def _relpos_attn_fwd_kernel(
 
 @triton.jit
 def _relpos_attn_bwd_delta_kernel(
-    o_ptr, do_ptr, delta_ptr, H, N,
+    o_ptr, do_ptr, delta_ptr, H, N, ROW_PROGRAMS,
     stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta[b*h, i] = sum_d dO[i, d] * O[i, d] in fp32 (the D term of the softmax backward)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one flat grid axis (a second one stops at 65535 = B*H); the row blocks of one (batch, head) run adjacent, so
+    # they share its K and V in L2
+    pid_m = tl.program_id(0) % ROW_PROGRAMS
+    pid_bh = tl.program_id(0) // ROW_PROGRAMS
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -204,7 +213,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, 
 @triton.jit
 def _relpos_attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, dk_ptr, dv_ptr, dbias_ptr,
-    B, H, N, N_FULL, qk_scale, scale, batch_per_group,
+    B, H, N, N_FULL, ROW0, qk_scale, scale, batch_per_group,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_bias_h, stride_bias_m, stride_dbias_g, stride_dbias_h, stride_dbias_n,
@@ -214,7 +223,7 @@ def _relpos_attn_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = ROW0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     bias_base = bias_ptr + h * stride_bias_h
     dbias_base = dbias_ptr + g.to(tl.int64) * stride_dbias_g + h * stride_dbias_h
@@ -268,17 +277,19 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, bias_base, offs_m, offs_d, 
 @triton.jit
 def _relpos_attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, bias_ptr, dq_ptr,
-    H, N, N_FULL, qk_scale, scale,
+    H, N, N_FULL, ROW0, ROW_PROGRAMS, qk_scale, scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn, stride_bias_h, stride_bias_m,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     TAIL_N: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one flat grid axis (a second one stops at 65535 = B*H); the row blocks of one (batch, head) run adjacent, so
+    # they share its K and V in L2
+    pid_m = tl.program_id(0) % ROW_PROGRAMS
+    pid_bh = tl.program_id(0) // ROW_PROGRAMS
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = ROW0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N
     q = _rows_tile(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, N, HEAD_DIM, BLOCK_D, True)
@@ -311,13 +322,32 @@ def _tail(n: int, block: int) -> Tuple[int, int]:
     return full, (max(16, triton.next_power_of_2(rest)) if rest else 0)
 
 
+def _program_blocks(n: int, block: int) -> List[Tuple[int, int, int]]:
+    """The launches that cover n rows with programs of `block` rows: (first row, programs, rows per program). The rest
+    after the full blocks gets its own launch of the smallest power-of-two block >= 16 that covers it (N=197 with 64:
+    3 x 64 + one 16-row program, 208 rows computed instead of 256). Blocks under 64 rows waste at most 16 rows as they
+    are: one launch (their 16-row tails spill on Triton 3.6 at a few configs)."""
+    full, tail = _tail(n, block)
+    if tail == 0:
+        return [(0, full // block, block)]
+    if tail >= block or block < 64:
+        return [(0, full // block + 1, block)]
+    return ([(0, full // block, block)] if full else []) + [(full, 1, tail)]
+
+
+def _warps(warps: int, rows: int) -> int:
+    """The forward's 16-row tail program gets at most 4 warps (8 spill there at head_dim 128; the backward kernels'
+    tails do not, and 4 would: bench/sm90_report.py on Triton 3.6 and 3.8)."""
+    return min(warps, 4) if rows <= 16 else warps
+
+
 def _configs(head_dim: int, on_gpu: bool, dtype: torch.dtype) -> dict:
     """(BLOCK_M, BLOCK_N, warps, stages) per kernel, chosen with the static sm_90 report (bench/sm90_report.py): no
-    spills, 8 warps where 4 spill. IEEE fp32 has no tensor-core path, so it gets small tiles. The interpreter: small
-    tiles so the CPU tests cross full blocks and tails."""
+    spills, 8 warps where 4 spill. IEEE fp32 has no tensor-core path, so it gets small tiles. The interpreter: tiles
+    that make the CPU tests cross full blocks, loop tails and program tails (64-row programs, 32-wide loops)."""
     bd = max(16, triton.next_power_of_2(head_dim))
     if not on_gpu:
-        return dict(BLOCK_D=bd, fwd=(32, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1))
+        return dict(BLOCK_D=bd, fwd=(64, 32, 4, 1), dkdv=(32, 64, 4, 1), dq=(64, 32, 4, 1))
     if dtype == torch.float32:  # FMA dots: small tiles or the accumulators spill
         if bd <= 64:
             return dict(BLOCK_D=bd, fwd=(32, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(32, 16, 4, 1))
@@ -325,9 +355,8 @@ def _configs(head_dim: int, on_gpu: bool, dtype: torch.dtype) -> dict:
         return dict(BLOCK_D=bd, fwd=(16, 16, 4, 1), dkdv=(16, 16, 8, 1), dkdv_no_bias=(16, 16, 4, 1),
                     dq=(16, 16, 8, 1))
     if bd <= 64:
-        return dict(BLOCK_D=bd, fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 2), dq=(64, 64, 8, 2))
-    return dict(BLOCK_D=bd, fwd=(128, 64, 8, 2), dkdv=(64, 32, 8, 2), dq=(64, 64, 8, 1))
-
+        return dict(BLOCK_D=bd, fwd=(64, 64, 4, 3), dkdv=(32, 64, 8, 2), dq=(64, 64, 8, 2))
+    return dict(BLOCK_D=bd, fwd=(64, 64, 8, 2), dkdv=(64, 32, 8, 2), dq=(64, 64, 8, 1))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -355,19 +384,22 @@ def relpos_attention_fwd(
     n_full, tail = _tail(N, block_n)
     bias_t, s_bh, s_bm = _bias_launch_args(bias, q)
     lse = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
-    _relpos_attn_fwd_kernel[(triton.cdiv(N, block_m), B * H)](
-        q, k, v, bias_t, out, lse, H, N, n_full, scale * LOG2E, *_s(q), *_s(k), *_s(v), *_s(out), s_bh, s_bm,
-        HEAD_DIM=Dh, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=block_m, BLOCK_N=block_n, TAIL_N=tail,
-        HAS_BIAS=bias is not None, DOT_PREC=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
-    )
+    for row0, programs, rows in _program_blocks(N, block_m):
+        _relpos_attn_fwd_kernel[(B * H * programs,)](
+            q, k, v, bias_t, out, lse, H, N, n_full, row0, programs, scale * LOG2E, *_s(q), *_s(k), *_s(v),
+            *_s(out), s_bh, s_bm, HEAD_DIM=Dh, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=rows, BLOCK_N=block_n, TAIL_N=tail,
+            HAS_BIAS=bias is not None, DOT_PREC=_dot_precision(q.dtype), num_warps=_warps(warps, rows),
+            num_stages=stages,
+        )
     return lse
 
 
 def _batch_groups(B: int, key_blocks: int, H: int, want_dbias: bool, on_gpu: bool) -> Tuple[int, int]:
     """(batch items per group, groups) for the dk/dv grid. Each group has its own fp32 partial of the bias gradient,
     so fewer groups = less memory; enough groups to fill the GPU. Without a bias gradient: one item per group."""
-    if not want_dbias:
-        return 1, B
+    if not want_dbias:  # one item per program, as long as the grid's axis 2 (at most 65535) allows
+        per = triton.cdiv(B, 65535)
+        return per, triton.cdiv(B, per)
     groups = min(B, max(1, triton.cdiv(_TARGET_PROGRAMS, key_blocks * H))) if on_gpu else min(B, 2)
     per = triton.cdiv(B, groups)
     return per, triton.cdiv(B, per)
@@ -389,8 +421,8 @@ def relpos_attention_bwd(
     want_dbias = want_dbias and has_bias
 
     delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
-    _relpos_attn_bwd_delta_kernel[(triton.cdiv(N, 64), B * H)](
-        o, do, delta, H, N, *_s(o), *_s(do), HEAD_DIM=Dh, BLOCK_D=bd, BLOCK_M=64, num_warps=4,
+    _relpos_attn_bwd_delta_kernel[(B * H * triton.cdiv(N, 64),)](
+        o, do, delta, H, N, triton.cdiv(N, 64), *_s(o), *_s(do), HEAD_DIM=Dh, BLOCK_D=bd, BLOCK_M=64, num_warps=4,
     )
 
     block_m, block_n, warps, stages = cfg["dkdv"] if has_bias else cfg.get("dkdv_no_bias", cfg["dkdv"])
@@ -400,27 +432,29 @@ def relpos_attention_bwd(
     P = padded_len(N)
     partial = torch.empty((groups, H, P, P) if want_dbias else (1,), device=q.device, dtype=torch.float32)
     s_pg, s_ph, s_pn = (partial.stride(0), partial.stride(1), partial.stride(2)) if want_dbias else (0, 0, 0)
-    _relpos_attn_bwd_dkdv_kernel[(key_blocks, H, groups)](
-        q, k, v, do, lse, delta, bias_t, dk, dv, partial, B, H, N, m_full, scale * LOG2E, scale, per,
-        *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv), s_bh, s_bm, s_pg, s_ph, s_pn,
-        HEAD_DIM=Dh, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, TAIL_M=tail_m, HAS_BIAS=has_bias,
-        WANT_DBIAS=want_dbias, DOT_PREC=prec, num_warps=warps, num_stages=stages,
-    )
+    for key0, programs, keys in _program_blocks(N, block_n):
+        _relpos_attn_bwd_dkdv_kernel[(programs, H, groups)](
+            q, k, v, do, lse, delta, bias_t, dk, dv, partial, B, H, N, m_full, key0, scale * LOG2E, scale, per,
+            *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), *_s(dv), s_bh, s_bm, s_pg, s_ph, s_pn,
+            HEAD_DIM=Dh, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=keys, TAIL_M=tail_m, HAS_BIAS=has_bias,
+            WANT_DBIAS=want_dbias, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+        )
 
     block_m, block_n, warps, stages = cfg["dq"]
     n_full, tail_n = _tail(N, block_n)
-    _relpos_attn_bwd_dq_kernel[(triton.cdiv(N, block_m), B * H)](
-        q, k, v, do, lse, delta, bias_t, dq, H, N, n_full, scale * LOG2E, scale,
-        *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq), s_bh, s_bm,
-        HEAD_DIM=Dh, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, TAIL_N=tail_n, HAS_BIAS=has_bias,
-        DOT_PREC=prec, num_warps=warps, num_stages=stages,
-    )
+    for row0, programs, rows in _program_blocks(N, block_m):
+        _relpos_attn_bwd_dq_kernel[(B * H * programs,)](
+            q, k, v, do, lse, delta, bias_t, dq, H, N, n_full, row0, programs, scale * LOG2E, scale,
+            *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq), s_bh, s_bm,
+            HEAD_DIM=Dh, BLOCK_D=bd, BLOCK_M=rows, BLOCK_N=block_n, TAIL_N=tail_n, HAS_BIAS=has_bias,
+            DOT_PREC=prec, num_warps=warps, num_stages=stages,
+        )
     if not want_dbias:
         return None
     # the partial is stored transposed ([n, m]: the dk/dv program's rows); written only where its loops reach, so
     # everything outside N x N is dropped and zero-padded again
     dbias = partial[:, :, :N, :N].sum(0) if groups > 1 else partial[0, :, :N, :N]
-    return F.pad(dbias.transpose(1, 2), (0, P - N, 0, P - N))
+    return F.pad(dbias.transpose(1, 2), (0, P - N, 0, P - N)).contiguous()  # the fake impl's strides, also at P == N
 
 
 # -- custom ops (torch.compile sees two opaque ops per direction, never the Triton launches) -------------------------

@@ -104,6 +104,39 @@ def test_strided_qkv_taken_as_given_and_padded_bias_shared():
         assert rel_err(a, b) <= TOL, name
 
 
+def test_dense_bias_masking_whole_key_blocks():
+    """A dense bias may be a mask: rows whose first key blocks are all -inf stay finite and match the reference."""
+    g = torch.Generator().manual_seed(4)
+    B, H, N, Dh = 1, 2, 50, 16
+    q, k, v = (torch.randn(B, H, N, Dh, generator=g).requires_grad_() for _ in range(3))
+    dense = torch.randn(H, N, N, generator=g)
+    dense[:, :5, :40] = float("-inf")  # past the first 32-wide key block for rows 0-4
+    out = relpos_attention(q, k, v, bias=dense)
+    ref = relpos_attention_ref(q, k, v, bias=dense)
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= TOL
+    do = torch.randn(out.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, [q, k, v], do), torch.autograd.grad(ref, [q, k, v], do)):
+        assert rel_err(a, b) <= TOL
+
+
+@pytest.mark.parametrize("N", [128, 20])
+def test_custom_ops_pass_opcheck(N):
+    """The fake impls match the real ops (shapes AND strides: torch.compile trusts them), also when N is a multiple
+    of 128 and the bias needs no padding."""
+    from beit_fast.kernels.relpos_attention import pad_bias
+
+    g = torch.Generator().manual_seed(N)
+    q, k, v, dout = (torch.randn(1, 2, N, 16, generator=g) for _ in range(4))
+    padded = pad_bias(torch.randn(2, N, N, generator=g))
+    out, lse = torch.ops.beit_fast.relpos_attention_fwd(q, k, v, padded, 0.25)
+    torch.library.opcheck(torch.ops.beit_fast.relpos_attention_fwd.default, (q, k, v, padded, 0.25))
+    torch.library.opcheck(torch.ops.beit_fast.relpos_attention_bwd.default,
+                          (dout.transpose(1, 2).contiguous(), q, k, v, out, lse, padded, 0.25, True))
+    qkv = torch.randn(1, N, 96, generator=g)
+    torch.library.opcheck(torch.ops.beit_fast.relpos_attention_qkv_bwd.default,
+                          (dout.transpose(1, 2).contiguous(), qkv, out, lse, 2, padded, 0.25, True))
+
+
 def test_packed_qkv_entry_point():
     g = torch.Generator().manual_seed(1)
     B, N, H, Dh = 2, 17, 2, 32
