@@ -93,6 +93,19 @@ def _store_rows(ptr, val, rows, offs_d, stride_n, N, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _scores(q, k_t, bias_base, offs_m, offs_n, N, qk_scale, stride_bias_m, HAS_BIAS: tl.constexpr,
+            MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """S = (Q K^T * scale + bias) * log2(e) for one (query block, key block) tile, fp32; key columns >= N are -inf
+    (the bias padding holds them; without a bias, a `where` in the tail block)."""
+    s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        s += tl.load(bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :]).to(tl.float32) * _LOG2E
+    elif MASKED:
+        s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, offs_d, start, stop, N, qk_scale,
                stride_kn, stride_vn, stride_bias_m,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -100,11 +113,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_m, offs_d, star
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k_t = _cols_tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM, BLOCK_D, MASKED)
-        s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale  # log2 units
-        if HAS_BIAS:  # the padding's -inf masks key columns >= N
-            s += tl.load(bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :]).to(tl.float32) * _LOG2E
-        elif MASKED:
-            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+        s = _scores(q, k_t, bias_base, offs_m, offs_n, N, qk_scale, stride_bias_m, HAS_BIAS, MASKED, DOT_PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with every key so far at -inf (a mask in a dense bias): subtract 0, not -inf (no exp2(-inf + inf))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -262,11 +271,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, bias_base, offs_m, offs_d, 
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k_t = _cols_tile(k_base, offs_n, offs_d, stride_kn, N, HEAD_DIM, BLOCK_D, MASKED)
         v_t = _cols_tile(v_base, offs_n, offs_d, stride_vn, N, HEAD_DIM, BLOCK_D, MASKED)
-        s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale
-        if HAS_BIAS:
-            s += tl.load(bias_base + offs_m[:, None] * stride_bias_m + offs_n[None, :]).to(tl.float32) * _LOG2E
-        elif MASKED:
-            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+        s = _scores(q, k_t, bias_base, offs_m, offs_n, N, qk_scale, stride_bias_m, HAS_BIAS, MASKED, DOT_PREC)
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, v_t, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])

@@ -16,6 +16,12 @@ from helpers import perturb, rel_err
 TOL = 1e-5
 
 
+def _assert_grads_match(out, ref, ins, do=None, names=("dq", "dk", "dv", "dtable")):
+    """Every gradient of `out` within TOL of the reference's (`do`: the output gradient; None for scalars)."""
+    for name, a, b in zip(names, torch.autograd.grad(out, ins, do), torch.autograd.grad(ref, ins, do)):
+        assert rel_err(a, b) <= TOL, name
+
+
 def _table_and_index(N, H, g, grid=None):
     """BEiT's table for an N = h*w + 1 token grid (`grid`, or square), else a random index into a table."""
     side = int(round((N - 1) ** 0.5))
@@ -46,11 +52,7 @@ def test_table_bias_matches_ref(B, H, N, Dh, grid):
     out = relpos_attention(q, k, v, table, index)
     ref = relpos_attention_ref(q, k, v, table, index)
     assert out.shape == (B, H, N, Dh) and rel_err(out, ref) <= TOL
-    do = torch.randn(out.shape, generator=g)
-    got = torch.autograd.grad(out, [q, k, v, table], do)
-    want = torch.autograd.grad(ref, [q, k, v, table], do)
-    for name, a, b in zip(("dq", "dk", "dv", "dtable"), got, want):
-        assert rel_err(a, b) <= TOL, name
+    _assert_grads_match(out, ref, [q, k, v, table], torch.randn(out.shape, generator=g))
 
 
 def test_dense_bias_and_no_bias_and_scale():
@@ -98,10 +100,7 @@ def test_strided_qkv_taken_as_given_and_padded_bias_shared():
     ref2 = relpos_attention_ref(q * 0.5, k, v, table, index)
     assert rel_err(out, ref) <= TOL and rel_err(out2, ref2) <= TOL
     do, do2 = torch.randn(out.shape, generator=g), torch.randn(out.shape, generator=g)
-    got = torch.autograd.grad((out * do).sum() + (out2 * do2).sum(), [q, k, v, table])
-    want = torch.autograd.grad((ref * do).sum() + (ref2 * do2).sum(), [q, k, v, table])
-    for name, a, b in zip(("dq", "dk", "dv", "dtable"), got, want):
-        assert rel_err(a, b) <= TOL, name
+    _assert_grads_match((out * do).sum() + (out2 * do2).sum(), (ref * do).sum() + (ref2 * do2).sum(), [q, k, v, table])
 
 
 def test_dense_bias_masking_whole_key_blocks():
@@ -114,9 +113,7 @@ def test_dense_bias_masking_whole_key_blocks():
     out = relpos_attention(q, k, v, bias=dense)
     ref = relpos_attention_ref(q, k, v, bias=dense)
     assert torch.isfinite(out).all() and rel_err(out, ref) <= TOL
-    do = torch.randn(out.shape, generator=g)
-    for a, b in zip(torch.autograd.grad(out, [q, k, v], do), torch.autograd.grad(ref, [q, k, v], do)):
-        assert rel_err(a, b) <= TOL
+    _assert_grads_match(out, ref, [q, k, v], torch.randn(out.shape, generator=g))
 
 
 @pytest.mark.parametrize("N", [128, 20])
