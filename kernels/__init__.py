@@ -3,7 +3,8 @@
 - `masked_embed`: cls prepend + mask-token replacement + position add, one pass.
 - `gather_masked_layer_norm`: the MIM head's LayerNorm on the masked rows only, gathered in-kernel.
 - `fused_linear_cross_entropy`: lm_head + softmax cross-entropy (+ mlm_acc) without (M, V) logits.
-- `relpos_attention` / `relpos_attention_qkv`: flash attention with BEiT's relative position bias.
+- `relpos_attention` / `relpos_attention_qkv`: flash attention with BEiT's relative position bias
+  (`relpos_bias_padded`: the padded dense bias, built once and shared by layers).
 - `tokenizer_head_argmax`: the dVAE encoder's ReLU + 1x1 conv + argmax, logits never written.
 
 The kernel modules import Triton; without it `import beit_fast.kernels` still works (the kernel
@@ -19,7 +20,7 @@ _KERNELS = {
     "masked_embed": ("masked_embed", "masked_embed_ref"),
     "gather_layer_norm": ("gather_masked_layer_norm", "gather_masked_layer_norm_ref", "masked_row_index"),
     "fused_linear_cross_entropy": ("fused_linear_cross_entropy", "fused_linear_cross_entropy_ref"),
-    "relpos_attention": ("relpos_attention", "relpos_attention_qkv", "relpos_attention_ref"),
+    "relpos_attention": ("relpos_attention", "relpos_attention_qkv", "relpos_attention_ref", "relpos_bias_padded"),
     "tokenizer_head": ("tokenizer_head_argmax", "tokenizer_head_argmax_ref"),
 }
 
