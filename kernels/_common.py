@@ -16,7 +16,11 @@ from typing import Callable, List, Tuple, Union
 
 import torch
 
-__all__ = ["triton_reasons", "use_fused", "defer_check", "check_deferred", "interpreting"]
+__all__ = ["triton_reasons", "use_fused", "defer_check", "check_deferred", "interpreting", "SM_COUNT"]
+
+# The card the launch grids are sized for: an H100's 132 SMs. A constant, not a device query, so the launchers run on
+# FakeTensors (bench/sm90_report.py) and under torch.compile; another card runs the same grids in other waves.
+SM_COUNT = 132
 
 Message = Union[str, Callable[[], str]]  # a callable is only evaluated when its check fails
 _PENDING: List[Tuple[torch.Tensor, Message]] = []

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import defer_check
+from ._common import SM_COUNT, defer_check
 
 __all__ = [
     "fused_linear_cross_entropy",
@@ -53,9 +53,9 @@ __all__ = [
 CHUNK_BYTES = 64 * 2**20
 GEMM_TILE_ROWS = 128
 SINGLE_PASS_MAX_V = 8192  # one row in registers: 8192 fp32 over 8 warps = 32 per thread (+ the d bias partial)
-# Persistent row programs: 2 per SM on a 132-SM H100 at the single-pass kernel's register use (one wave),
-# and the row count of the partial d bias buffer (264 x V fp32).
-ROW_PROGRAMS = 264
+# Persistent row programs: 2 per SM at the single-pass kernel's register use (one wave), and the row count of the
+# partial d bias buffer (264 x V fp32).
+ROW_PROGRAMS = 2 * SM_COUNT
 LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr: jit code may only read constexpr globals
 
 
@@ -201,7 +201,7 @@ def _row_config(V: int) -> Tuple[bool, int, int, int]:
     if V <= SINGLE_PASS_MAX_V:
         BLOCK_V = triton.next_power_of_2(V)
         return True, 1, BLOCK_V, 8 if BLOCK_V >= 4096 else 4
-    return False, 4, min(2048, triton.next_power_of_2(SINGLE_PASS_MAX_V)), 8
+    return False, 4, 2048, 8
 
 
 def fused_linear_cross_entropy_fwd(

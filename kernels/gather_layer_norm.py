@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import defer_check
+from ._common import SM_COUNT, defer_check
 
 __all__ = [
     "gather_masked_layer_norm",
@@ -41,8 +41,8 @@ __all__ = [
 
 MAX_D = 16384
 # Persistent backward programs: a fixed count (no device query, so launchers also run on fake tensors), enough
-# for 2 per SM on a 132-SM H100, few enough that the (programs, D) partial sums stay small.
-BWD_PROGRAMS = 264
+# for 2 per SM, few enough that the (programs, D) partial sums stay small.
+BWD_PROGRAMS = 2 * SM_COUNT
 
 
 # -- kernels ---------------------------------------------------------------------------------------------------------

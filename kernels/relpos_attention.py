@@ -42,6 +42,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._common import SM_COUNT
+
 __all__ = [
     "relpos_attention",
     "relpos_attention_qkv",
@@ -56,7 +58,7 @@ __all__ = [
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # jit functions read module globals only as constexprs
 PAD = 128  # the bias is padded to a multiple of the largest block, so no tile ever reads past it
-_TARGET_PROGRAMS = 264  # 2 per SM on an H100 (132 SMs): how many dk/dv programs the batch grouping aims for
+_TARGET_PROGRAMS = 2 * SM_COUNT  # how many dk/dv programs the batch grouping aims for
 
 
 # -- kernels ---------------------------------------------------------------------------------------------------------
@@ -403,9 +405,11 @@ def _batch_groups(B: int, key_blocks: int, H: int, want_dbias: bool, on_gpu: boo
     """(batch items per group, groups) for the dk/dv grid. Each group has its own fp32 partial of the bias gradient,
     so fewer groups = less memory; enough groups to fill the GPU. Without a bias gradient: one item per group."""
     if not want_dbias:  # one item per program, as long as the grid's axis 2 (at most 65535) allows
-        per = triton.cdiv(B, 65535)
-        return per, triton.cdiv(B, per)
-    groups = min(B, max(1, triton.cdiv(_TARGET_PROGRAMS, key_blocks * H))) if on_gpu else min(B, 2)
+        groups = min(B, 65535)
+    elif on_gpu:
+        groups = min(B, max(1, triton.cdiv(_TARGET_PROGRAMS, key_blocks * H)))
+    else:
+        groups = min(B, 2)
     per = triton.cdiv(B, groups)
     return per, triton.cdiv(B, per)
 
@@ -426,8 +430,9 @@ def relpos_attention_bwd(
     want_dbias = want_dbias and has_bias
 
     delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
-    _relpos_attn_bwd_delta_kernel[(B * H * triton.cdiv(N, 64),)](
-        o, do, delta, H, N, triton.cdiv(N, 64), *_s(o), *_s(do), HEAD_DIM=Dh, BLOCK_D=bd, BLOCK_M=64, num_warps=4,
+    row_blocks = triton.cdiv(N, 64)
+    _relpos_attn_bwd_delta_kernel[(B * H * row_blocks,)](
+        o, do, delta, H, N, row_blocks, *_s(o), *_s(do), HEAD_DIM=Dh, BLOCK_D=bd, BLOCK_M=64, num_warps=4,
     )
 
     block_m, block_n, warps, stages = cfg["dkdv"] if has_bias else cfg.get("dkdv_no_bias", cfg["dkdv"])
@@ -456,10 +461,11 @@ def relpos_attention_bwd(
         )
     if not want_dbias:
         return None
-    # the partial is stored transposed ([n, m]: the dk/dv program's rows); written only where its loops reach, so
-    # everything outside N x N is dropped and zero-padded again
-    dbias = partial[:, :, :N, :N].sum(0) if groups > 1 else partial[0, :, :N, :N]
-    return F.pad(dbias.transpose(1, 2), (0, P - N, 0, P - N)).contiguous()  # the fake impl's strides, also at P == N
+    # the partial is stored transposed ([n, m]: the dk/dv program's rows) and written only where its loops reach:
+    # its N x N corner goes into a zero (H, P, P) gradient, contiguous as the fake impl says
+    dbias = partial.new_zeros((H, P, P))
+    dbias[:, :N, :N] = (partial[:, :, :N, :N].sum(0) if groups > 1 else partial[0, :, :N, :N]).transpose(1, 2)
+    return dbias
 
 
 # -- custom ops (torch.compile sees two opaque ops per direction, never the Triton launches) -------------------------

@@ -33,11 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import SM_COUNT
+
 __all__ = ["tokenizer_head_argmax", "tokenizer_head_argmax_ref", "head_argmax_config"]
 
 # Streaming multiprocessors the split heuristic fills (H100 SXM / H200). A constant, not a device query:
 # the launcher's choice must follow from shapes alone (FakeTensor launches, no host calls).
-_SM_COUNT = 132
 _MAX_SPLITS = 8
 
 
@@ -123,7 +124,7 @@ def head_argmax_config(P: int, V: int, is_cuda: bool, splits: Optional[int] = No
         # blocks so that the partial results stay small against the GEMM work.
         for s in range(1, min(_MAX_SPLITS, max(1, v_blocks // 4)) + 1):
             programs = p_blocks * s
-            fill = programs / (triton.cdiv(programs, _SM_COUNT) * _SM_COUNT)
+            fill = programs / (triton.cdiv(programs, SM_COUNT) * SM_COUNT)
             if fill > best + 0.05:
                 splits, best = s, fill
         if not is_cuda:
