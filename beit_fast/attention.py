@@ -4,7 +4,9 @@ Every backend computes `softmax(q k^T * scale + bias) v` for the packed qkv proj
 (B, N, 3*D) and returns (B, N, D) with the heads merged. The bias is BEiT's learned relative
 position bias, given as a `RelPosBias`: the (T, H) table and its (N, N) index (the Triton kernel
 gathers inside the kernel), and, for the other backends, the dense (H, N, N) gather computed once
-per forward and shared by every layer.
+per forward and shared by every layer. The table's layout lives here too (`relative_position_index`,
+`RelativePositionBias`), next to the code that reads it, so the model and the checkpoint converters share it
+without importing each other.
 
 A backend declares what it supports through `not_supported_reasons(backend, case)`; `"auto"`
 takes the first one in `AUTO_ORDER` with no reasons; an explicitly requested backend that cannot
@@ -27,21 +29,61 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
     "AttentionCase",
     "RelPosBias",
+    "RelativePositionBias",
     "attention_qkv",
     "available_backends",
     "not_supported_reasons",
+    "relative_position_index",
     "select_backend",
 ]
 
 AUTO_ORDER = ("triton", "xformers", "sdpa", "math")
+
+
+def relative_position_index(grid: Tuple[int, int]) -> torch.Tensor:
+    """(N+1, N+1) int64 index into the (2h-1)(2w-1)+3 row table, N = h*w, cls first.
+
+    Patch i at (hi, wi) to patch j at (hj, wj): (hi-hj+h-1)*(2w-1) + (wi-wj+w-1);
+    cls->patch = T-3, patch->cls = T-2, cls->cls = T-1 (T = table rows).
+    """
+    h, w = grid
+    num_rows = (2 * h - 1) * (2 * w - 1) + 3
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    dy = ys[:, None] - ys[None, :] + (h - 1)
+    dx = xs[:, None] - xs[None, :] + (w - 1)
+    index = torch.empty((h * w + 1, h * w + 1), dtype=torch.long)
+    index[1:, 1:] = dy * (2 * w - 1) + dx
+    index[0, :] = num_rows - 3
+    index[:, 0] = num_rows - 2
+    index[0, 0] = num_rows - 1
+    return index
+
+
+class RelativePositionBias(nn.Module):
+    """A (T, H) learned table gathered into an (H, N+1, N+1) attention bias."""
+
+    def __init__(self, grid: Tuple[int, int], num_heads: int) -> None:
+        super().__init__()
+        self.grid = grid
+        num_rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rows, num_heads))
+        # Derived from the grid, so not saved: converters check a checkpoint's index against it.
+        self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()
 
 
 class RelPosBias(NamedTuple):

@@ -19,7 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionCase, RelPosBias, attention_qkv, select_backend
+from .attention import (
+    AttentionCase,
+    RelativePositionBias,
+    RelPosBias,
+    attention_qkv,
+    relative_position_index,
+    select_backend,
+)
 from .config import BeitConfig
 
 __all__ = [
@@ -29,43 +36,6 @@ __all__ = [
     "MaskedImageModelingOutput",
     "relative_position_index",
 ]
-
-
-def relative_position_index(grid: Tuple[int, int]) -> torch.Tensor:
-    """(N+1, N+1) int64 index into the (2h-1)(2w-1)+3 row table, N = h*w, cls first.
-
-    Patch i at (hi, wi) to patch j at (hj, wj): (hi-hj+h-1)*(2w-1) + (wi-wj+w-1);
-    cls->patch = T-3, patch->cls = T-2, cls->cls = T-1 (T = table rows).
-    """
-    h, w = grid
-    num_rows = (2 * h - 1) * (2 * w - 1) + 3
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ys, xs = ys.reshape(-1), xs.reshape(-1)
-    dy = ys[:, None] - ys[None, :] + (h - 1)
-    dx = xs[:, None] - xs[None, :] + (w - 1)
-    index = torch.empty((h * w + 1, h * w + 1), dtype=torch.long)
-    index[1:, 1:] = dy * (2 * w - 1) + dx
-    index[0, :] = num_rows - 3
-    index[:, 0] = num_rows - 2
-    index[0, 0] = num_rows - 1
-    return index
-
-
-class RelativePositionBias(nn.Module):
-    """A (T, H) learned table gathered into an (H, N+1, N+1) attention bias."""
-
-    def __init__(self, grid: Tuple[int, int], num_heads: int) -> None:
-        super().__init__()
-        self.grid = grid
-        num_rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
-        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rows, num_heads))
-        # Derived from the grid, so not saved: converters check a checkpoint's index against it.
-        self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
-
-    def forward(self) -> torch.Tensor:
-        n = self.relative_position_index.shape[0]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()
 
 
 class PatchEmbed(nn.Module):
