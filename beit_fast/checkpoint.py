@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from beit_fast.attention import relative_position_index
 from beit_fast.config import first_line
 
 __all__ = [
@@ -205,19 +206,107 @@ def _grid_of_index(index: torch.Tensor) -> Tuple[int, int]:
     return g, g
 
 
-def resize_rel_pos_bias(table: torch.Tensor, new_grid: Tuple[int, int]) -> torch.Tensor:
-    """Resize a (T, H) table to another patch grid: bicubic interpolation of the (2h-1)x(2w-1)
-    part, the 3 cls rows kept. Interpolates in fp32, returns the input dtype."""
+RESIZE_METHODS = ("geometric", "bicubic")
+
+
+def _unilm_offsets(src_size: int, dst_size: int) -> Tuple[List[float], List[float]]:
+    """unilm's sample positions along one axis of a (2g-1)-wide table (`beit/run_class_finetuning.py`): the source
+    offsets 0, +-1, +-(1+q), +-(1+q+q^2), ... with q bisected in [1.01, 1.5] until the sum of src_size//2 powers
+    reaches dst_size//2, and the target offsets -t..t, t = dst_size//2. Same float operations in the same order as
+    unilm, so the positions are bit-identical to its."""
+    half = src_size // 2
+    left, right = 1.01, 1.5
+    q = (left + right) / 2.0
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        # (1 - q^n) / (1 - q): the progression's sum, as unilm writes it
+        if (1.0 - q**half) / (1.0 - q) > dst_size // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1.0
+    for i in range(half):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    src = [-d for d in reversed(dis)] + [0.0] + dis
+    t = dst_size // 2
+    return src, [float(d) for d in range(-t, t + 1)]
+
+
+def _spline_matrix(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """(len(xq), len(x)) fp64 matrix A with A @ y = the not-a-knot interpolating cubic spline through (x, y),
+    evaluated at xq clamped to [x[0], x[-1]].
+
+    This is FITPACK's s=0 spline (what `interp2d(kind="cubic")` / `RectBivariateSpline(s=0)` fit): for k=3 its
+    interior knots are x[2..m-3], i.e. x[1] and x[m-2] are not knots; and its evaluation clamps a point outside the
+    knot range to the end (interp2d's "nearest" extrapolation). Solved in the second-derivative (moment) form."""
+    m = x.shape[0]
+    h = x[1:] - x[:-1]
+    K = torch.zeros(m, m, dtype=torch.float64)
+    R = torch.zeros(m, m, dtype=torch.float64)
+    i = torch.arange(1, m - 1)
+    # C2 at interior nodes: h[i-1] M[i-1] + 2 (h[i-1] + h[i]) M[i] + h[i] M[i+1] = 6 (slope[i] - slope[i-1])
+    K[i, i - 1], K[i, i], K[i, i + 1] = h[i - 1], 2 * (h[i - 1] + h[i]), h[i]
+    R[i, i - 1], R[i, i], R[i, i + 1] = 6 / h[i - 1], -6 / h[i - 1] - 6 / h[i], 6 / h[i]
+    # not-a-knot: the third derivative (M[j+1] - M[j]) / h[j] is continuous at x[1] and at x[m-2]
+    K[0, :3] = torch.stack([-h[1], h[0] + h[1], -h[0]])
+    K[m - 1, m - 3 :] = torch.stack([-h[m - 2], h[m - 3] + h[m - 2], -h[m - 3]])
+    moments = torch.linalg.solve(K, R)  # (m, m): M = moments @ y
+    xq = xq.clamp(x[0], x[-1])
+    j = (torch.searchsorted(x, xq, right=True) - 1).clamp(0, m - 2)
+    hj = h[j]
+    a, b = (x[j + 1] - xq) / hj, (xq - x[j]) / hj  # barycentric weights on the interval
+    rows = torch.arange(xq.shape[0])
+    values = torch.zeros(xq.shape[0], m, dtype=torch.float64)
+    values[rows, j], values[rows, j + 1] = a, b
+    curv = torch.zeros_like(values)  # S = a y_j + b y_j+1 + h^2/6 ((a^3 - a) M_j + (b^3 - b) M_j+1)
+    curv[rows, j], curv[rows, j + 1] = hj**2 / 6 * (a**3 - a), hj**2 / 6 * (b**3 - b)
+    return values + curv @ moments
+
+
+def _resize_geometric(body: torch.Tensor, src_size: int, dst_size: int) -> torch.Tensor:
+    """(src_size^2, H) -> (dst_size^2, H), unilm's geometric-progression cubic resampling, fp64."""
+    src, dst = _unilm_offsets(src_size, dst_size)
+    A = _spline_matrix(torch.tensor(src, dtype=torch.float64), torch.tensor(dst, dtype=torch.float64))
+    z = body.detach().to("cpu", torch.float64).T.reshape(-1, src_size, src_size)  # (H, dy, dx) as the index
+    out = A @ z @ A.T  # the tensor-product spline: rows (dy) then columns (dx), same positions on both axes
+    return out.reshape(-1, dst_size * dst_size).T
+
+
+def resize_rel_pos_bias(table: torch.Tensor, new_grid: Tuple[int, int], method: str = "geometric") -> torch.Tensor:
+    """Resize a relative position bias table to another patch grid; the 3 cls rows are kept as they are.
+
+    Args:
+        table: (T, H), T = (2g-1)^2 + 3 for a square g x g grid.
+        new_grid: (h, w), the target patch grid.
+        method: "geometric" (default; unilm's fine-tuning resize, square grids, a source grid of at least 3x3):
+            per head, the (2g-1)^2 part as a cubic interpolating spline over source offsets spaced as a geometric
+            progression (dense near zero, stretched to the target's reach), sampled at the integer target offsets;
+            equal to `scipy.interpolate.interp2d(kind="cubic")` as unilm calls it, without scipy. "bicubic":
+            `F.interpolate` bicubic on the uniformly stretched table (any h, w).
+
+    Returns:
+        ((2h-1)(2w-1) + 3, H) in the table's dtype and device, computed in fp64 ("geometric") or fp32 ("bicubic").
+    """
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"resize method must be one of {RESIZE_METHODS}, got {method!r}")
     old = _grid_of_table(table.shape[0])
     if tuple(old) == tuple(new_grid):
         return table.clone()
     num_heads = table.shape[1]
     oh, ow = 2 * old[0] - 1, 2 * old[1] - 1
     nh, nw = 2 * new_grid[0] - 1, 2 * new_grid[1] - 1
-    grid = table[: oh * ow].float().T.reshape(1, num_heads, oh, ow)
-    grid = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False)
-    body = grid.reshape(num_heads, nh * nw).T
-    return torch.cat([body, table[oh * ow :].float()]).to(table.dtype)
+    if method == "geometric":
+        if new_grid[0] != new_grid[1] or new_grid[0] < 1:
+            raise ValueError(f"geometric resize needs a square target grid, got {tuple(new_grid)}; use 'bicubic'")
+        if old[0] < 3:  # a cubic spline needs 4 points per axis: 2g-1 >= 4
+            raise ValueError(f"geometric resize needs a source grid of at least 3x3, got {old[0]}x{old[1]}")
+        body = _resize_geometric(table[: oh * ow], oh, nh).to(table.device)
+    else:
+        grid = table[: oh * ow].float().T.reshape(1, num_heads, oh, ow)
+        grid = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False)
+        body = grid.reshape(num_heads, nh * nw).T
+    return torch.cat([body.to(table.dtype), table[oh * ow :]])
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int]) -> torch.Tensor:
@@ -304,7 +393,7 @@ def _check_and_drop_index(sd: StateDict) -> StateDict:
     for k, v in sd.items():
         if k.endswith("relative_position_index"):
             grid = _grid_of_index(v)
-            expected = _relative_position_index(grid)
+            expected = relative_position_index(grid)
             if v.shape != expected.shape or not torch.equal(v.long().cpu(), expected):
                 raise CheckpointError(f"{k} is not the standard BEiT relative position index for its grid")
             table = sd.get(k[: -len("relative_position_index")] + "relative_position_bias_table")
@@ -320,12 +409,6 @@ def _check_and_drop_index(sd: StateDict) -> StateDict:
             continue
         out[k] = v
     return out
-
-
-def _relative_position_index(grid: Tuple[int, int]) -> torch.Tensor:
-    from .model import relative_position_index
-
-    return relative_position_index(grid)
 
 
 def _map_hf_key(k: str) -> Optional[str]:
@@ -402,12 +485,14 @@ def export_state_dict(sd: Mapping[str, torch.Tensor], target: str = "unilm", con
         out[k] = v
         if k.endswith("relative_position_bias_table"):
             prefix = k[: -len("relative_position_bias_table")]
-            out[prefix + "relative_position_index"] = _relative_position_index(_grid_of_table(v.shape[0]))
+            out[prefix + "relative_position_index"] = relative_position_index(_grid_of_table(v.shape[0]))
     return out
 
 
 def _adapt_to_model(sd: StateDict, model_sd: Mapping[str, torch.Tensor], depth: int) -> StateDict:
-    """Shared -> per-layer bias, and table / pos_embed resize to the model's grid."""
+    """Shared -> per-layer bias (each block gets a copy, as unilm fine-tuning does), and resize to the model's grid:
+    relative position tables with unilm's geometric method (`resize_rel_pos_bias`), `pos_embed` bicubically (both
+    as unilm's `run_class_finetuning.py`)."""
     shared = "rel_pos_bias.relative_position_bias_table"
     per_layer = "blocks.0.attn.relative_position_bias_table"
     if shared in sd and shared not in model_sd and per_layer in model_sd and per_layer not in sd:
@@ -428,8 +513,10 @@ def load_into(
     model: torch.nn.Module, path_or_state_dict: Union[str, Path, Mapping[str, Any]], source: str = "auto",
     strict: bool = True,
 ) -> Dict[str, List[str]]:
-    """Convert, adapt and load. Returns {"missing": [...], "unexpected": [...]}; with `strict`, either
-    being non-empty raises. Shape mismatches always raise."""
+    """Convert, adapt (`_adapt_to_model`: shared -> per-layer tables, unilm's resize to the model's grid) and load.
+    Returns {"missing": [...], "unexpected": [...]}; with `strict`, either being non-empty raises. Shape mismatches
+    that adapting cannot fix (another width, head count or class count) always raise one `CheckpointError` line
+    listing every one."""
     obj = path_or_state_dict
     if isinstance(obj, (str, Path)):
         obj = load_state_dict_file(obj)

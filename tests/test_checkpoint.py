@@ -330,8 +330,8 @@ def test_resize_to_own_grid_is_identity():
     assert not torch.equal(out, table)  # a copy, not a view
 
 
-def test_resize_smooth_function():
-    """A table that is a smooth function of (dy, dx) resizes to about that function on the new grid.
+def test_resize_bicubic_smooth_function():
+    """method="bicubic": a table that is a smooth function of (dy, dx) resizes to about that function.
 
     With align_corners=False a new offset d' (in [-(n-1), n-1]) samples the old table at d' * (2g-1)/(2n-1)."""
     def f(dy, dx, head):
@@ -345,7 +345,7 @@ def test_resize_smooth_function():
     cls_rows = torch.randn(3, heads, dtype=torch.float64)
     table = torch.cat([body, cls_rows]).float()
 
-    out = resize_rel_pos_bias(table, (new, new))
+    out = resize_rel_pos_bias(table, (new, new), method="bicubic")
     assert out.shape == ((2 * new - 1) ** 2 + 3, heads) and out.dtype == torch.float32
     assert torch.equal(out[-3:], table[-3:])
     scale = (2 * old - 1) / (2 * new - 1)
@@ -363,6 +363,107 @@ def test_resize_smooth_function():
     # the centre (zero offset) lands exactly on the old zero offset
     centre = (new - 1) * (2 * new - 1) + (new - 1)
     assert torch.allclose(out[centre], table[(old - 1) * (2 * old - 1) + (old - 1)], atol=1e-5)
+
+
+def unilm_resize_ref(rel_pos_bias: torch.Tensor, dst_num_pos: int) -> torch.Tensor:
+    """microsoft/unilm `beit/run_class_finetuning.py` (the block under `if "relative_position_bias_table" in key:`),
+    transcribed line for line. The one change: scipy removed `interp2d`; its documented replacement on a rectangular
+    grid (scipy's interp2d transition guide) is `interp2d(x, y, z)(xn, yn) == RectBivariateSpline(x, y, z.T, kx=3,
+    ky=3, s=0)(xn, yn).T` - the same FITPACK regrid_smth fit (interp2d ravels z.T before it) and bispev evaluation
+    (interp2d transposes its result back)."""
+    np = pytest.importorskip("numpy")
+    interpolate = pytest.importorskip("scipy.interpolate")
+    src_num_pos, num_attn_heads = rel_pos_bias.size()
+    num_extra_tokens = 3
+    src_size = int((src_num_pos - num_extra_tokens) ** 0.5)
+    dst_size = int((dst_num_pos - num_extra_tokens) ** 0.5)
+    extra_tokens = rel_pos_bias[-num_extra_tokens:, :]
+    rel_pos_bias = rel_pos_bias[:-num_extra_tokens, :]
+
+    def geometric_progression(a, r, n):
+        return a * (1.0 - r**n) / (1.0 - r)
+
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        gp = geometric_progression(1, q, src_size // 2)
+        if gp > dst_size // 2:
+            right = q
+        else:
+            left = q
+    dis = []
+    cur = 1
+    for i in range(src_size // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    r_ids = [-_ for _ in reversed(dis)]
+    x = r_ids + [0] + dis
+    y = r_ids + [0] + dis
+    t = dst_size // 2.0
+    dx = np.arange(-t, t + 0.1, 1.0)
+    dy = np.arange(-t, t + 0.1, 1.0)
+    all_rel_pos_bias = []
+    for i in range(num_attn_heads):
+        z = rel_pos_bias[:, i].view(src_size, src_size).float().numpy()
+        # unilm: f = interpolate.interp2d(x, y, z, kind="cubic"); f(dx, dy)
+        f = interpolate.RectBivariateSpline(x, y, z.T, kx=3, ky=3, s=0)
+        all_rel_pos_bias.append(torch.Tensor(f(dx, dy).T).contiguous().view(-1, 1).to(rel_pos_bias.device))
+    rel_pos_bias = torch.cat(all_rel_pos_bias, dim=-1)
+    return torch.cat((rel_pos_bias, extra_tokens), dim=0)
+
+
+@pytest.mark.parametrize("old,new", [(14, 24), (14, 28), (24, 14), (8, 12)])  # 224->384, 224->448, 384->224, tiny
+def test_resize_geometric_matches_unilm(old, new):
+    g = torch.Generator().manual_seed(old * 100 + new)
+    table = torch.randn((2 * old - 1) ** 2 + 3, HEADS, generator=g) * 0.3
+    out = resize_rel_pos_bias(table, (new, new))
+    ref = unilm_resize_ref(table, (2 * new - 1) ** 2 + 3)
+    assert out.shape == ref.shape == ((2 * new - 1) ** 2 + 3, HEADS) and out.dtype == torch.float32
+    assert torch.equal(out[-3:], table[-3:])  # cls rows kept as they are
+    scale = float(table.abs().max())
+    assert float((out - ref).abs().max()) < 1e-5 * scale
+    # the comparison tells the methods apart: the old default (bicubic on a uniform stretch) is far from unilm's
+    assert float((resize_rel_pos_bias(table, (new, new), method="bicubic") - ref).abs().max()) > 1e-2 * scale
+    # the zero offset stays on the zero offset (both grids are centred)
+    assert torch.equal(out[(new - 1) * (2 * new - 1) + new - 1], table[(old - 1) * (2 * old - 1) + old - 1])
+
+
+def test_resize_geometric_dtype_and_bad_arguments():
+    table = torch.randn(ROWS, HEADS)
+    half = resize_rel_pos_bias(table.bfloat16(), (24, 24))
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, resize_rel_pos_bias(table.bfloat16().double(), (24, 24)).bfloat16())  # fp64 inside
+    with pytest.raises(ValueError, match="method"):
+        resize_rel_pos_bias(table, (24, 24), method="bilinear")
+    with pytest.raises(ValueError, match="square"):
+        resize_rel_pos_bias(table, (24, 20))
+    assert resize_rel_pos_bias(table, (24, 20), method="bicubic").shape == (47 * 39 + 3, HEADS)
+    with pytest.raises(ValueError, match="3x3"):  # a 3-wide table has too few points for a cubic spline
+        resize_rel_pos_bias(torch.randn(12, HEADS), (24, 24))
+
+
+def test_pretrain_224_into_per_layer_384_classifier_small():
+    """load_pretrained resizes with unilm's method: every per-layer table of a 384 classifier is the shared 224
+    table resized (small widths, the real 14 -> 24 grids)."""
+    small = dict(embed_dim=96, num_heads=12, depth=2, drop_path_rate=0.0)
+    pre = BeitForMaskedImageModeling(BeitConfig.from_preset("base", **small))
+    with torch.no_grad():
+        pre.rel_pos_bias.relative_position_bias_table.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+    sd = pre.export_state_dict("unilm")  # pretraining layout: shared table and its index
+    model = BeitForImageClassification(
+        BeitConfig.from_preset("base", img_size=384, use_rel_pos_bias=True, use_shared_rel_pos_bias=False, **small),
+        num_classes=5,
+    )
+    result = model.load_pretrained({"model": sd}, strict=False)
+    assert result["missing"] == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    shared = sd["rel_pos_bias.relative_position_bias_table"]
+    expected = resize_rel_pos_bias(shared, (24, 24))
+    assert expected.shape == (2212, 12)
+    for blk in model.blocks:
+        assert torch.equal(blk.attn.relative_position_bias_table, expected)
+        assert torch.equal(blk.attn.relative_position_bias_table[-3:], shared[-3:])
+        assert torch.equal(blk.attn.relative_position_index, relative_position_index((24, 24)))
+    assert float((expected - unilm_resize_ref(shared, 2212)).abs().max()) < 1e-5 * float(shared.abs().max())
 
 
 def test_bad_table_rows_raise():
