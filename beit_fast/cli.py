@@ -1,10 +1,10 @@
-"""`beit-fast` command line: `info`, `pretrain`, `export`, `mask-bench`, `train-tokenizer`, `tokenize`."""
+"""`beit-fast` command line: a table of commands, each the `main(argv) -> exit status` of a module."""
 
 from __future__ import annotations
 
 import argparse
 import platform
-import re
+
 import sys
 from typing import List, Optional
 
@@ -15,12 +15,26 @@ USAGE = """usage: beit-fast <command> [options]   (beit-fast --version; beit-fas
 commands:
   info        versions, the device, and which kernels / attention backends can run here (and why not)
   pretrain    BEiT masked-image-modeling pretraining (beit-fast pretrain --help)
+  finetune    classification fine-tuning from a pretraining run, a unilm / timm / transformers checkpoint or scratch
+  linprobe    linear probing of a frozen backbone, every layer in one pass (beit-fast finetune --linear-probe)
+  evaluate    top-1 / top-5 / loss, per-class accuracy and a confusion-matrix PNG of a fine-tuned checkpoint
   export      a pretraining checkpoint's weights in the unilm layout, for fine-tuning elsewhere
   mask-bench  masks per second of the blockwise mask generator on one core
   train-tokenizer  train a DALL-E-style dVAE tokenizer (beit-fast train-tokenizer --help)
   tokenize    write a token cache of a dataset with fixed views (beit-fast tokenize --help)
 """
-COMMANDS = ("info", "pretrain", "export", "mask-bench", "train-tokenizer", "tokenize")
+# command -> "module:function"; each function takes the remaining arguments and returns the exit status
+COMMANDS = {
+    "info": "beit_fast.cli:info",
+    "pretrain": "beit_fast.train.pretrain:main",
+    "finetune": "beit_fast.train.finetune:main",
+    "linprobe": "beit_fast.train.finetune:linprobe_main",
+    "evaluate": "beit_fast.train.finetune:evaluate_main",
+    "export": "beit_fast.cli:export",
+    "mask-bench": "beit_fast.cli:mask_bench",
+    "train-tokenizer": "beit_fast.train.train_tokenizer:main",
+    "tokenize": "beit_fast.cli:tokenize",
+}
 
 
 def _error(prog: str, message: str) -> int:
@@ -175,16 +189,13 @@ def export(argv: List[str]) -> int:
         a = p.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    from beit_fast.train.pretrain import export_checkpoint, find_latest_checkpoint
+    from beit_fast.train.pretrain import export_checkpoint
+    from beit_fast.train.run import resolve_checkpoint
 
-    path = Path(a.checkpoint)
-    if not path.exists():
-        return _error(p.prog, f"checkpoint not found: {path}")
-    if path.is_dir() and not re.fullmatch(r"step_\d{8}", path.name):
-        latest = find_latest_checkpoint(path)
-        if latest is None:
-            return _error(p.prog, f"{path} is neither a checkpoint nor a run directory with complete checkpoints")
-        path = latest
+    try:
+        path = resolve_checkpoint(Path(a.checkpoint))
+    except (FileNotFoundError, ValueError) as exc:
+        return _error(p.prog, str(exc))
     try:  # every file is read weights-only: a hostile checkpoint is refused, nothing in it runs
         written = export_checkpoint(path, a.out, a.layout)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # not a checkpoint, mismatched weights: exit 2
@@ -214,22 +225,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(f"beit-fast {beit_fast.__version__}")
         return 0
-    if cmd == "info":
-        return info(rest)
-    if cmd == "pretrain":
-        from beit_fast.train.pretrain import main as pretrain_main
+    if cmd in COMMANDS:
+        import importlib
 
-        return pretrain_main(rest)
-    if cmd == "export":
-        return export(rest)
-    if cmd == "mask-bench":
-        return mask_bench(rest)
-    if cmd == "train-tokenizer":
-        from beit_fast.train.tokenizer import main as train_tokenizer_main
-
-        return train_tokenizer_main(rest)
-    if cmd == "tokenize":
-        return tokenize(rest)
+        module, function = COMMANDS[cmd].split(":")
+        return getattr(importlib.import_module(module), function)(rest)
     what = "option" if cmd.startswith("-") else "command"
     return _error("beit-fast", f"unknown {what} {cmd!r}; commands: {', '.join(COMMANDS)} (beit-fast --help)")
 

@@ -66,6 +66,14 @@ class BeitConfig:
     def mlp_hidden_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
+    def train_flops_per_image(self, head_rows: int, head_out: int) -> float:
+        """Training FLOPs per image (3x the forward; matmuls only), for MFU: patch embedding, the blocks, and a head
+        of `head_out` outputs on `head_rows` rows (MIM: the masked patches x vocab; classification: 1 x classes)."""
+        n, d, m = self.num_patches + 1, self.embed_dim, self.mlp_hidden_dim
+        block = 2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d
+        fwd = self.depth * block + 2 * self.num_patches * d * self.in_chans * self.patch_size**2
+        return 3.0 * (fwd + 2 * head_rows * d * head_out)
+
     # -- checks --------------------------------------------------------------------------------------------------
     def validate(self) -> None:
         def bad(name: str, why: str) -> None:

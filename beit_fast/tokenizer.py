@@ -6,7 +6,7 @@
   (`DalleEncoder`, `DalleDecoder`), loadable from the published `encoder.pkl` / `decoder.pkl`
   without the `dall_e` package and without running pickled code (`load_dalle_encoder`,
   `load_dalle_decoder`: a restricted unpickler admits only the classes such a file needs), from
-  plain state dicts of our modules, or from a `beit-fast dvae` checkpoint of `train/tokenizer.py`.
+  plain state dicts of our modules, or from a `beit-fast dvae` checkpoint of `train/train_tokenizer.py`.
   A file that cannot be loaded raises FileNotFoundError, `PickleRefusedError` or `TokenizerFileError`,
   each with a one-line message that names the file.
 - `RandomConvTokenizer`: a fixed, randomly initialised patchify conv + nearest random code
@@ -675,7 +675,7 @@ def _config_from_state_dict(cls: type, sd: Mapping[str, torch.Tensor]) -> Dict[s
     return config
 
 
-_DVAE_FORMAT = "beit-fast dvae"  # train/tokenizer.py: {"format", "encoder", "decoder", "image_size", ...}
+_DVAE_FORMAT = "beit-fast dvae"  # train/train_tokenizer.py: {"format", "encoder", "decoder", "image_size", ...}
 
 
 def _is_dvae(obj: Any) -> bool:

@@ -54,10 +54,10 @@ def _inputs(seed: int = 0):
 
 
 def _ours(compile_mode: str = ""):
-    from beit_fast.train.pretrain import PretrainConfig, build_optimizer
+    from beit_fast.train.optim import build_optimizer
 
     model = BeitForMaskedImageModeling(CFG).to(DEVICE).train()
-    engine = PlainEngine(model, build_optimizer(model, PretrainConfig(lr=1e-4)), device=torch.device(DEVICE),
+    engine = PlainEngine(model, build_optimizer(model, lr=1e-4, weight_decay=0.05), device=torch.device(DEVICE),
                          bf16=BF16, clip_grad=3.0, grad_accum=1)
     if compile_mode:
         engine._forward = torch.compile(model, backend=COMPILE_BACKEND, mode=None if SMOKE else compile_mode,
@@ -206,7 +206,7 @@ def test_e2e_full_step_with_tokenizer(record):
 def test_e2e_zero_one_gpu(record):
     """ZeRO-1 and ZeRO-2 in one process against the plain engine (target: within 5%)."""
     from beit_fast.train.engine import DeepSpeedEngine, deepspeed_reasons, init_distributed_env
-    from beit_fast.train.pretrain import PretrainConfig, build_optimizer
+    from beit_fast.train.optim import build_optimizer
 
     what = "ZeRO on one device"
     init_distributed_env(DEVICE)
@@ -224,7 +224,7 @@ def test_e2e_zero_one_gpu(record):
     def build(stage):
         def make():
             model = BeitForMaskedImageModeling(CFG).to(DEVICE).train()
-            engine = DeepSpeedEngine(model, build_optimizer(model, PretrainConfig(lr=1e-4)),
+            engine = DeepSpeedEngine(model, build_optimizer(model, lr=1e-4, weight_decay=0.05),
                                      device=torch.device(DEVICE), bf16=BF16, clip_grad=3.0, grad_accum=1,
                                      micro_batch=B, zero_stage=stage)
             return model, _engine_step(engine)

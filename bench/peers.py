@@ -63,7 +63,7 @@ class TimmComposedMIM(nn.Module):
 
 def adamw(model: nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
     """Fused AdamW (CUDA) on the reference groups (no decay on 1-D parameters and biases), as ours gets them."""
-    from beit_fast.train.pretrain import parameter_groups
+    from beit_fast.train.optim import parameter_groups
 
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     return torch.optim.AdamW(parameter_groups(model, 0.05), lr=lr, **fused)

@@ -8,7 +8,9 @@ import torch
 
 import beit_fast.train.pretrain as pt
 from beit_fast.train.engine import PlainEngine
-from beit_fast.train.pretrain import PretrainConfig, config_from_args, lr_at, pretrain
+from beit_fast.train.optim import build_optimizer, warmup_cosine
+from beit_fast.train.pretrain import PretrainConfig, config_from_args, pretrain
+from beit_fast.train.runtime import one_line_error
 from helpers import metrics_rows, pretrain_config, run_cli
 
 # The loop's own behaviour is tested on the reference path: the kernels have their own tests, and
@@ -87,6 +89,10 @@ def test_learns_above_majority_baseline(tmp_path):
 
 def test_lr_schedule():
     cfg = PretrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-5)
+
+    def lr_at(step, cfg):
+        return warmup_cosine(step, **cfg.lr_schedule())
+
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(10, cfg) == pytest.approx(1e-3)
@@ -99,7 +105,7 @@ def test_weight_decay_groups():
     from beit_fast import BeitConfig, BeitForMaskedImageModeling
 
     model = BeitForMaskedImageModeling(BeitConfig.from_preset("tiny"))
-    opt = pt.build_optimizer(model, PretrainConfig())
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
     decay, no_decay = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
@@ -133,7 +139,7 @@ def test_weight_decay_skip_names_match_exactly():
             return {"pos_embed"}
 
     model = Toy()
-    decay, no_decay = pt.build_optimizer(model, PretrainConfig()).param_groups
+    decay, no_decay = build_optimizer(model, lr=1e-3, weight_decay=0.05).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in decay["params"]} == {"rel_pos_embed_table", "proj.weight"}
     assert {names[id(p)] for p in no_decay["params"]} == {"pos_embed", "proj.bias", "scale"}
@@ -298,7 +304,7 @@ def test_unreadable_image_folder_fails_before_training(tmp_path, capsys):
     # A DataLoader worker re-raises with its traceback in the message: the CLI keeps the last line.
     wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                         "last):\n  File \"x.py\", line 1, in f\nbeit_fast.data.DataError: no readable image under d")
-    assert pt._one_line(wrapped) == "no readable image under d"
+    assert one_line_error(wrapped) == "no readable image under d"
 
 
 def test_large_seed(tmp_path):

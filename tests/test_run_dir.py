@@ -1,5 +1,5 @@
 """The run directory (`beit_fast.train.run`): the run lock (flock across processes, its exclusive-file fallback),
-finding, checking, removing, cleaning and pruning checkpoints (with `engine.checkpoint_problem`), and SignalStop.
+finding, checking, removing, cleaning and pruning checkpoints (with `run.checkpoint_problem`), and SignalStop.
 
 Child processes load `run.py` straight from its file (it needs nothing but the standard library), not through the
 package, which would import torch and cost seconds per process.
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from beit_fast.train import run
-from beit_fast.train.engine import MANIFEST, checkpoint_problem
+from beit_fast.train.run import MANIFEST, checkpoint_problem
 from beit_fast.train.run import (
     RunDirectoryBusy,
     RunLock,
@@ -42,6 +42,7 @@ _LOAD = (
     "import importlib.util, sys\n"
     f"spec = importlib.util.spec_from_file_location('run_under_test', {str(Path(run.__file__))!r})\n"
     "run = importlib.util.module_from_spec(spec)\n"
+    "sys.modules['run_under_test'] = run\n"
     "spec.loader.exec_module(run)\n"
 )
 # argv: out, seconds to hold, [a file to wait for before trying]. Prints "got PID" or "busy MESSAGE" (exit 3).

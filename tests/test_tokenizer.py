@@ -256,7 +256,7 @@ def test_own_state_dicts_and_checkpoints(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_dalle_encoder(tmp_path / "wb.pt")(x), enc(x))
 
-    # The `beit-fast dvae` checkpoint of train/tokenizer.py: encoder, decoder and image size in one file.
+    # The `beit-fast dvae` checkpoint of train/train_tokenizer.py: encoder, decoder and image size in one file.
     ckpt = {"format": "beit-fast dvae", "encoder": enc.state_dict(), "decoder": dec.state_dict(),
             "encoder_kwargs": {"group_count": 3}, "image_size": 16, "config": {"lr": 2e-3, "device": "auto"}}
     torch.save(ckpt, tmp_path / "tokenizer.pt")
@@ -288,7 +288,7 @@ def test_wrong_files_raise_clear_errors(tmp_path):
 
 
 def _tiny_dvae_checkpoint() -> dict:
-    """A `beit-fast dvae` checkpoint (train/tokenizer.py's format) at the smallest widths: loads in milliseconds."""
+    """A `beit-fast dvae` checkpoint (train_tokenizer.py's format) at the smallest widths: loads in milliseconds."""
     torch.manual_seed(4)
     enc = DalleEncoder(n_hid=8, n_blk_per_group=1, vocab_size=16)
     dec = DalleDecoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=16)
@@ -559,7 +559,7 @@ def gpu_trained_tokenizer(tmp_path_factory):
     from torchvision.transforms import functional as TF
 
     from beit_fast.data import BuiltinShapes
-    from beit_fast.train.tokenizer import TokenizerTrainConfig, train_tokenizer
+    from beit_fast.train.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
     out = tmp_path_factory.mktemp("tok_gpu")
     train_tokenizer(TokenizerTrainConfig(image_size=32, group_count=4, n_hid=32, n_init=32, n_blk_per_group=2,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from beit_fast.tokenizer import DalleDecoder, DalleEncoder, DalleTokenizer, map_pixels
-from beit_fast.train.tokenizer import (
+from beit_fast.train.train_tokenizer import (
     TokenizerTrainConfig,
     config_from_args,
     decoded_images,

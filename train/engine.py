@@ -1,6 +1,6 @@
-"""Training engines: one interface over a plain single process and DeepSpeed ZeRO (stages 0-3).
+"""Training engines: one interface over a plain single process and DeepSpeed ZeRO (stages 0-3), for any model.
 
-The pretraining loop (`beit_fast.train.pretrain`) drives either engine the same way, per optimizer step:
+Every training script drives either engine the same way, per optimizer step (`beit_fast.train.step.run_step`):
 
     engine.set_lr(lr)
     for each micro-batch of the step:
@@ -37,7 +37,7 @@ node sees (rank 0 renames).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import os
@@ -60,14 +60,12 @@ from beit_fast.checkpoint import (
     write_torch_file,
 )
 from beit_fast.config import first_line, one_line
+from beit_fast.train.optim import set_lr
+from beit_fast.train.run import MANIFEST, atomic_save_json, checkpoint_name
 
 log = logging.getLogger("beit_fast.pretrain")
 
-__all__ = ["PlainEngine", "DeepSpeedEngine", "rng_state", "set_rng_state", "deepspeed_reasons", "MANIFEST",
-           "checkpoint_problem"]
-
-MANIFEST = "manifest.json"  # written last into a DeepSpeed checkpoint directory: {"files": {name: size}}
-
+__all__ = ["PlainEngine", "DeepSpeedEngine", "rng_state", "set_rng_state", "deepspeed_reasons", "init_distributed_env"]
 
 def rng_state() -> Dict[str, Any]:
     """Every RNG's state as tensors, ints and strings only: a checkpoint needs no global to be allowed on load."""
@@ -124,33 +122,6 @@ def _load_state(what: str, module: Any, state: Any, where: str) -> None:
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
         text = one_line(f"{type(exc).__name__}: {exc}")
         raise CheckpointError(f"{where}: the {what} state does not fit this run ({text[:400]})") from None
-
-
-def checkpoint_problem(path: Path) -> Optional[str]:
-    """None if `path` is a complete checkpoint, else what is wrong. A plain engine's file is complete by
-    construction (written under another name and renamed); a DeepSpeed directory needs its manifest and every file
-    the manifest lists, at the listed size. A directory written before manifests existed is complete when it holds
-    meta.pt, model.pt, rank 0's RNG file and DeepSpeed's model states (loading checks every rank's RNG file)."""
-    if path.is_file():
-        return None if path.stat().st_size > 0 else "empty file"
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        names = {f.name for f in path.iterdir()} if path.is_dir() else set()
-        missing = [n for n in ("meta.pt", "model.pt", "rng_rank00000.pt") if n not in names]
-        if not any(n.endswith("model_states.pt") for n in names):
-            missing.append("DeepSpeed's model states")
-        return f"{', '.join(missing)} missing (no {MANIFEST})" if missing else None
-    try:
-        files = json.loads(manifest.read_text())["files"]
-        for name, size in files.items():
-            f = path / name
-            if not f.is_file():
-                return f"{name} is missing"
-            if f.stat().st_size != size:
-                return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
-    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
-        return f"unreadable {MANIFEST} ({type(exc).__name__})"
-    return None
 
 
 class PlainEngine:
@@ -222,15 +193,15 @@ class PlainEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        """The schedule's lr, times each group's `lr_scale` (layer-wise decay)."""
+        set_lr(self.optimizer, lr)
 
     def barrier(self) -> None:
         pass
 
     def save(self, ckpt_dir: Path, step: int, meta: Dict[str, Any]) -> Path:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng_state()}
-        return atomic_save({**state, **meta}, ckpt_dir / f"step_{step:08d}.pt")
+        return atomic_save({**state, **meta}, ckpt_dir / f"{checkpoint_name(step)}.pt")
 
     def params_finite(self) -> bool:
         """Are all weights finite (one host sync; before a checkpoint is written)."""
@@ -306,10 +277,9 @@ class DeepSpeedEngine:
         if bf16:
             config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         self.config = config
-        wrapped: torch.nn.Module = model
-        if zero_stage == 3:
-            wrapped = _Zero3Outputs(model)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config)
+        self._zero3 = _Zero3Outputs(model) if zero_stage == 3 else None
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=self._zero3 or model, optimizer=optimizer,
+                                                             config=config)
         self.model = model
         self.compiled = ""
         self.ds.checkpoint_engine = _safe_checkpoint_engine()
@@ -354,7 +324,7 @@ class DeepSpeedEngine:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.ds(*args, **kwargs)
-        return out if self.zero_stage < 3 else _Zero3Outputs.unpack(out)
+        return out if self._zero3 is None else self._zero3.unpack(out)
 
     def all_finite(self, loss: torch.Tensor, *flags: bool) -> Tuple[bool, ...]:
         """(is the loss finite on every rank, is each flag true on every rank): one all-reduce, so every rank takes
@@ -441,8 +411,8 @@ class DeepSpeedEngine:
             self.ds._unmanaged_backward_count = 0
 
     def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        """The schedule's lr, times each group's `lr_scale` (layer-wise decay)."""
+        set_lr(self.optimizer, lr)
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -461,7 +431,7 @@ class DeepSpeedEngine:
         collectives of DeepSpeed's save still run in order: its writer records the error instead of raising), the
         temporary directory is removed and every rank raises CheckpointWriteError. Else rank 0 writes the manifest
         last and renames the directory into place."""
-        tag = f"step_{step:08d}"
+        tag = checkpoint_name(step)
         final, tmp = ckpt_dir / tag, ckpt_dir / f".tmp-{tag}"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a crash mid-write
@@ -557,20 +527,6 @@ class DeepSpeedEngine:
         rank 0 writes after it (summary, plot) must not keep the other ranks waiting if it fails."""
 
 
-def atomic_save_json(obj: Any, path: Path) -> None:
-    """JSON to a temporary name, fsync, rename (the manifest: its presence marks a checkpoint complete)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _safe_checkpoint_engine() -> Any:
     """DeepSpeed's torch checkpoint engine with our reader (weights only: a hostile shard runs nothing) and our
     writer (a write error is recorded, with its errno, for `DeepSpeedEngine.save` to agree on across ranks)."""
@@ -612,17 +568,20 @@ def _deepspeed_globals() -> List[Any]:
 
 class _Zero3Outputs(torch.nn.Module):
     """ZeRO-3 gathers a module's parameters around its forward and, through hooks on the tensors it returns, around
-    its backward. The MIM model returns a dataclass (no hooks attach) and its own forward reads parameters directly
-    (mask and cls tokens, the shared bias table the attention kernel gathers itself, the head's LayerNorm and lm_head
-    that the fused kernels take as tensors). This wrapper returns plain tensors and declares those parameters as
-    its own, so they are gathered for the whole forward and backward."""
+    its backward. A model may return a dataclass (no hooks attach to it) and read parameters directly instead of
+    calling their modules (tokens, a shared bias table the attention kernel gathers itself, a head's LayerNorm and
+    Linear handed to a fused kernel as tensors). This wrapper returns the output's fields as a tuple (non-tensors
+    as tensors; `unpack` rebuilds the dataclass) and declares as its own every parameter the model holds outside its
+    `blocks` (a few MB) plus the Linear weights that attention reads with F.linear, so they are gathered for the
+    whole forward and backward. Nothing here names a task's model or output type."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
+        self._output_type: Any = None
         from deepspeed.runtime.zero import register_external_parameter
 
-        for p in _top_level_parameters(model):
+        for p in _outside_blocks(model):
             register_external_parameter(self, p)
         for module in model.modules():
             if hasattr(module, "qkv") and hasattr(module, "proj"):  # Attention: F.linear on its child's weight
@@ -630,19 +589,24 @@ class _Zero3Outputs(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any):
         out = self.model(*args, **kwargs)
-        return out.loss, out.accuracy, torch.tensor(out.num_masked), out.logits
+        if not dataclasses.is_dataclass(out):
+            self._output_type = None
+            return out
+        self._output_type = type(out)
+        self._kinds = {f.name: type(getattr(out, f.name)) for f in dataclasses.fields(out)}
+        return tuple(v if torch.is_tensor(v) or v is None else torch.tensor(v)
+                     for v in (getattr(out, f.name) for f in dataclasses.fields(out)))
 
-    @staticmethod
-    def unpack(out: Any) -> Any:
-        from beit_fast.model import MaskedImageModelingOutput
+    def unpack(self, out: Any) -> Any:
+        if self._output_type is None:
+            return out
+        values = {name: (kind(v.item()) if kind in (int, float, bool) else v)
+                  for (name, kind), v in zip(self._kinds.items(), out)}
+        return self._output_type(**values)
 
-        loss, accuracy, num_masked, logits = out
-        return MaskedImageModelingOutput(loss=loss, accuracy=accuracy, num_masked=int(num_masked), logits=logits)
 
-
-def _top_level_parameters(model: torch.nn.Module):
-    yield from model.parameters(recurse=False)
-    for child in ("rel_pos_bias", "norm", "lm_head"):
-        module = getattr(model, child, None)
-        if module is not None:
-            yield from module.parameters()
+def _outside_blocks(model: torch.nn.Module):
+    """Every parameter of `model` except those inside its `blocks` (the bulk, which ZeRO-3 gathers per block)."""
+    blocks = getattr(model, "blocks", None)
+    inside = {id(p) for p in blocks.parameters()} if isinstance(blocks, torch.nn.Module) else set()
+    yield from (p for p in model.parameters() if id(p) not in inside)

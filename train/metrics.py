@@ -1,5 +1,8 @@
-"""Run metrics: `metrics.csv` (always), TensorBoard event files (when `tensorboard` imports) and a PNG plot of loss
-and mlm_acc at the end (when `matplotlib` imports). Only the main process writes."""
+"""Run metrics, task-neutral: `metrics.csv` (always), TensorBoard event files (when `tensorboard` imports), a PNG
+plot of the columns the caller names at the end (when `matplotlib` imports), and `StepReporter`: one metrics row per
+step and the progress bar / log line (step | the task's values | lr | ms | img/s | MFU | memory). The caller gives
+the columns, the TensorBoard tag, the plotted panels and the FLOPs per image for MFU. Only the main process
+writes."""
 
 from __future__ import annotations
 
@@ -7,20 +10,24 @@ import csv
 import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
 
 log = logging.getLogger("beit_fast.pretrain")
 
-__all__ = ["MetricsWriter", "Progress", "plot_metrics", "read_metrics"]
+__all__ = ["MetricsWriter", "Progress", "StepReporter", "plot_metrics", "read_metrics", "peak_flops"]
 
 
 class MetricsWriter:
     """Appends one row per step to `out/metrics.csv`; on a resume, rows past the checkpoint's step (written after it,
     before a crash) are dropped first, so the file always describes one uninterrupted run."""
 
-    def __init__(self, out: Path, columns: Sequence[str], start_step: int, tensorboard: bool) -> None:
-        self.path, self.columns = out / "metrics.csv", list(columns)
+    def __init__(self, out: Path, columns: Sequence[str], start_step: int, tensorboard: bool, tag: str = "train",
+                 name: str = "metrics.csv") -> None:
+        self.path, self.columns, self.tag = out / name, list(columns), tag
         rows: List[List[str]] = []
         if start_step > 0 and self.path.exists():
             with open(self.path, newline="") as f:
@@ -44,7 +51,8 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None,
+                                        filename_suffix=f".{name.split('.')[0]}")
             except Exception as exc:  # ImportError without the tensorboard package
                 log.info("TensorBoard logging off (%s); pip install -e '.[plot]' turns it on",
                          str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -56,7 +64,7 @@ class MetricsWriter:
             for c in self.columns:
                 v = row.get(c)
                 if c != "step" and isinstance(v, (int, float)) and v == v:  # skip None and NaN
-                    self.tb.add_scalar(f"pretrain/{c}", v, step)
+                    self.tb.add_scalar(f"{self.tag}/{c}", v, step)
 
     def flush(self) -> None:
         self.file.flush()
@@ -91,9 +99,14 @@ def read_metrics(path: Path) -> Dict[str, List[float]]:
     return cols
 
 
-def plot_metrics(csv_path: Path, png_path: Path, chance: Optional[float] = None) -> Optional[Path]:
-    """Loss and mlm_acc against step, side by side; None (and a log line) when matplotlib is missing or there is
-    nothing to plot."""
+Panel = Tuple[str, str, Optional[float]]  # (column, y label, a dashed reference line or None)
+
+
+def plot_metrics(csv_path: Path, png_path: Path, panels: Sequence[Panel], title: str = "",
+                 extra: Optional[Dict[str, Dict[str, List[float]]]] = None) -> Optional[Path]:
+    """One panel per (column, label, reference) against step, side by side; `extra` adds other series (e.g. val
+    metrics at their own steps: {csv column: {"step": [...], "value": [...]}}) to the panel of that column. None (and
+    a log line) when matplotlib is missing or there is nothing to plot. Written atomically."""
     try:
         import matplotlib
 
@@ -105,19 +118,20 @@ def plot_metrics(csv_path: Path, png_path: Path, chance: Optional[float] = None)
     m = read_metrics(csv_path)
     if not m.get("step"):
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot(m["step"], m["loss"], lw=1)
-    a.set_xlabel("step")
-    a.set_ylabel("MIM loss (cross-entropy)")
-    a.grid(alpha=0.3)
-    b.plot(m["step"], m["mlm_acc"], lw=1, label="mlm_acc")
-    if chance is not None:
-        b.axhline(chance, color="gray", ls="--", lw=1, label=f"chance {chance:.2g}")
-        b.legend(loc="best")
-    b.set_xlabel("step")
-    b.set_ylabel("mlm_acc (masked patches)")
-    b.grid(alpha=0.3)
-    fig.suptitle(f"BEiT pretraining: {csv_path.parent.name}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (column, label, reference) in zip(axes[0], panels):
+        if column in m:
+            ax.plot(m["step"], m[column], lw=1, label=column)
+        for name, series in (extra or {}).items():
+            if name == column and series.get("step"):
+                ax.plot(series["step"], series["value"], "o-", lw=1.5, ms=3, label=series.get("label", name))
+        if reference is not None:
+            ax.axhline(reference, color="gray", ls="--", lw=1, label=f"{reference:.2g}")
+        ax.legend(loc="best")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or csv_path.parent.name)
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
@@ -125,6 +139,78 @@ def plot_metrics(csv_path: Path, png_path: Path, chance: Optional[float] = None)
     plt.close(fig)
     tmp.replace(png_path)
     return png_path
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """Dense bf16 peak of known cards (None: unknown, no MFU printed)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
+        if key in name:
+            return value
+    return None
+
+
+class StepReporter:
+    """Per applied step: one metrics row (the task's values plus lr, grad_norm, ms_per_step, img_per_s, mfu, mem_gb
+    and the caller's counters), and every `log_every` steps the progress bar's postfix or one log line. The time of a
+    row is its own step's (`restart()` after a skipped one)."""
+
+    TIMING = ["lr", "grad_norm", "ms_per_step", "img_per_s", "mfu", "mem_gb"]
+
+    def __init__(self, out: Path, values: Sequence[Tuple[str, str]], counters: Sequence[str], *, start_step: int,
+                 max_steps: int, log_every: int, batch_size: int, world: int, device: torch.device,
+                 flops_per_image: Optional[float], tensorboard: bool, tag: str, enabled: bool) -> None:
+        """`values`: (column, short name for the bar) of the task's per-step values, logged as `name value`."""
+        self.values, self.counters = list(values), list(counters)
+        self.columns = ["step"] + [c for c, _ in self.values] + self.TIMING + self.counters
+        self.writer = MetricsWriter(out, self.columns, start_step, tensorboard, tag) if enabled else None
+        self.progress = Progress(max_steps, start_step, enabled=enabled)
+        self.max_steps, self.log_every, self.batch_size, self.device = max_steps, log_every, batch_size, device
+        peak = peak_flops(device)
+        self.flops = flops_per_image * batch_size / (peak * world) if peak and flops_per_image else None
+        self.t_last = time.perf_counter()
+
+    def restart(self) -> None:
+        self.t_last = time.perf_counter()
+
+    def report(self, step: int, values: Sequence[float], lr: float, grad_norm: float,
+               counters: Dict[str, Any]) -> None:
+        now = time.perf_counter()
+        dt, self.t_last = now - self.t_last, now
+        ips = self.batch_size / dt
+        mfu = self.flops / dt if self.flops else None
+        mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        log_now = step % self.log_every == 0 or step == self.max_steps
+        if self.writer is not None:
+            row = {"step": step, "lr": lr, "grad_norm": grad_norm, "ms_per_step": dt * 1e3, "img_per_s": ips,
+                   "mfu": mfu, "mem_gb": mem, **counters}
+            row.update({c: v for (c, _), v in zip(self.values, values)})
+            self.writer.write(row)
+            if log_now:
+                self.writer.flush()
+        shown = " | ".join(f"{c} {v:.4f}" for (c, _), v in zip(self.values, values))
+        mfu_s = f" | MFU {mfu:.1%}" if mfu is not None else ""
+        mem_s = f" | mem {mem:.2f} GB" if mem is not None else ""
+        line = (f"step {step}/{self.max_steps} | {shown} | lr {lr:.3g} | {dt * 1e3:.0f} ms | {ips:.0f} img/s"
+                f"{mfu_s}{mem_s}")
+        postfix = {short: f"{v:.3f}" for (_, short), v in zip(self.values, values)}
+        postfix.update({"lr": f"{lr:.2g}", "img/s": f"{ips:.0f}"})
+        if mfu is not None:
+            postfix["MFU"] = f"{mfu:.1%}"
+        if mem is not None:
+            postfix["mem"] = f"{mem:.1f}G"
+        self.progress.update(line, postfix, log_now)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class Progress:

@@ -8,7 +8,7 @@
   warning). A second run into the same directory is refused with `RunDirectoryBusy` (one line: who holds it).
 - Checkpoints: `step_XXXXXXXX.pt` (plain engine) and `step_XXXXXXXX/` (DeepSpeed, complete only when every file its
   manifest lists is there, or, written before manifests, every file a checkpoint needs:
-  `beit_fast.train.engine.checkpoint_problem`). Deletes are atomic: a checkpoint is first renamed to `.del-*` (no
+  `checkpoint_problem`). Deletes are atomic: a checkpoint is first renamed to `.del-*` (no
   longer a checkpoint to anyone), then removed. `clean_run_directory` removes, at start and with a warning each,
   what a crash can leave: exactly the temporary names this code writes, and checkpoint directories with files
   missing - so they are never resumed and never fill the disk. Nothing else in the directory is touched.
@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -30,15 +31,19 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from beit_fast.train.engine import checkpoint_problem
 
 log = logging.getLogger("beit_fast.pretrain")
 
 __all__ = [
     "RunLock",
+    "MANIFEST",
+    "checkpoint_name",
+    "checkpoint_problem",
+    "atomic_save_json",
     "RunDirectoryBusy",
     "SignalStop",
     "checkpoint_dir",
@@ -47,6 +52,17 @@ __all__ = [
     "clean_run_directory",
     "prune_checkpoints",
     "remove_checkpoint",
+    "RunDir",
+    "ResumePlan",
+    "find_latest_checkpoint",
+    "plan_resume",
+    "agree_on_resume",
+    "resume_differences",
+    "start_run_directory",
+    "read_checkpoint",
+    "checkpoint_model_state",
+    "resolve_checkpoint",
+    "Checkpointer",
 ]
 
 LOCK_NAME = ".lock"
@@ -57,6 +73,55 @@ _CKPT_NAME = re.compile(r"step_(\d{8})(\.pt)?")
 # the out/ write probe and a stale fallback lock moved aside.
 _STRAY = re.compile(r"\.[^/]+\.[a-z0-9_]{8}\.tmp|\.metrics\.csv\.tmp|\.metrics\.png\.tmp\.png|\.manifest\.json\.tmp"
                     r"|\.(tmp|old|del)-step_\d{8}(\.pt)?|\.write-test-\d+|\.lock\.owner\.stale-\d+")
+
+
+MANIFEST = "manifest.json"  # written last into a DeepSpeed checkpoint directory: {"files": {name: size}}
+
+
+def checkpoint_name(step: int) -> str:
+    """The name of step `step`'s checkpoint (`.pt` for a plain engine's file, none for a DeepSpeed directory)."""
+    return f"step_{step:08d}"
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """None if `path` is a complete checkpoint, else what is wrong. A plain engine's file is complete by
+    construction (written under another name and renamed); a DeepSpeed directory needs its manifest and every file
+    the manifest lists, at the listed size. A directory written before manifests existed is complete when it holds
+    meta.pt, model.pt, rank 0's RNG file and DeepSpeed's model states (loading checks every rank's RNG file)."""
+    if path.is_file():
+        return None if path.stat().st_size > 0 else "empty file"
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        names = {f.name for f in path.iterdir()} if path.is_dir() else set()
+        missing = [n for n in ("meta.pt", "model.pt", "rng_rank00000.pt") if n not in names]
+        if not any(n.endswith("model_states.pt") for n in names):
+            missing.append("DeepSpeed's model states")
+        return f"{', '.join(missing)} missing (no {MANIFEST})" if missing else None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        for name, size in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        return f"unreadable {MANIFEST} ({type(exc).__name__})"
+    return None
+
+
+def atomic_save_json(obj: Any, path: Path, indent: Optional[int] = None) -> None:
+    """JSON to a temporary name, fsync, rename (the manifest: its presence marks a checkpoint complete)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class RunDirectoryBusy(ValueError):
@@ -323,3 +388,276 @@ class SignalStop:
 
     def __exit__(self, *exc: Any) -> None:
         self.restore()
+
+
+# -- a run's lifetime in its directory -------------------------------------------------------------------------------
+class RunDir:
+    """A run's `out`: created if needed, locked by rank 0 for the run's lifetime (`RunLock`), cleaned of what an
+    interrupted run left, and - if the run fails before it wrote anything of its own - removed again when this run
+    created it. `session()` also catches SIGTERM / SIGINT from the start (`SignalStop`)."""
+
+    def __init__(self, out: Path, prog: str) -> None:
+        self.out, self.prog = Path(out), prog
+        self.lock: Optional[RunLock] = None
+        self.created: Optional[Path] = None
+        self.signals = SignalStop(prog)
+
+    def acquire(self) -> None:
+        """Create (if needed) and lock `out`, then remove what an interrupted run left there (rank 0 only)."""
+        out = self.out
+        try:
+            if not out.exists():
+                out.mkdir(parents=True)
+                self.created = out
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(f"out={str(out)!r} is not a writable directory ({type(exc).__name__}: {exc})") from None
+        self.lock = RunLock(out).acquire()
+        clean_run_directory(out)
+
+    def _abandon(self) -> None:
+        if self.created is not None and self.lock is not None:
+            self.lock.release()
+            self.lock = None
+            leftover = {p.name for p in self.created.iterdir()} if self.created.is_dir() else set()
+            if leftover <= {LOCK_NAME}:  # nothing of a run in it: as if it had never been made
+                shutil.rmtree(self.created, ignore_errors=True)
+
+    def __enter__(self) -> "RunDir":
+        self.signals.install()
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            if exc_type is not None:
+                self._abandon()
+        finally:
+            self.signals.restore()
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        """out/NAME as indented JSON, atomically (temporary name, fsync, rename)."""
+        path = self.out / name
+        atomic_save_json(obj, path, indent=2)
+        return path
+
+
+def find_latest_checkpoint(out: Path) -> Optional[Path]:
+    """The newest complete checkpoint of a run directory (None if it has none)."""
+    paths = checkpoints(Path(out))
+    return paths[-1] if paths else None
+
+
+@dataclass
+class ResumePlan:
+    path: Optional[Path]  # the checkpoint resumed from (None: a fresh run)
+    ckpt: Optional[Dict[str, Any]]  # its run state (`read_checkpoint`)
+    start_at: int  # the step this run continues from in this directory (0: fresh, or resumed from elsewhere)
+    stale: List[Path]  # checkpoints of a run this one replaces: deleted once the run has started
+
+
+def resume_differences(ckpt: Dict[str, Any], cfg: Any, model_config: Dict[str, Any]) -> List[str]:
+    """`key: old -> new` for every setting that differs from the checkpoint's and may not (cfg.RESUME_MAY_DIFFER).
+    The model is compared as the resolved BeitConfig, so `preset` + overrides spelt differently still match."""
+    defaults = type(cfg)().to_dict()
+    old, new = ckpt["config"], cfg.to_dict()
+    diffs = []
+    for key in new:
+        if key in cfg.RESUME_MAY_DIFFER or key in ("model", "preset"):
+            continue
+        before = old.get(key, defaults[key])
+        if before != new[key]:
+            diffs.append(f"{key}: {before!r} -> {new[key]!r}")
+    old_m = ckpt["model_config"]
+    for key in sorted(set(old_m) | set(model_config)):
+        if old_m.get(key) != model_config.get(key):
+            diffs.append(f"model.{key}: {old_m.get(key)!r} -> {model_config.get(key)!r}")
+    return diffs
+
+
+def plan_resume(out: Path, cfg: Any, model_config: Dict[str, Any], world: int,
+                read: Callable[[Path], Dict[str, Any]]) -> ResumePlan:
+    """What `cfg.resume` means in `out`: the checkpoint to continue (read with `read`, checked against the config
+    and the process count before anything is written: a refused resume leaves the directory as it was), and which
+    checkpoints a fresh or foreign start would replace (refused unless `cfg.overwrite`)."""
+    path: Optional[Path] = None
+    if cfg.resume == "auto":
+        path = find_latest_checkpoint(out)
+    elif cfg.resume:
+        path = Path(cfg.resume)
+        if not path.exists():
+            raise FileNotFoundError(f"resume checkpoint not found: {path}")
+    ckpt = None
+    if path is not None:
+        ckpt = read(path)
+        diffs = resume_differences(ckpt, cfg, model_config)
+        if diffs:
+            raise ValueError(
+                f"refusing to resume from {path}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
+                f"only {', '.join(sorted(cfg.RESUME_MAY_DIFFER))} may change"
+            )
+        old_world = ckpt["engine"].get("world_size", 1)
+        if cfg.deepspeed and old_world != world:
+            raise ValueError(f"refusing to resume from {path}: it was written by {old_world} processes, this "
+                             f"run has {world} (ZeRO partitions the optimizer state by process)")
+        old_max = ckpt["config"].get("max_steps", cfg.max_steps)
+        if old_max != cfg.max_steps:
+            log.warning("max_steps changed from %s to %d on resume: the cosine schedule after step %d differs "
+                        "from the original run's (and from a straight run to %d)", old_max, cfg.max_steps,
+                        ckpt["step"], cfg.max_steps)
+    existing = checkpoints(out)
+    foreign = path is not None and path.resolve().parent != checkpoint_dir(out).resolve()
+    if existing and (path is None or foreign) and not cfg.overwrite:
+        what = "start afresh" if path is None else f"resume {path} there"
+        raise ValueError(f"{out} already holds checkpoints of a run (newest {existing[-1].name}): continue it with "
+                         f"--resume auto, or {what} with --overwrite (deletes them)")
+    # Checkpoints past the one resumed from belong to a run this one replaces: keeping them would make the
+    # next `--resume auto` continue that other run (and pruning by age could delete this run's newest).
+    start_at = ckpt["step"] if ckpt is not None and not foreign else 0
+    stale = [p for p in existing if checkpoint_step(p) > start_at]
+    return ResumePlan(path=path, ckpt=ckpt, start_at=start_at, stale=stale)
+
+
+def agree_on_resume(plan: ResumePlan, world: int, read: Callable[[Path], Dict[str, Any]]) -> ResumePlan:
+    """Under several processes: rank 0's choice of checkpoint for every rank (the others listed the checkpoints
+    while rank 0 may have been cleaning the directory). A collective."""
+    if world <= 1:
+        return plan
+    import torch.distributed as dist
+
+    mine = str(plan.path) if plan.path is not None else ""
+    chosen = [mine]
+    dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] != mine:
+        path = Path(chosen[0]) if chosen[0] else None
+        plan = ResumePlan(path=path, ckpt=read(path) if path is not None else None, start_at=plan.start_at,
+                          stale=plan.stale)
+    return plan
+
+
+def start_run_directory(out: Path, plan: ResumePlan, start_step: int, outputs: Sequence[str]) -> None:
+    """Rank 0, once the run has started (engine built, checkpoint loaded): delete the checkpoints this run replaces;
+    a fresh run also deletes an earlier run's `outputs` (summary, plot) and TensorBoard files."""
+    why = "--overwrite" if plan.start_at == 0 else f"it is past step {plan.start_at}, where this run starts"
+    for p in plan.stale:
+        log.warning("removing %s (%s)", p, why)
+        remove_checkpoint(p)
+    if start_step == 0:
+        shutil.rmtree(Path(out) / "tensorboard", ignore_errors=True)
+        for name in outputs:
+            (Path(out) / name).unlink(missing_ok=True)
+
+
+TASK_NAMES = {"pretrain": "pretraining", "finetune": "fine-tuning"}
+
+
+def read_checkpoint(path: Path, task: Optional[str] = "pretrain",
+                    stats_problems: Callable[[Dict[str, Any], Dict[str, Any]], List[str]] = lambda s, m: []
+                    ) -> Dict[str, Any]:
+    """A checkpoint's run state: the whole file for the plain engine, `meta.pt` of a DeepSpeed directory
+    (its weights and optimizer shards stay for DeepSpeed to load). Read weights-only (`safe_load`: nothing in the
+    file runs). CheckpointError (a ValueError, one line) if it is incomplete, not one of this engine's `task`
+    checkpoints (checkpoints without a task are pretraining's; task None: either), or hand-edited into something
+    that is not; `stats_problems(stats, model_config)` adds the task's own checks of its run statistics."""
+    import torch
+
+    from beit_fast.checkpoint import CheckpointError, safe_load
+    from beit_fast.train.config import type_ok
+
+    path = Path(path)
+    if path.is_dir():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(f"{path} is not a complete checkpoint: {problem}")
+    ckpt = safe_load(path / "meta.pt" if path.is_dir() else path, what="checkpoint")
+    needed = ("step", "config", "model_config", "stats") + (() if path.is_dir() else ("model", "optimizer", "rng"))
+    missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
+    name = TASK_NAMES.get(task or "", "training")
+    if missing:
+        raise CheckpointError(f"{path} is not a {name} checkpoint of this engine (missing {missing})")
+    got = ckpt.get("task", "pretrain")
+    if task is not None and got != task:
+        raise CheckpointError(f"{path} is a {TASK_NAMES.get(got, repr(got))} checkpoint, not a {name} one")
+    wrong = [f"step={ckpt['step']!r} (not an int >= 0)"] if not (type_ok(ckpt["step"], int) and ckpt["step"] >= 0) \
+        else []
+    wrong += [f"{k} is a {type(ckpt[k]).__name__}, not a dict" for k in needed
+              if k != "step" and not isinstance(ckpt[k], dict)]
+    if not path.is_dir() and isinstance(ckpt["model"], dict):
+        wrong += [f"model[{k!r}] is a {type(v).__name__}" for k, v in ckpt["model"].items() if not torch.is_tensor(v)]
+    if isinstance(ckpt["stats"], dict):
+        stats = ckpt["stats"]
+        wrong += [f"stats.{k}={stats[k]!r} (not an int >= 0)" for k in ("skipped_steps", "skipped_images",
+                                                                          "bad_in_row")
+                  if k in stats and not (type_ok(stats[k], int) and stats[k] >= 0)]
+        for k in ("bad_files", "suspect_steps"):
+            if not (isinstance(stats.get(k, []), list) and all(type_ok(x, int) for x in stats.get(k, []))):
+                wrong.append(f"stats.{k} is not a list of ints")
+        wrong += stats_problems(stats, ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {})
+    if wrong:
+        raise CheckpointError(f"{path}: malformed checkpoint: {'; '.join(wrong[:3])}")
+    ckpt.setdefault("engine", {"kind": "plain", "world_size": 1})
+    return ckpt
+
+
+def checkpoint_model_state(path: Path, task: Optional[str] = "pretrain") -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(full fp32 model state dict, the checkpoint's run state) of a checkpoint of either engine."""
+    import torch
+
+    from beit_fast.checkpoint import CheckpointError, safe_load
+
+    path = Path(path)
+    ckpt = read_checkpoint(path, task)
+    if not path.is_dir():
+        return ckpt["model"], ckpt
+    model_file = path / "model.pt"
+    state = safe_load(model_file, what="checkpoint's model.pt")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{model_file}: not a model file (expected {{'model': state_dict}})")
+    bad = [k for k, v in state["model"].items() if not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{model_file}: non-tensor entries {bad[:3]}")
+    return state["model"], ckpt
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint path as given, or a run directory's newest checkpoint; FileNotFoundError / ValueError else."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir() and not _CKPT_NAME.fullmatch(path.name):
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"{path} is neither a checkpoint nor a run directory with complete checkpoints")
+        return latest
+    return path
+
+
+class Checkpointer:
+    """Writes a run's checkpoints through its engine: never from non-finite weights (checked on every rank), the
+    metrics on disk first, then the newest `keep_last` kept - and always the newest written outside a streak of
+    skipped steps (`stats["suspect_steps"]` remembers the others across resumes)."""
+
+    def __init__(self, out: Path, engine: Any, keep_last: int, is_main: bool, stats: Dict[str, Any],
+                 meta: Callable[[int], Dict[str, Any]], flush: Callable[[], None] = lambda: None) -> None:
+        self.out, self.engine, self.keep_last, self.is_main = Path(out), engine, keep_last, is_main
+        self.stats, self.meta, self.flush = stats, meta, flush
+        self.suspect = set(stats.get("suspect_steps", []))
+
+    def save(self, step: int) -> Path:
+        from beit_fast.train.step import TrainingStopped
+
+        if self.stats.get("bad_in_row"):
+            self.suspect.add(step)
+        self.stats["suspect_steps"] = sorted(self.suspect)
+        if not self.engine.params_finite():  # (every rank) a checkpoint is never written from non-finite weights
+            raise TrainingStopped(f"the weights are not finite at step {step}: no checkpoint written (the newest "
+                                  f"one is {find_latest_checkpoint(self.out)})")
+        self.flush()  # every metrics row up to the checkpoint is on disk before it
+        path = self.engine.save(checkpoint_dir(self.out), step, self.meta(step))
+        if self.is_main:
+            prune_checkpoints(self.out, self.keep_last, good=lambda p: checkpoint_step(p) not in self.suspect)
+        return path

@@ -1,4 +1,4 @@
-"""Train a DALL-E-style dVAE visual tokenizer (`beit-fast train-tokenizer`).
+"""Train a DALL-E-style dVAE tokenizer (`beit-fast train-tokenizer`, `python -m beit_fast.train.train_tokenizer`).
 
 The DALL-E recipe: encoder logits -> Gumbel-softmax relaxation (temperature annealed from
 `tau_start` to `tau_end`, 1 -> 1/16) -> decoder reconstructs the pixels (logit-Laplace likelihood
@@ -11,60 +11,64 @@ decoder, their hyper-parameters) atomically, loadable by `beit_fast.tokenizer.Da
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from beit_fast.checkpoint import atomic_save
-from beit_fast.config import first_line, parse_options
-from beit_fast.data import DataError, build_dataset
+from beit_fast.data import build_dataset
 from beit_fast.tokenizer import LOGIT_LAPLACE_EPS, DalleDecoder, DalleEncoder, map_pixels
+from beit_fast.train.config import TrainConfig
+from beit_fast.train.metrics import MetricsWriter
+from beit_fast.train.run import atomic_save_json
+from beit_fast.train.runtime import resolve_device, run_main
 
 log = logging.getLogger("beit_fast.train_tokenizer")
 
-__all__ = ["TokenizerTrainConfig", "train_tokenizer", "PRESETS"]
+__all__ = ["TokenizerTrainConfig", "train_tokenizer", "PRESETS", "config_from_args", "main"]
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "small": {},  # 32px -> 8x8 codes, 512 codes: matches the `tiny` BEiT preset (64px images, 8px patches)
+    "dalle": dict(image_size=112, group_count=4, n_hid=256, n_blk_per_group=2, n_init=128, vocab_size=8192),
+}
 
 
 @dataclass
-class TokenizerTrainConfig:
+class TokenizerTrainConfig(TrainConfig):
+    PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = PRESETS
+
+    preset: str = "small"  # small (32px -> 8x8 of 512 codes, for the tiny BEiT preset) | dalle (112px -> 14x14 of 8192)
     image_size: int = 32  # tokenizer input side; the grid is image_size / 2**(group_count - 1)
     group_count: int = 3  # encoder groups (DALL-E: 4 -> 8x down; 3 -> 4x)
     n_hid: int = 32  # base width (DALL-E: 256)
     n_blk_per_group: int = 1  # residual blocks per group (DALL-E: 2)
     n_init: int = 32  # decoder input width (DALL-E: 128)
     vocab_size: int = 512  # codebook size (DALL-E: 8192)
-    data: str = "builtin"
-    num_images: int = 2048
-    out: str = "runs/tokenizer"
-    max_steps: int = 400
-    batch_size: int = 32
-    lr: float = 2e-3
+    num_images: int = 2048  # size of the built-in dataset
+    out: str = "runs/tokenizer"  # tokenizer.pt, config.json, metrics.csv, reconstructions.png, summary.json
+    max_steps: int = 400  # optimizer steps
+    batch_size: int = 32  # images per step
+    lr: float = 2e-3  # AdamW learning rate (constant)
     tau_start: float = 1.0  # Gumbel-softmax temperature, annealed (cosine) to tau_end
     tau_end: float = 1.0 / 16
     kl_weight: float = 1e-2  # final weight of KL(q || uniform) per position (0.1 collapsed the small preset)
     kl_warmup_steps: int = 100  # the KL weight ramps linearly from 0
     recon: str = "mse"  # "mse" or "logit_laplace"
     usage_window: int = 20  # steps over which a code must be used not to count as dead
-    log_every: int = 20
-    seed: int = 0
-    device: str = "auto"
+    log_every: int = 20  # steps between log lines
 
     def validate(self) -> None:
-        for name in ("image_size", "group_count", "n_hid", "n_blk_per_group", "n_init", "vocab_size", "max_steps",
-                     "batch_size", "num_images", "log_every", "usage_window"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}={v!r}: must be a positive int")
+        super().validate()
+        if self.preset not in PRESETS:
+            self.bad("preset", f"choose from {sorted(PRESETS)}")
+        self.positive("image_size", "group_count", "n_hid", "n_blk_per_group", "n_init", "vocab_size", "usage_window")
         down = 2 ** (self.group_count - 1)
         if self.image_size % down:
             raise ValueError(
@@ -72,8 +76,8 @@ class TokenizerTrainConfig:
             )
         if self.recon not in ("mse", "logit_laplace"):
             raise ValueError(f"recon={self.recon!r}: must be 'mse' or 'logit_laplace'")
-        if not (self.lr > 0 and self.tau_start > 0 and self.tau_end > 0 and self.kl_weight >= 0):
-            raise ValueError("lr, tau_start, tau_end must be positive and kl_weight >= 0")
+        if not (self.tau_start > 0 and self.tau_end > 0 and self.kl_weight >= 0):
+            raise ValueError("tau_start, tau_end must be positive and kl_weight >= 0")
 
     def model_kwargs(self) -> Dict[str, Dict[str, int]]:
         enc = dict(group_count=self.group_count, n_hid=self.n_hid, n_blk_per_group=self.n_blk_per_group,
@@ -83,10 +87,7 @@ class TokenizerTrainConfig:
         return {"encoder": enc, "decoder": dec}
 
 
-PRESETS: Dict[str, Dict[str, Any]] = {
-    "small": {},  # 32px -> 8x8 codes, 512 codes: matches the `tiny` BEiT preset (64px images, 8px patches)
-    "dalle": dict(image_size=112, group_count=4, n_hid=256, n_blk_per_group=2, n_init=128, vocab_size=8192),
-}
+config_from_args = TokenizerTrainConfig.from_args
 
 
 def tau_at(step: int, cfg: TokenizerTrainConfig) -> float:
@@ -135,124 +136,103 @@ def _indices(n: int, g: torch.Generator):
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Dict[str, Any]:
     cfg.validate()
-    from torchvision.transforms import functional as TF
-
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     data = build_dataset(cfg.data, num_images=cfg.num_images, size=cfg.image_size * 3 // 2, seed=cfg.seed)
     if len(data) < cfg.batch_size:
         raise ValueError(f"dataset has {len(data)} images, fewer than batch_size={cfg.batch_size}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    atomic_save_json(cfg.to_dict(), out / "config.json", indent=2)
     torch.manual_seed(cfg.seed)
     kw = cfg.model_kwargs()
     enc, dec = DalleEncoder(**kw["encoder"]).to(device), DalleDecoder(**kw["decoder"]).to(device)
     params = list(enc.parameters()) + list(dec.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = _indices(len(data), g)
+    order = _indices(len(data), torch.Generator().manual_seed(cfg.seed))
     usage = torch.zeros(cfg.usage_window, cfg.vocab_size, dtype=torch.long)
-    metrics_path = out / "metrics.csv"
+    metrics = MetricsWriter(out, COLUMNS, 0, tensorboard=False, tag="dvae")
     last: Dict[str, float] = {}
     t0 = time.perf_counter()
-    with open(metrics_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "loss", "recon_mse", "kl", "kl_weight", "tau", "perplexity", "dead_codes", "img_per_s"])
+    try:
         for step in range(cfg.max_steps):
-            imgs = []
-            for _ in range(cfg.batch_size):
-                img, _ = data[next(order)]
-                img = TF.center_crop(img, min(img.size)).resize((cfg.image_size, cfg.image_size))
-                imgs.append(TF.to_tensor(img))
-            x = torch.stack(imgs).to(device)
-            tau = tau_at(step, cfg)
-            klw = cfg.kl_weight * min(1.0, step / max(1, cfg.kl_warmup_steps))
-            logits = enc(map_pixels(x))
-            z = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)
-            dec_out = dec(z)
-            rec = reconstruction_loss(dec_out, x, cfg.recon)
-            logq = F.log_softmax(logits, dim=1)
-            kl = (logq.exp() * logq).sum(1).mean() + math.log(cfg.vocab_size)
-            loss = rec + klw * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            with torch.no_grad():
-                codes = logits.argmax(1).flatten()
-                counts = torch.bincount(codes.cpu(), minlength=cfg.vocab_size)
-                usage[step % cfg.usage_window] = counts
-                p = counts.double() / counts.sum()
-                perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-                dead = int(((usage.sum(0) == 0)).sum()) if step + 1 >= cfg.usage_window else -1
-                mse = float(F.mse_loss(decoded_images(dec_out), x))
-            ips = cfg.batch_size * (step + 1) / (time.perf_counter() - t0)
-            loss_v, kl_v = loss.item(), kl.item()
-            last = dict(loss=loss_v, recon_mse=mse, kl=kl_v, perplexity=perplexity, dead_codes=dead)
-            w.writerow([step + 1, f"{loss_v:.6f}", f"{mse:.6f}", f"{kl_v:.5f}", f"{klw:.3g}", f"{tau:.4f}",
-                        f"{perplexity:.2f}", dead, f"{ips:.1f}"])
+            x = _batch(data, order, cfg).to(device)
+            row = _step(enc, dec, opt, params, x, step, cfg, usage)
+            row.update(step=step + 1, img_per_s=cfg.batch_size * (step + 1) / (time.perf_counter() - t0))
+            metrics.write(row)
+            last = {k: row[k] for k in ("loss", "recon_mse", "kl", "perplexity", "dead_codes")}
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-                f.flush()
-                print(f"step {step + 1}/{cfg.max_steps} | loss {loss_v:.4f} | recon mse {mse:.4f} | "
-                      f"perplexity {perplexity:.1f} | dead codes {dead} | tau {tau:.3f} | {ips:.0f} img/s",
-                      file=sys.stderr, flush=True)
+                metrics.flush()
+                print(f"step {step + 1}/{cfg.max_steps} | loss {row['loss']:.4f} | recon mse {row['recon_mse']:.4f} | "
+                      f"perplexity {row['perplexity']:.1f} | dead codes {row['dead_codes']} | tau {row['tau']:.3f} | "
+                      f"{row['img_per_s']:.0f} img/s", file=sys.stderr, flush=True)
+    finally:
+        metrics.close()
     ckpt = out / "tokenizer.pt"
     atomic_save({"format": "beit-fast dvae", "encoder": enc.state_dict(), "decoder": dec.state_dict(),
                  "encoder_kwargs": kw["encoder"], "decoder_kwargs": kw["decoder"], "image_size": cfg.image_size,
-                 "config": dataclasses.asdict(cfg)}, ckpt)
+                 "config": cfg.to_dict()}, ckpt)
     with torch.no_grad():
         enc.eval(), dec.eval()
         hard = F.one_hot(enc(map_pixels(x)).argmax(1), cfg.vocab_size).permute(0, 3, 1, 2).float()
         save_grid(x, decoded_images(dec(hard)), out / "reconstructions.png")
-    summary = {**last, "checkpoint": str(ckpt), "grid": str(out / "reconstructions.png"), "metrics": str(metrics_path)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = {**last, "checkpoint": str(ckpt), "grid": str(out / "reconstructions.png"),
+               "metrics": str(out / "metrics.csv")}
+    atomic_save_json(summary, out / "summary.json", indent=2)
     return summary
 
 
-def config_from_args(args: List[str]) -> TokenizerTrainConfig:
-    values: Dict[str, Any] = {}
-    preset: Optional[str] = None
-    own = {f.name: f for f in fields(TokenizerTrainConfig)}
-    for k, v in parse_options(args):
-        if k == "preset":
-            if v not in PRESETS:
-                raise ValueError(f"unknown preset {v!r}; choose from {sorted(PRESETS)}")
-            preset = v
-            continue
-        if k not in own:
-            valid = ", ".join(f"--{n.replace('_', '-')}" for n in own)
-            raise ValueError(f"unknown option --{k.replace('_', '-')}; valid: --preset, {valid}")
-        default = own[k].default
-        try:
-            values[k] = type(default)(v) if not isinstance(default, str) else v
-        except ValueError:
-            raise ValueError(f"--{k} expects a {type(default).__name__}, got {v!r}") from None
-    return TokenizerTrainConfig(**{**PRESETS.get(preset or "small", {}), **values})
+COLUMNS = ["step", "loss", "recon_mse", "kl", "kl_weight", "tau", "perplexity", "dead_codes", "img_per_s"]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("options (--key=value or --key value):\n  --preset  small (default) | dalle")
-        for f in fields(TokenizerTrainConfig):
-            print(f"  --{f.name.replace('_', '-'):<18} default {f.default}")
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        summary = train_tokenizer(config_from_args(argv))
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"beit-fast train-tokenizer: error: {exc}", file=sys.stderr)
-        return 2
-    except (DataError, OSError) as exc:  # unreadable images, a write error (disk full): one line, exit 1
-        print(f"beit-fast train-tokenizer: error: {first_line(exc)}", file=sys.stderr)
-        return 1
+def _batch(data: Any, order: Any, cfg: TokenizerTrainConfig) -> torch.Tensor:
+    """The next batch_size images, center-cropped and resized to image_size, in [0, 1]."""
+    from torchvision.transforms import functional as TF
+
+    imgs = []
+    for _ in range(cfg.batch_size):
+        img, _ = data[next(order)]
+        img = TF.center_crop(img, min(img.size)).resize((cfg.image_size, cfg.image_size))
+        imgs.append(TF.to_tensor(img))
+    return torch.stack(imgs)
+
+
+def _step(enc: torch.nn.Module, dec: torch.nn.Module, opt: torch.optim.Optimizer, params: List[torch.Tensor],
+          x: torch.Tensor, step: int, cfg: TokenizerTrainConfig, usage: torch.Tensor) -> Dict[str, Any]:
+    """One dVAE step (Gumbel-softmax relaxation, reconstruction + ramped KL to the uniform prior); its metrics."""
+    tau = tau_at(step, cfg)
+    klw = cfg.kl_weight * min(1.0, step / max(1, cfg.kl_warmup_steps))
+    logits = enc(map_pixels(x))
+    z = F.gumbel_softmax(logits, tau=tau, hard=False, dim=1)
+    dec_out = dec(z)
+    rec = reconstruction_loss(dec_out, x, cfg.recon)
+    logq = F.log_softmax(logits, dim=1)
+    kl = (logq.exp() * logq).sum(1).mean() + math.log(cfg.vocab_size)
+    loss = rec + klw * kl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    with torch.no_grad():
+        counts = torch.bincount(logits.argmax(1).flatten().cpu(), minlength=cfg.vocab_size)
+        usage[step % cfg.usage_window] = counts
+        p = counts.double() / counts.sum()
+        perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+        dead = int(((usage.sum(0) == 0)).sum()) if step + 1 >= cfg.usage_window else -1
+        mse = float(F.mse_loss(decoded_images(dec_out), x))
+    return dict(loss=loss.item(), recon_mse=mse, kl=kl.item(), kl_weight=klw, tau=tau, perplexity=perplexity,
+                dead_codes=dead)
+
+
+def _report(summary: Dict[str, Any]) -> None:
     print(f"done | recon mse {summary['recon_mse']:.4f} | codebook perplexity {summary['perplexity']:.1f} | "
           f"dead codes {summary['dead_codes']}")
     print(f"tokenizer: {summary['checkpoint']}")
     print(f"reconstructions: {summary['grid']}")
-    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`beit-fast train-tokenizer`: exit 0 done, 2 bad input, 1 unreadable images or a write error (one line)."""
+    return run_main("beit-fast train-tokenizer", __doc__ or "", TokenizerTrainConfig, train_tokenizer, argv, _report)
 
 
 if __name__ == "__main__":
