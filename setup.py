@@ -23,10 +23,10 @@ setup(
     package_dir={"beit_fast": "beit_fast", "beit_fast.kernels": "kernels", "beit_fast.train": "train"},
     # torch is not pinned here on purpose: a bare `torch` requirement would make pip download a
     # multi-GB CUDA build on machines that already have one (see the Makefile).
-    install_requires=["torch>=2.4", "numpy", "pillow", "pyyaml", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "pillow", "pyyaml", "tqdm", "timm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "timm", "transformers", "dall-e", "safetensors", "matplotlib",
-                 "tensorboard"],
+                 "tensorboard", "scipy"],
         "xformers": ["xformers"],
         # DeepSpeed builds from an sdist that imports torch: install it with --no-build-isolation (the Makefile
         # does), or pip builds it against a freshly downloaded torch. 0.19.8: unmanaged gradient accumulation.

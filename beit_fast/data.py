@@ -1,4 +1,4 @@
-"""Data: the built-in procedural dataset, image folders, the two-view MIM transform and sampling.
+"""Data: the built-in procedural dataset, image folders, the two-view MIM transform, classification data and sampling.
 
 - `BuiltinShapes`: images of shapes on textured backgrounds, generated deterministically
   from (seed, index), with a class label (the main shape) and a per-pixel segmentation
@@ -16,14 +16,24 @@
   sample is a pure function of (seed, epoch, index) - transform randomness and the mask - so a
   run resumed at step k sees exactly the batches an uninterrupted run would. With `return_skipped` a
   sample's fifth item is its index if its own file was unusable, else -1.
+- Classification fine-tuning: `build_classification_data` -> `ClassificationData` (train and val `LabelledSubset`s,
+  class names) from "builtin" (a fixed train/val split of `BuiltinShapes`, independent of the run's seed) or an
+  ImageNet-layout folder (`train/<class>/`, `val/<class>/`, the same classes), optionally a stratified labelled share
+  of train (`train_fraction`); `classification_transform` (unilm's fine-tuning transforms built by timm:
+  RandAugment, random erasing; resize + center crop for eval); `ClassificationDataset`, (epoch, index) -> (image,
+  label) deterministic in (seed, epoch, index) like `MIMDataset`, fed by `StepBatchSampler` for training and
+  `ShardedEvalSampler` (each val image once over all ranks, no padding) for evaluation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -48,6 +58,13 @@ __all__ = [
     "SyntheticMIMDataset",
     "build_dataset",
     "SHAPE_CLASSES",
+    "BUILTIN_CLASSIFICATION_SEED",
+    "LabelledSubset",
+    "ClassificationData",
+    "build_classification_data",
+    "classification_transform",
+    "ClassificationDataset",
+    "ShardedEvalSampler",
 ]
 
 SHAPE_CLASSES = ("disc", "square", "triangle", "ring", "cross", "stripes_disc", "diamond", "checker_square")
@@ -141,6 +158,22 @@ class BuiltinShapes(torch.utils.data.Dataset):
             seg[m] = kind + 1
         img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
         return img, label, seg
+
+    def label(self, index: int) -> int:
+        """The class label of image `index` without rendering it (`sample(index)[1]`, ~20x cheaper).
+
+        Replays `sample`'s draws up to the label: the two must change together (tests check they agree)."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        rng = np.random.default_rng([self.seed, index])
+        rng.uniform(0, 1, 3), rng.uniform(0, 1, 3), rng.uniform(-1, 1), rng.uniform(-1, 1)
+        texture = rng.integers(3)
+        if texture == 1:
+            rng.uniform(4, 12)
+        elif texture == 2:
+            # The ziggurat's draws per normal vary, so the noise is drawn, not skipped.
+            rng.normal(0, 0.08, (self.size, self.size, 1))
+        return int(rng.integers(self.num_classes))
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
         img, label, _ = self.sample(index)
@@ -488,3 +521,249 @@ class MicroBatchSampler(torch.utils.data.Sampler):
             for m in range(self.grad_accum):
                 start = (m * self.world_size + self.rank) * b
                 yield keys[start : start + b]
+
+
+# -- classification fine-tuning --------------------------------------------------------------------------------------
+BUILTIN_CLASSIFICATION_SEED = 10_007
+"""Dataset seed of the builtin classification data (plus `build_classification_data`'s `seed`, 0 by default). Fixed,
+not the run's seed, so runs with different seeds are scored on the same val images; not 0, the seed pretraining's
+builtin data has by default, so fine-tuning's val images are not images the demo pretrained on."""
+
+_SUBSET_SEED = 20_011  # seed of train_fraction's per-class draws: fixed, so a label budget is the same images per run
+
+
+class LabelledSubset(torch.utils.data.Subset):
+    """`base[indices[i]]` -> (PIL RGB image, label), with every label readable without decoding or rendering.
+
+    `labels[i]` is item i's label: from `ImageFolderDataset.samples`, from `BuiltinShapes.label` (its label draw
+    replayed, no rendering), or for another base by reading the item once; computed on first use, then kept.
+    `load(i)` is (image, label, own_bad) as `ImageFolderDataset.load`; own_bad is always False for other bases."""
+
+    def __init__(self, base: torch.utils.data.Dataset, indices: Sequence[int],
+                 labels: Optional[Sequence[int]] = None) -> None:
+        super().__init__(base, list(indices))
+        if labels is not None:
+            if len(labels) != len(self.indices):
+                raise ValueError(f"{len(labels)} labels for {len(self.indices)} indices")
+            self.__dict__["labels"] = list(labels)  # pre-fills the cached property
+
+    @functools.cached_property
+    def labels(self) -> List[int]:
+        base = self.dataset
+        if isinstance(base, ImageFolderDataset):
+            return [base.samples[i][1] for i in self.indices]
+        if isinstance(base, BuiltinShapes):
+            return [base.label(i) for i in self.indices]
+        return [int(base[i][1]) for i in self.indices]
+
+    def load(self, index: int) -> Tuple[Image.Image, int, bool]:
+        i = self.indices[index]
+        if isinstance(self.dataset, ImageFolderDataset):
+            return self.dataset.load(i)
+        img, label = self.dataset[i]
+        return img, label, False
+
+
+@dataclass
+class ClassificationData:
+    """The two sides of a classification data set; items are (PIL RGB image, label in [0, num_classes))."""
+
+    train: LabelledSubset
+    val: LabelledSubset
+    classes: List[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def build_classification_data(data: str, *, num_images: int = 4096, image_size: int = 96, train_fraction: float = 1.0,
+                              seed: int = 0) -> ClassificationData:
+    """Labelled train and val sets from "builtin" or an ImageNet-layout folder.
+
+    - "builtin": one `BuiltinShapes` stream (8 classes, `image_size` px, dataset seed `BUILTIN_CLASSIFICATION_SEED` +
+      `seed`); train is its first `num_images` images, val the next max(256, num_images // 4): a quarter as many,
+      but at least 256 so that val top-1 moves in steps of <= 0.4% even on a small demo.
+    - a folder: `data/train/<class>/**/<image>` and `data/val/<class>/**/<image>`, the same class folders on both sides
+      (labels are the sorted folder names); `num_images` and `image_size` do not apply.
+
+    `train_fraction` in (0, 1] keeps that share of each class of train (round(fraction x count), at least one image
+    of every class train has), drawn with a fixed seed: the same images in every run, and the images kept at a
+    fraction are kept at every larger one. `seed` is the DATA's seed (builtin images, the subset): keep it fixed over
+    runs that are to be compared - do not pass the run's seed.
+
+    Raises:
+        ValueError: train_fraction outside (0, 1], no class folders, class folders that differ between train/ and
+            val/ (the message names one), an empty class folder, images outside the class folders.
+        FileNotFoundError: the folder, or its train/ or val/, does not exist.
+    """
+    if not 0 < train_fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if data == "builtin":
+        if num_images <= 0:
+            raise ValueError(f"num_images must be positive, got {num_images}")
+        num_val = max(256, num_images // 4)
+        base = BuiltinShapes(num_images + num_val, image_size, seed=BUILTIN_CLASSIFICATION_SEED + seed)
+        train = LabelledSubset(base, range(num_images))
+        val = LabelledSubset(base, range(num_images, num_images + num_val))
+        classes = list(base.classes)
+    else:
+        train_ds, val_ds = _classification_folders(Path(data))
+        train, val = LabelledSubset(train_ds, range(len(train_ds))), LabelledSubset(val_ds, range(len(val_ds)))
+        classes = list(train_ds.classes)
+    if train_fraction < 1:
+        train = _stratified_subset(train, train_fraction, seed)
+    return ClassificationData(train=train, val=val, classes=classes)
+
+
+def _class_folders(side: Path) -> List[str]:
+    return sorted(d.name for d in side.iterdir() if d.is_dir())  # as ImageFolderDataset lists its classes
+
+
+def _classification_folders(root: Path) -> Tuple[ImageFolderDataset, ImageFolderDataset]:
+    """ImageFolderDatasets of root/train and root/val, checked to be a classification data set."""
+    if not root.exists():
+        raise FileNotFoundError(f"data directory does not exist: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"data path is not a directory: {root}")
+    layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image>"
+    for side in ("train", "val"):
+        if not (root / side).is_dir():
+            raise FileNotFoundError(f"no {side}/ folder in {root}: {layout}")
+    classes = {side: _class_folders(root / side) for side in ("train", "val")}
+    for side in ("train", "val"):
+        if not classes[side]:
+            raise ValueError(f"no class folders in {root / side}: {layout}")
+    # Labels are positions in the sorted class list: one folder more or less on a side shifts every later label.
+    for side, other in (("train", "val"), ("val", "train")):
+        missing = [c for c in classes[side] if c not in set(classes[other])]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(f"class folder {missing[0]!r} is in {root / side} but missing from {root / other}{more}")
+    sides = ImageFolderDataset(root / "train"), ImageFolderDataset(root / "val")
+    for ds in sides:
+        loose = [path for path, label in ds.samples if label < 0]
+        if loose:
+            raise ValueError(f"{len(loose)} images in {ds.root} are outside any class folder (e.g. {loose[0]})")
+        counts = np.bincount([label for _, label in ds.samples], minlength=len(ds.classes))
+        if (counts == 0).any():
+            raise ValueError(f"class folder {ds.root / ds.classes[int(np.argmin(counts))]} has no images")
+    return sides
+
+
+def _stratified_subset(train: LabelledSubset, fraction: float, seed: int) -> LabelledSubset:
+    """round(fraction x n_c) images (at least 1) of each class c with n_c > 0, the first of a fixed per-class
+    permutation (so a larger fraction keeps every image a smaller one has); positions in increasing order."""
+    labels = np.asarray(train.labels)
+    rng = np.random.default_rng([_SUBSET_SEED, seed])
+    keep: List[int] = []
+    for c in range(int(labels.max()) + 1):
+        members = np.flatnonzero(labels == c)
+        if len(members):
+            keep += rng.permutation(members)[: max(1, math.floor(fraction * len(members) + 0.5))].tolist()
+    keep.sort()
+    return LabelledSubset(train.dataset, [train.indices[k] for k in keep], labels=labels[keep].tolist())
+
+
+def classification_transform(img_size: int, train: bool, *, auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
+                             re_prob: float = 0.25, color_jitter: float = 0.4,
+                             mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                             crop_pct: Optional[float] = None) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> (3, img_size, img_size) normalised tensor: unilm BEiT fine-tuning's transforms, built by timm.
+
+    Train (`timm.data.create_transform`, as unilm's `build_transform`): RandomResizedCrop (scale 0.08-1, bicubic),
+    horizontal flip, RandAugment `auto_augment` (timm then skips color jitter, as in unilm; `color_jitter` acts only
+    with `auto_augment=None`), normalisation, random erasing with probability `re_prob` (per-pixel normal fill, one
+    box). Eval: resize the short side to img_size / crop_pct (bicubic), center crop; crop_pct defaults to 0.875 below
+    384 px and 1.0 from 384 px, as unilm. Mean/std default to 0.5 (unilm's default, the Inception constants), as our
+    pretraining. Train randomness comes from python `random`, numpy's and torch's global generators:
+    `ClassificationDataset` seeds them per sample.
+    """
+    from timm.data import create_transform  # timm's import is slow: only where a transform is built
+
+    if img_size <= 0:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    if train:
+        return create_transform(img_size, is_training=True, color_jitter=color_jitter,
+                                auto_augment=auto_augment or None, interpolation="bicubic", re_prob=re_prob,
+                                re_mode="pixel", re_count=1, mean=tuple(mean), std=tuple(std))
+    if crop_pct is None:
+        crop_pct = 0.875 if img_size < 384 else 1.0
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return create_transform(img_size, is_training=False, interpolation="bicubic", mean=tuple(mean), std=tuple(std),
+                            crop_pct=crop_pct)
+
+
+@contextlib.contextmanager
+def _seeded_globals(seed: int) -> Iterator[None]:
+    """Seed torch's CPU, python's and numpy's global generators with `seed` inside; restore all three after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # numpy's legacy seed takes 32-bit words; keep all 63 bits
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class ClassificationDataset(torch.utils.data.Dataset):
+    """(epoch, index) -> (image (3, S, S) float32, label[, skipped]); deterministic in (seed, epoch, index).
+
+    The transform's randomness (timm's draws from python `random`, numpy's and torch's global generators) is seeded
+    per sample from `sample_seed(seed, epoch, index)` and the global states are restored afterwards, so a resumed
+    run and any number of workers see the same samples. Keys come from `StepBatchSampler` / `MicroBatchSampler` for
+    training and `ShardedEvalSampler` (epoch 0) for evaluation. With `return_skipped` a third item reports this
+    sample's own file as `MIMDataset` does: `index` if it could not be used (the next readable file replaced it),
+    else -1 (always -1 without files, e.g. the builtin data)."""
+
+    def __init__(self, base: torch.utils.data.Dataset, transform: Callable, seed: int = 0,
+                 return_skipped: bool = False) -> None:
+        self.base, self.transform, self.seed, self.return_skipped = base, transform, seed, return_skipped
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, index = key
+        if isinstance(self.base, (ImageFolderDataset, LabelledSubset)):
+            img, label, own_bad = self.base.load(index)
+        else:
+            (img, label), own_bad = self.base[index], False
+        with _seeded_globals(sample_seed(self.seed, epoch, index)):
+            image = self.transform(img)
+        if self.return_skipped:
+            return image, label, index if own_bad else -1
+        return image, label
+
+
+class ShardedEvalSampler(torch.utils.data.Sampler):
+    """This rank's batches of (0, index) keys over a whole eval set: every index exactly once over all ranks.
+
+    The set is cut into ceil(num_samples / batch_size) consecutive batches (the last may be short) dealt round-robin:
+    rank r gets batches r, r + world_size, ... No padding and no duplicates, so sums reduced over ranks are exact; a
+    rank may have one batch fewer than others. `max_rank_batches` is the most any rank has: a loop whose forward is
+    collective (ZeRO-3 gathers parameters in it) must run that many forwards on every rank."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
+        self.num_batches = -(-num_samples // batch_size)
+        self.max_rank_batches = -(-self.num_batches // world_size)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_batches, self.world_size))
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        for b in range(self.rank, self.num_batches, self.world_size):
+            yield [(0, i) for i in range(b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples))]
