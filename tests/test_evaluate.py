@@ -128,6 +128,21 @@ def test_empty_shard_joins_the_reduction():
     with pytest.raises(ValueError, match="no image"):
         evaluate(forward, [], num_classes=7, device=CPU)
 
+    # padding forwards (ZeRO-3 keeps ranks in step): forwarded, not scored, and they give the head count
+    calls = []
+
+    def heads(x):
+        calls.append(len(x))
+        return [logits[0][x[:, 0].long()]] * 2
+
+    probe = []
+    evaluate(heads, _batches(images, labels, [12]), num_classes=7, device=CPU,
+             reduce_sum=lambda t: probe.append(t.clone()) or t)
+    padding = [(images[:4], torch.zeros(0, dtype=torch.int64))] * 2
+    results = evaluate(heads, padding, num_classes=7, device=CPU, reduce_sum=lambda t: t + probe[0])
+    assert calls == [12, 4, 4] and len(results) == 2
+    _check(results[1], _reference(logits[0], labels, 7), 12)
+
 
 @pytest.mark.parametrize("bad", [7, -1])
 def test_label_out_of_range_names_it(bad):
@@ -197,3 +212,41 @@ def test_format_report_and_plot(tmp_path):
     assert png == tmp_path / "plots" / "confusion.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in png.parent.iterdir()] == ["confusion.png"]  # no temporary file left
+
+
+@pytest.mark.gpu
+def test_cuda_no_sync_per_batch_and_bf16():
+    import warnings
+
+    cuda = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    n, num_classes = 96, 10
+    images, labels = torch.randn(n, 16, generator=g), torch.randint(0, num_classes, (n,), generator=g)
+    model = torch.nn.Linear(16, num_classes)
+    cpu = evaluate(model, _batches(images, labels, [40, 56]), num_classes=num_classes, device=CPU)
+    model = model.to(cuda)
+
+    def syncs(sizes, bf16=False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = evaluate(model, _batches(images, labels, sizes), num_classes=num_classes, device=cuda,
+                                  bf16=bf16)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return result, sum("synchroniz" in str(w.message) for w in caught)
+
+    few, n_few = syncs([40, 56])
+    many, n_many = syncs([16] * 6)
+    assert n_many == n_few  # the syncs are the final read's, not one per batch
+    for r in (few, many):
+        assert r.count == n and r.top1 == pytest.approx(cpu.top1) and r.loss == pytest.approx(cpu.loss, rel=1e-4)
+        assert torch.equal(r.confusion, cpu.confusion)
+    low, _ = syncs([40, 56], bf16=True)
+    assert low.count == n and low.loss == pytest.approx(cpu.loss, abs=0.05)
+
+    bad = labels.clone()
+    bad[50] = num_classes
+    with pytest.raises(ValueError, match=f"label {num_classes} is out of range"):  # labels already on the device
+        evaluate(model, [(images.to(cuda), bad.to(cuda))], num_classes=num_classes, device=cuda)

@@ -77,13 +77,15 @@ def evaluate(forward: Callable[[torch.Tensor], Logits], batches: Iterable[Tuple[
         forward: images (B, 3, H, W) on `device` -> logits (B, C), or a list of H such tensors (one per head). The
             model must already be in eval mode.
         batches: (images (B, 3, H, W), integer labels (B,)) pairs; labels usually on the CPU (from a loader).
-            Batch sizes may differ.
+            Batch sizes may differ. A pair with empty labels (0,) is forwarded but not scored: padding for a rank
+            with fewer batches when the forward is a collective (ZeRO-3), which also tells an otherwise empty
+            shard how many heads the forward has.
         num_classes: C; every label must lie in [0, C).
         device: where the images go and the accumulators live.
         bf16: run `forward` under bf16 autocast (CUDA only).
         reduce_sum: called once, on every rank, with one packed float64 tensor; must return its sum over ranks
             (an all-reduce). The identity for one process. Every rank must call `evaluate` with the same
-            `num_classes` and a forward with the same number of heads; a rank whose shard is empty assumes one head.
+            `num_classes` and a forward with the same number of heads; a rank that forwards nothing assumes one.
         progress: a tqdm bar (batches, images/s) on stderr when stderr is a terminal.
 
     Returns:
@@ -104,25 +106,29 @@ def evaluate(forward: Callable[[torch.Tensor], Logits], batches: Iterable[Tuple[
     single = True
     bar = _bar(batches) if progress else None
     t0, seen = time.perf_counter(), 0
-    for images, labels in batches:
-        _check_label_type(labels)
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            out = forward(images)
-        heads = _heads(out, labels.shape[0], num_classes)
-        if acc is None:
-            single = isinstance(out, torch.Tensor)
-            acc = _Accumulator(len(heads), num_classes, device)
-        elif len(heads) != acc.num_heads:
-            raise ValueError(f"evaluate: forward returned {len(heads)} heads, earlier batches {acc.num_heads}")
-        acc.add(heads, labels)
+    try:
+        for images, labels in batches:
+            _check_label_type(labels)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                out = forward(images)
+            # a batch without labels is forwarded and not scored: a rank with fewer batches runs such padding forwards
+            # when the forward is a collective (ZeRO-3 gathers parameters in it)
+            heads = _heads(out, images.shape[0] if labels.numel() == 0 else labels.shape[0], num_classes)
+            if acc is None:
+                single = isinstance(out, torch.Tensor)
+                acc = _Accumulator(len(heads), num_classes, device)
+            elif len(heads) != acc.num_heads:
+                raise ValueError(f"evaluate: forward returned {len(heads)} heads, earlier batches {acc.num_heads}")
+            acc.add(heads, labels)
+            if bar is not None:
+                seen += labels.shape[0]
+                bar.update(1)
+                bar.set_postfix({"img/s": f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}"}, refresh=False)
+    finally:
         if bar is not None:
-            seen += images.shape[0]
-            bar.update(1)
-            bar.set_postfix({"img/s": f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}"}, refresh=False)
-    if bar is not None:
-        bar.close()
+            bar.close()
     if acc is None:  # an empty shard still joins the reduction (see `reduce_sum` above)
         acc = _Accumulator(1, num_classes, device)
     results = acc.finish(reduce_sum)
