@@ -29,7 +29,7 @@ COMMANDS = {
     "pretrain": "beit_fast.train.pretrain:main",
     "finetune": "beit_fast.train.finetune:main",
     "linprobe": "beit_fast.train.finetune:linprobe_main",
-    "evaluate": "beit_fast.train.finetune:evaluate_main",
+    "evaluate": "beit_fast.train.classify:evaluate_main",
     "export": "beit_fast.cli:export",
     "mask-bench": "beit_fast.cli:mask_bench",
     "train-tokenizer": "beit_fast.train.train_tokenizer:main",

@@ -54,6 +54,7 @@ from beit_fast.train.run import (
     find_latest_checkpoint,
     plan_resume,
     read_checkpoint as _read_checkpoint,
+    resolve_checkpoint,
     start_run_directory,
 )
 from beit_fast.train.runtime import build_engine, run_main, seed_all, setup_runtime, start_distributed, train_loader
@@ -106,8 +107,8 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
 
 def export_checkpoint(path: Union[str, Path], out: Union[str, Path], layout: str = "unilm") -> Path:
     """Write a pretraining checkpoint's weights as `{"model": state_dict}` in `layout` ("unilm": what unilm's and
-    timm's fine-tuning scripts load), atomically."""
-    sd, ckpt = checkpoint_model_state(Path(path))
+    timm's fine-tuning scripts load), atomically. `path`: a checkpoint, or a run directory (its newest one)."""
+    sd, ckpt = checkpoint_model_state(resolve_checkpoint(Path(path)))
     try:
         model = BeitForMaskedImageModeling(BeitConfig.from_dict(ckpt["model_config"]))
     except (TypeError, ValueError, KeyError) as exc:

@@ -1,0 +1,429 @@
+"""BEiT classification fine-tuning and linear probing (`beit-fast finetune`, `beit-fast linprobe`,
+`python -m beit_fast.train.finetune`; `beit-fast evaluate` scores what it produced).
+
+A linear script over the shared parts (`beit_fast.train`: config, runtime, run, optim, step, engine, evaluate,
+metrics): config -> init weights -> data -> runtime -> run dir -> model -> engine -> loop (evaluating every
+`eval_every` steps) -> summary. As pretraining, it runs as one plain process or under DeepSpeed ZeRO 0-3
+(`--deepspeed --zero-stage K`), resumes exactly (`--resume auto`), writes metrics.csv / val_metrics.csv /
+TensorBoard / metrics.png (train loss, val top-1), checkpoints atomically, and `best.pt` (the weights with the best
+val top-1 so far, with everything needed to rebuild the model).
+
+What is fine-tuned (`--init`): a pretraining or fine-tuning run directory or checkpoint of this engine, a unilm /
+timm / transformers checkpoint file, or `none` (from scratch: the baseline). `--preset auto` (the default) takes the
+network from the init checkpoint (its config, or read off its weights' shapes); any model key overrides it, e.g.
+`--img-size 384` fine-tunes at another resolution (relative position tables resized as unilm does). The layout is
+unilm's fine-tuning one: a relative position table per block, each initialised from the pretrained shared one; the
+mean-pooled classification head (fc_norm, head weights x 0.001); drop path 0.1.
+
+The recipe (the paper's base defaults; SPEC section 6): AdamW with layer-wise lr decay 0.65, lr 4e-3 at batch
+1024 scaled linearly to `batch_size`, warmup + cosine, weight decay 0.05, label smoothing 0.1, mixup 0.8 / cutmix 1.0,
+RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 (timm's Mixup, create_transform and losses); optional EMA of
+the weights (`--ema`). Intermediate fine-tuning: `--init` a fine-tuned run and `--new-head` to replace a head of
+another class count. Linear probing (`--linear-probe`, `beit-fast linprobe`): the backbone frozen, a BatchNorm +
+Linear head on the mean-pooled patch tokens of every block (or `--probe-layer L`, 1-based) trained in one pass;
+augmentation, mixup, label smoothing, drop path and layer decay are off.
+
+Data: an image folder with train/ and val/ class subfolders (ImageNet layout), or `builtin` (the procedural shapes
+with their class labels, a fixed train/val split); `--train-fraction` fine-tunes on a labelled subset.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional
+
+import torch
+
+from beit_fast import BeitConfig
+from beit_fast.data import (
+    ClassificationDataset,
+    ShardedEvalSampler,
+    build_classification_data,
+    classification_transform,
+)
+from beit_fast.train.classify import (
+    MODEL_FILE,
+    InitSource,
+    build_model,
+    infer_model_config,
+    init_classifier,
+    read_init,
+    save_model,
+    train_transform,
+    training_loss,
+)
+from beit_fast.train.config import BeitTrainConfig
+from beit_fast.train.evaluate import evaluate
+from beit_fast.train.metrics import MetricsWriter, StepReporter, plot_metrics, read_metrics
+from beit_fast.train.optim import build_optimizer, scaled_lr, warmup_cosine
+from beit_fast.train.run import (
+    Checkpointer,
+    RunDir,
+    agree_on_resume,
+    plan_resume,
+    read_checkpoint,
+    start_run_directory,
+)
+from beit_fast.train.runtime import build_engine, run_main, seed_all, setup_runtime, start_distributed, train_loader
+from beit_fast.train.step import BadSteps, run_step, train_steps
+
+log = logging.getLogger("beit_fast.finetune")
+
+__all__ = ["FinetuneConfig", "finetune", "main", "linprobe_main"]
+
+# The fine-tuning layout (unilm run_class_finetuning's defaults), under any model override the user gives.
+FINETUNE_LAYOUT = dict(use_rel_pos_bias=True, use_shared_rel_pos_bias=False, drop_path_rate=0.1)
+
+
+@dataclass
+class FinetuneConfig(BeitTrainConfig):
+    RESUME_MAY_DIFFER: ClassVar[FrozenSet[str]] = BeitTrainConfig.RESUME_MAY_DIFFER | {"eval_every"}
+
+    preset: str = "auto"  # BeitConfig preset; "auto": the --init checkpoint's network (tiny with --init none)
+    init: str = "none"  # a run directory or checkpoint of this engine, a unilm / timm / transformers checkpoint
+    # file, or "none" (from scratch: the baseline)
+    out: str = "runs/finetune"  # run directory: config.json, metrics.csv, val_metrics.csv, best.pt, checkpoints/
+    lr: float = 4e-3  # peak learning rate at batch lr_batch (the paper: 4e-3 at 1024), scaled linearly to batch_size
+    lr_batch: int = 1024  # the batch size `lr` is quoted for
+    min_lr: float = 1e-6  # end of the cosine (scaled like lr)
+    warmup_steps: int = 30  # linear warmup from 0
+    clip_grad: float = 0.0  # max global grad norm (0 disables; unilm's fine-tuning does not clip)
+    layer_decay: float = 0.65  # layer-wise lr decay: block i gets decay^(L+1-i) (unilm's assignment)
+    no_decay_rel_pos_bias: bool = False  # unilm's --disable_weight_decay_on_rel_pos_bias
+    num_classes: Optional[int] = None  # classes of the head; None: as many as the data has
+    new_head: bool = False  # replace an --init head of another class count (intermediate fine-tuning)
+    train_fraction: float = 1.0  # fine-tune on this fraction of the labelled train images (stratified)
+    data_seed: int = 0  # picks the builtin images and the train_fraction subset (not --seed: runs with different
+    # seeds are scored on the same val images)
+    eval_every: int = 100  # steps between val evaluations (0: only at the end)
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # mixup alpha (0: off)
+    cutmix: float = 1.0  # cutmix alpha (0: off)
+    mixup_prob: float = 1.0  # probability of mixup or cutmix per batch
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec ("none": off)
+    reprob: float = 0.25  # random erasing probability
+    color_jitter: float = 0.4
+    ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3) and evaluate it too
+    ema_decay: float = 0.9999
+    linear_probe: bool = False  # frozen backbone, BatchNorm + Linear heads on block features
+    probe_layer: Optional[int] = None  # the block (1-based) a linear probe reads; None: every block in one pass
+
+    def validate(self) -> None:
+        super().validate()
+        self.positive("lr_batch")
+        self.non_negative("eval_every", "label_smoothing", "mixup", "cutmix", "reprob", "color_jitter")
+        if not 0.0 < self.layer_decay <= 1.0:
+            self.bad("layer_decay", "must be in (0, 1]")
+        if not 0.0 < self.train_fraction <= 1.0:
+            self.bad("train_fraction", "must be in (0, 1]")
+        if self.num_classes is not None and self.num_classes <= 0:
+            self.bad("num_classes", "must be positive (or omitted: from the data)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            self.bad("ema_decay", "must be in [0, 1)")
+        if self.ema and self.deepspeed and self.zero_stage == 3:
+            self.bad("ema", "an EMA of ZeRO-3 partitioned weights is not supported (use zero_stage <= 2)")
+        if self.init != "none" and not Path(self.init).exists():
+            self.bad("init", "not found (a run directory or checkpoint file, or none)")
+        micro = self.batch_size // self.grad_accum_steps
+        if self.mixing and micro % 2:
+            self.bad("batch_size", "mixup/cutmix mix pairs of images: the micro-batch must be even")
+
+    @property
+    def mixing(self) -> bool:
+        return not self.linear_probe and (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+    def model_config(self, source: Optional[InitSource] = None) -> BeitConfig:
+        """The preset (or, with preset auto, the init checkpoint's network), the fine-tuning layout, then the
+        user's model overrides (an img_size other than the checkpoint's resizes its position tables)."""
+        if self.preset != "auto":
+            base = BeitConfig.from_preset(self.preset).to_dict()
+        elif source is not None:
+            base = dict(source.model_config or BeitConfig.from_dict(infer_model_config(source.state_dict)).to_dict())
+        else:
+            base = BeitConfig.from_preset("tiny").to_dict()
+        layout = dict(FINETUNE_LAYOUT, drop_path_rate=0.0) if self.linear_probe else FINETUNE_LAYOUT
+        try:
+            return BeitConfig.from_dict({**base, "num_masking_patches": None}).replace(**{**layout, **self.model})
+        except TypeError as exc:
+            raise ValueError(f"model config {self.model}: {exc}") from None
+
+    def probe_layers(self, depth: int) -> Optional[List[int]]:
+        if not self.linear_probe:
+            return None
+        if self.probe_layer is None:
+            return list(range(depth))
+        if not 1 <= self.probe_layer <= depth:
+            self.bad("probe_layer", f"must be a block number in [1, {depth}]")
+        return [self.probe_layer - 1]
+
+
+def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
+    """Run fine-tuning (or linear probing); returns a summary. Under DeepSpeed every rank calls it. Everything that
+    can be checked (config, init weights, data, labels) is checked before the run directory is touched."""
+    with RunDir(Path(cfg.out), "beit-fast finetune") as run_dir:
+        return _finetune(cfg, run_dir)
+
+
+def _read(path: Path) -> Dict[str, Any]:
+    return read_checkpoint(path, "finetune")
+
+
+def _finetune(cfg: FinetuneConfig, run_dir: RunDir) -> Dict[str, Any]:
+    cfg.validate()
+    source = read_init(cfg.init)
+    mcfg = cfg.model_config(source)
+    layers = cfg.probe_layers(mcfg.depth)
+    data = build_classification_data(cfg.data, num_images=cfg.num_images, image_size=int(mcfg.img_size * 1.5),
+                                     train_fraction=cfg.train_fraction, seed=cfg.data_seed)
+    num_classes = _num_classes(cfg, data)
+    rt = setup_runtime(cfg, mcfg)
+    if not rt.is_main:
+        log.setLevel(logging.WARNING)
+    seed_all(cfg.seed)
+    model = build_model(mcfg, num_classes, layers)
+    if source is not None:  # weights that do not fit fail here, before the run directory is touched
+        fresh = init_classifier(model, source, cfg.new_head)
+        log.info("init: %s (initialised here: %s)", source.what, ", ".join(fresh) or "nothing")
+    if rt.is_main:
+        run_dir.acquire()
+    plan = plan_resume(run_dir.out, cfg, mcfg.to_dict(), rt.world, _read)
+    if rt.deepspeed:
+        start_distributed(rt.device, cfg.dist_timeout)
+        plan = agree_on_resume(plan, rt.world, _read)
+    if rt.is_main:
+        run_dir.write_json("config.json", {"finetune": cfg.to_dict(), "model": mcfg.to_dict(),
+                                           "num_classes": num_classes, "classes": data.classes})
+    model.to(rt.device)
+    lr_scale = cfg.batch_size / cfg.lr_batch
+    optimizer = build_optimizer(model, lr=cfg.lr * lr_scale, weight_decay=0.0 if cfg.linear_probe else cfg.weight_decay,
+                                betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                layer_decay=1.0 if cfg.linear_probe else cfg.layer_decay,
+                                no_decay_rel_pos_bias=cfg.no_decay_rel_pos_bias, apex=cfg.apex)
+    engine = build_engine(model, optimizer, cfg, rt)
+    torch.manual_seed(cfg.seed + rt.rank)
+    log.info("engine: %s | %d classes, %d train / %d val images | lr %.3g (%g at batch %d)", engine.describe(),
+             num_classes, len(data.train), len(data.val), cfg.lr * lr_scale, cfg.lr, cfg.lr_batch)
+    loop = _Loop(cfg, mcfg, rt, engine, data, num_classes, layers)
+    start_step = loop.resume(plan)
+    if rt.is_main:
+        start_run_directory(run_dir.out, plan, start_step, ("summary.json", "metrics.png", MODEL_FILE))
+    engine.barrier()
+    train = ClassificationDataset(data.train, train_transform(cfg, mcfg.img_size), seed=cfg.seed)
+    step, last = loop.run(train_loader(train, cfg, rt, start_step), run_dir.signals, start_step, plan.path)
+    return loop.summary(run_dir, step, start_step, last)
+
+
+def _num_classes(cfg: FinetuneConfig, data: Any) -> int:
+    """The head's class count: --num-classes, or the data's; labels the head cannot hold are refused."""
+    if cfg.num_classes is None:
+        return data.num_classes
+    if data.num_classes > cfg.num_classes:
+        raise ValueError(f"num_classes={cfg.num_classes} but the data has {data.num_classes} classes: labels up to "
+                         f"{data.num_classes - 1} would be out of range")
+    return cfg.num_classes
+
+
+class _Loop:
+    """Fine-tuning's parts of the shared loop: the loss of a batch (mixup, smoothing), evaluation, best model."""
+
+    def __init__(self, cfg: FinetuneConfig, mcfg: BeitConfig, rt: Any, engine: Any, data: Any, num_classes: int,
+                 layers: Optional[List[int]]) -> None:
+        self.cfg, self.mcfg, self.rt, self.engine, self.data = cfg, mcfg, rt, engine, data
+        self.num_classes, self.layers = num_classes, layers
+        self.stats: Dict[str, Any] = {"skipped_steps": 0, "bad_in_row": 0, "suspect_steps": [], "bad_files": [],
+                                      "best_top1": None, "best_step": None, "last_eval": None}
+        self.mixup, self.criterion = training_loss(cfg, num_classes)
+        self.ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(engine.model, decay=cfg.ema_decay)
+        self.out = Path(cfg.out)
+
+    def resume(self, plan: Any) -> int:
+        if plan.ckpt is None:
+            return 0
+        self.engine.load(plan.path, plan.ckpt)
+        self.stats.update(plan.ckpt["stats"])
+        if self.ema is not None and "ema" in plan.ckpt:
+            self.ema.module.load_state_dict(plan.ckpt["ema"])
+        log.info("resumed from %s at step %d", plan.path, plan.ckpt["step"])
+        step = plan.ckpt["step"]
+        plan.ckpt = None
+        return step
+
+    def loss(self, batch: Any):
+        images, labels = (t.to(self.rt.device, non_blocking=True) for t in batch)
+        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
+            raise ValueError(f"labels out of range [0, {self.num_classes}): got {int(labels.min())}..."
+                             f"{int(labels.max())}")
+        if self.mixup is not None:
+            images, labels = self.mixup(images, labels)
+        out = self.engine.forward(images)
+        outs = out if isinstance(out, list) else [out]
+        losses = [self.criterion(o.float(), labels) for o in outs]
+        return torch.stack(losses).sum(), [torch.stack(losses).mean().detach()]
+
+    def one_step(self, step: int):
+        cfg = self.cfg
+        scale = cfg.batch_size / cfg.lr_batch
+        self.lr = warmup_cosine(step, base_lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_batch),
+                                min_lr=cfg.min_lr * scale, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+        self.engine.set_lr(self.lr)
+        return run_step(self.engine, lambda: next(self.data_iter), self.loss, grad_accum=cfg.grad_accum_steps,
+                        num_extras=1, stop_requested=lambda: self.signals.requested is not None)
+
+    def applied(self, step: int, outcome: Any) -> None:
+        if self.ema is not None:
+            self.ema.update(self.engine.model, step=step)
+        self.reporter.report(step, [float(outcome.values[1])], self.lr, outcome.grad_norm,
+                             {"skipped_steps": self.stats["skipped_steps"]})
+
+    def after_step(self, step: int) -> None:
+        if self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.cfg.max_steps:
+            self.validate(step)
+
+    def val_batches(self):
+        """This rank's shard of val. Under ZeRO-3 every forward is a collective (parameters are gathered): a rank
+        with fewer batches runs the missing forwards on a copy of its last batch, uncounted, so none waits."""
+        rt = self.rt
+        ds = ClassificationDataset(self.data.val, classification_transform(self.mcfg.img_size, False), seed=0)
+        micro = max(1, self.cfg.batch_size // (rt.world * self.cfg.grad_accum_steps))
+        sampler = ShardedEvalSampler(len(ds), micro, rt.rank, rt.world)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=self.cfg.num_workers,
+                                             pin_memory=rt.device.type == "cuda")
+        yield from loader
+        if rt.deepspeed and self.cfg.zero_stage == 3:  # a batch with no labels is forwarded, not scored
+            pad = (ds[(0, 0)][0][None], torch.zeros(0, dtype=torch.long))
+            yield from [pad] * (sampler.max_rank_batches - len(sampler))
+
+    def validate(self, step: int) -> Any:
+        """Val top-1 / top-5 / loss (every rank, reduced), a val_metrics.csv row, best.pt when it improves."""
+        model = self.engine.model
+        model.eval()
+        results = evaluate(self.engine.forward, self.val_batches(), num_classes=self.num_classes,
+                           device=self.rt.device, reduce_sum=self.engine.reduce_sum)
+        ema = None
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_batches(), num_classes=self.num_classes, device=self.rt.device,
+                           bf16=self.rt.bf16, reduce_sum=self.engine.reduce_sum)
+        model.train()
+        results = results if isinstance(results, list) else [results]
+        best = max(results, key=lambda r: r.top1)
+        row = {"step": step, "val_loss": best.loss, "val_top1": best.top1, "val_top5": best.top5,
+               "val_top1_ema": ema.top1 if ema is not None else None}
+        if self.layers is not None:
+            row.update({f"val_top1_block{i + 1}": r.top1 for i, r in zip(self.layers, results)})
+        self.stats["last_eval"] = {k: v for k, v in row.items() if v is not None}
+        improved = self.stats["best_top1"] is None or best.top1 > self.stats["best_top1"]  # the same on every rank
+        full = None
+        if improved:
+            self.stats["best_top1"], self.stats["best_step"] = best.top1, step
+            if hasattr(self.engine, "full_state_dict"):  # DeepSpeed: a collective under ZeRO-3
+                full = self.engine.full_state_dict()
+        if self.rt.is_main:
+            self.val_writer.write(row)
+            self.val_writer.flush()
+            log.info("val @ step %d | top-1 %.4f | top-5 %.4f | loss %.4f%s", step, best.top1, best.top5, best.loss,
+                     f" | EMA top-1 {ema.top1:.4f}" if ema is not None else "")
+            if improved:
+                sd = full if full is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                save_model(self.out / MODEL_FILE, sd, self.mcfg, self.num_classes, self.data.classes,
+                           {"step": step, "top1": best.top1, "probe_layers": self.layers})
+        return results
+
+    def meta(self, step: int) -> Dict[str, Any]:
+        meta = {"task": "finetune", "step": step, "config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(),
+                "stats": self.stats, "num_classes": self.num_classes, "classes": self.data.classes,
+                "probe_layers": self.layers}
+        if self.ema is not None:
+            meta["ema"] = self.ema.module.state_dict()
+        return meta
+
+    def _save(self, ckpt: Checkpointer, step: int) -> Path:
+        """The run's last checkpoint carries its final evaluation (and best.pt is up to date before it)."""
+        done = (self.stats["last_eval"] or {}).get("step") == step
+        if step == self.cfg.max_steps and not done:
+            self.validate(step)
+        return ckpt.save(step)
+
+    def run(self, loader: Any, signals: Any, start_step: int, last: Optional[Path]):
+        cfg, rt = self.cfg, self.rt
+        self.signals, self.data_iter = signals, iter(loader)
+        self.reporter = StepReporter(
+            self.out, [("loss", "loss")], ["skipped_steps"], start_step=start_step, max_steps=cfg.max_steps,
+            log_every=cfg.log_every, batch_size=cfg.batch_size, world=rt.world, device=rt.device,
+            flops_per_image=self.mcfg.train_flops_per_image(1, self.num_classes), tensorboard=cfg.tensorboard,
+            tag="finetune", enabled=rt.is_main)
+        columns = ["step", "val_loss", "val_top1", "val_top5", "val_top1_ema"]
+        columns += [f"val_top1_block{i + 1}" for i in self.layers or []]
+        self.val_writer = MetricsWriter(self.out, columns, start_step, False, "val", "val_metrics.csv") \
+            if rt.is_main else None
+        ckpt = Checkpointer(self.out, self.engine, cfg.keep_last, rt.is_main, self.stats, self.meta,
+                            self.reporter.flush)
+        self.engine.model.train()
+        try:
+            return train_steps(start_step=start_step, max_steps=cfg.max_steps, save_every=cfg.save_every,
+                               world=rt.world, signals=signals, one_step=self.one_step,
+                               bad=BadSteps(self.stats, cfg.max_bad_steps), on_applied=self.applied,
+                               on_skipped=lambda s: self.reporter.restart(), after_step=self.after_step,
+                               save=lambda s: self._save(ckpt, s), last_checkpoint=last)
+        finally:
+            self.reporter.close()
+            if self.val_writer is not None:
+                self.val_writer.close()
+
+    def summary(self, run_dir: RunDir, step: int, start_step: int, last: Optional[Path]) -> Dict[str, Any]:
+        if (self.stats["last_eval"] or {}).get("step") != step:  # e.g. a run resumed before its first evaluation
+            self.validate(step)
+        out = run_dir.out
+        plot = None
+        if self.rt.is_main and self.cfg.plot and (out / "val_metrics.csv").exists():
+            val = read_metrics(out / "val_metrics.csv")
+            plot = plot_metrics(out / "metrics.csv", out / "metrics.png",
+                                [("loss", "train loss", None), ("val_top1", "val top-1", 1.0 / self.num_classes)],
+                                title=f"BEiT fine-tuning: {out.name}",
+                                extra={"val_top1": {"step": val.get("step", []), "value": val.get("val_top1", []),
+                                                    "label": "val top-1"}})
+        summary = {**(self.stats["last_eval"] or {}), "step": step, "steps_run": step - start_step,
+                   "best_top1": self.stats["best_top1"], "best_step": self.stats["best_step"],
+                   "num_classes": self.num_classes, "chance": 1.0 / self.num_classes,
+                   "skipped_steps": self.stats["skipped_steps"], "checkpoint": str(last) if last else None,
+                   "best_model": str(out / MODEL_FILE), "metrics": str(out / "metrics.csv"),
+                   "plot": str(plot) if plot else None, "engine": self.engine.describe(), "out": str(out),
+                   "rank": self.rt.rank}
+        if self.layers is not None:
+            summary["probe"] = {f"block{i + 1}": self.stats["last_eval"][f"val_top1_block{i + 1}"] for i in self.layers}
+        if self.rt.is_main:
+            run_dir.write_json("summary.json", summary)
+        self.engine.close()
+        return summary
+
+
+def _report(summary: Dict[str, Any]) -> None:
+    print(f"done: {summary['step']} steps | val top-1 {summary.get('val_top1', float('nan')):.4f} | top-5 "
+          f"{summary.get('val_top5', float('nan')):.4f} | loss {summary.get('val_loss', float('nan')):.4f} | "
+          f"best top-1 {summary['best_top1']:.4f} at step {summary['best_step']} (chance {summary['chance']:.4f})")
+    for name, top1 in (summary.get("probe") or {}).items():
+        print(f"  linear probe {name}: val top-1 {top1:.4f}")
+    print(f"best model: {summary['best_model']}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print(f"metrics: {summary['metrics']} | plot: {summary['plot'] or 'none'}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`beit-fast finetune`: exit codes as `beit_fast.train.runtime.run_main` documents."""
+    return run_main("beit-fast finetune", __doc__ or "", FinetuneConfig, finetune, argv, _report)
+
+
+def linprobe_main(argv: Optional[List[str]] = None) -> int:
+    """`beit-fast linprobe` = `beit-fast finetune --linear-probe`."""
+    return main(["--linear-probe", "true", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
