@@ -7,12 +7,21 @@ of `../shared/ANCHORS.md` (bench/peers.py), all in this process on this card.
 - full step with the online tokenizer (112px view -> 14x14 ids with the DALL-E architecture, random weights):
   ours = `DalleTokenizer(fast=True)` + our step; the peer = the `dall_e` package Encoder (fp16) + timm-composed eager.
 - ZeRO-1/2 on this one GPU (`DeepSpeedEngine`, one process) against the plain engine, when DeepSpeed imports.
+- fine-tuning step (issue 12): `BeitForImageClassification` in unilm's fine-tuning layout (per-layer relative
+  position tables, drop path 0.1, mean-pool + fc_norm head, 1000 classes), the Triton attention asked for by name,
+  through `PlainEngine` (bf16 autocast, no clipping as unilm fine-tunes: the norm is still computed) with
+  `build_optimizer(layer_decay=0.65)`; against timm's `beit_base_patch16_224` (SDPA attention with the table as
+  `attn_mask`) with torch AdamW (fused on CUDA) on timm's own layer-decay groups. Both: bf16 autocast forward,
+  timm's `SoftTargetCrossEntropy` on fp32 logits against a fixed mixup-style soft target (mixup itself is not
+  timed), eager. Before timing: timm's weights loaded into ours give the same fp32 logits, and ours must resolve
+  its attention to "triton" under the step's autocast (on CUDA; the row's note says which backend ran).
 
 Correctness first: ours and timm-composed load the same weights and must give the same loss (fp32) before
 anything is timed. Reported: median ms per step (CUDA events), img/s, absolute peak memory of the step, and
-`speedup_of_ours` = peer ms / our ms. `BEIT_BENCH_SMOKE=1`: the tiny preset at batch 2 on the CPU (code paths only).
-`BEIT_BENCH_QUICK=1` (the GPU suite's quick part): the backbone step of ours and timm-composed, eager only (nothing
-compiled by inductor); the other rows are recorded as not run.
+`speedup_of_ours` = peer ms / our ms. `BEIT_BENCH_SMOKE=1`: the tiny preset at batch 2 on the CPU (code paths only;
+the fine-tuning row runs the Triton attention through the interpreter when TRITON_INTERPRET=1).
+`BEIT_BENCH_QUICK=1` (the GPU suite's quick part): the backbone step of ours and timm-composed and the fine-tuning
+step, eager only (nothing compiled by inductor); the other rows are recorded as not run.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ import pytest
 import torch
 from benchutil import AVAILABLE, DEVICE, QUICK, SMOKE, median_ms
 
-from beit_fast import BeitConfig, BeitForMaskedImageModeling
+from beit_fast import BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling
+from beit_fast.kernels import triton_reasons
 from beit_fast.train.engine import PlainEngine
 from beit_fast.train.pretrain import build_mask_generator
 
@@ -42,6 +52,14 @@ COMPILE_BACKEND = "aot_eager" if SMOKE else "inductor"
 K = CFG.num_masking_patches
 TOK_SIZE = CFG.grid_size * 8  # the dVAE downsamples 8x: 112px -> 14x14 for base
 BENCH = f"e2e {'tiny' if SMOKE else 'base'} B={B} {'bf16' if BF16 else 'fp32'}"
+# Fine-tuning: unilm's layout, the Triton attention by name (on the CPU only under the interpreter: the smoke run)
+FT_ATTN = "triton" if DEVICE == "cuda" or not triton_reasons(DEVICE) else "auto"
+FT_CFG = CFG.replace(use_rel_pos_bias=True, use_shared_rel_pos_bias=False, drop_path_rate=0.1, attn_backend=FT_ATTN)
+FT_CLASSES = 1000
+FT_LR = 4e-3 * B / 1024  # unilm's base fine-tuning lr, scaled linearly (the value does not change the timing)
+# timm's registered model as is at full size; the smoke run gives it our tiny shapes
+FT_TIMM_SHAPES = (dict(img_size=CFG.img_size, patch_size=CFG.patch_size, embed_dim=CFG.embed_dim, depth=CFG.depth,
+                       num_heads=CFG.num_heads) if SMOKE else {})
 
 
 def _inputs(seed: int = 0):
@@ -92,24 +110,34 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _measure(build, tokenize) -> tuple:
-    """(median ms, peak GB) of one implementation's step; its model and optimizer die with this frame."""
-    pixels, mask, tokens, tok_view = _inputs()
-    _, step = build()
+def _measure(build, tokenize, inputs=None, describe=None) -> tuple:
+    """(median ms, peak GB, note) of one implementation's step; its model and optimizer die with this frame.
+    `inputs()`: the step's arguments (default: the MIM batch); `describe(model)`: the row's note, called after the
+    build and before any step (it may assert what the timing must measure)."""
+    if inputs is not None:
+        args = inputs()
+        model, step = build()
 
-    def fn():
-        return step(pixels, mask, tokenize(tok_view) if tokenize is not None else tokens)
+        def fn():
+            return step(*args)
+    else:
+        pixels, mask, tokens, tok_view = _inputs()
+        model, step = build()
 
+        def fn():
+            return step(pixels, mask, tokenize(tok_view) if tokenize is not None else tokens)
+
+    note = describe(model) if describe is not None else ""
     fn()  # compile / autotune outside the timing
-    return median_ms(fn, warmup=3, iters=5 if SMOKE else 15), _peak_gb(fn)
+    return median_ms(fn, warmup=3, iters=5 if SMOKE else 15), _peak_gb(fn), note
 
 
 def _time(name: str, build, results: dict, record, what: str, ours_key: str = "", tokenize=None,
-          ratio: str = "speedup_of_ours") -> None:
+          ratio: str = "speedup_of_ours", inputs=None, describe=None) -> None:
     """Build one implementation, time its step, record it, free it. A failure is recorded, and the test fails at
-    its end (after the other implementations ran)."""
+    its end (after the other implementations ran). `inputs`, `describe`: see `_measure`."""
     try:
-        ms, peak = _measure(build, tokenize)
+        ms, peak, note = _measure(build, tokenize, inputs, describe)
     except Exception as exc:
         record(bench=f"{BENCH} {what}", impl=name, ms=float("nan"), note=f"{type(exc).__name__}: {exc}"[:200])
         results.setdefault("_failed", []).append(f"{name}: {type(exc).__name__}: {exc}"[:300])
@@ -120,6 +148,8 @@ def _time(name: str, build, results: dict, record, what: str, ours_key: str = ""
     row = dict(bench=f"{BENCH} {what}", impl=name, ms=ms, img_per_s=B / ms * 1e3, peak_gb=peak)
     if ours_key and ours_key in results:
         row[ratio] = ms / results[ours_key]
+    if note:
+        row["note"] = note
     record(**row)
 
 
@@ -179,6 +209,104 @@ def test_e2e_backbone_step(record):
           what, ours)
     _time("transformers BeitForMaskedImageModeling (sdpa)", lambda: hf_mim(CFG, DEVICE, BF16), results, record,
           what, ours)
+    _no_failures(results)
+
+
+# -- fine-tuning (issue 12) -------------------------------------------------------------------------------------------
+# max|ours - timm| / max|timm| of fp32 logits, TF32 off. Tighter than the MIM loss check above: a flipped, zeroed or
+# head-rolled table of one layer, or its 3 cls rows zeroed, moves the logits by 6e-4..4e-3 (tiny preset); fp32 ~2e-7
+FT_PARITY_RTOL = 1e-4
+
+
+def _ft_inputs(seed: int = 0) -> tuple:
+    """(pixels (B, 3, H, W), soft targets (B, FT_CLASSES)): mixup-style targets (each label mixed 0.7 / 0.3 with its
+    batch mirror's, label smoothing 0.1) made once by timm's `mixup_target`, so no mixup runs in the timed step."""
+    from timm.data.mixup import mixup_target
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(B, 3, CFG.img_size, CFG.img_size, generator=g)
+    labels = torch.randint(0, FT_CLASSES, (B,), generator=g)
+    return pixels.to(DEVICE), mixup_target(labels, FT_CLASSES, lam=0.7, smoothing=0.1).to(DEVICE)
+
+
+def _ours_finetune():
+    from timm.loss import SoftTargetCrossEntropy
+
+    from beit_fast.train.optim import build_optimizer
+
+    model = BeitForImageClassification(FT_CFG, num_classes=FT_CLASSES).to(DEVICE).train()
+    engine = PlainEngine(model, build_optimizer(model, lr=FT_LR, weight_decay=0.05, layer_decay=0.65),
+                         device=torch.device(DEVICE), bf16=BF16, clip_grad=0.0, grad_accum=1)
+    criterion = SoftTargetCrossEntropy()
+
+    def step(pixels, soft_targets):
+        # as the fine-tuning script computes it: the forward under the engine's autocast, the loss on fp32 logits
+        loss = criterion(engine.forward(pixels).float(), soft_targets)
+        if engine.all_finite(loss)[0]:
+            engine.backward(loss)
+            engine.step()
+        return loss.detach()
+
+    return model, step
+
+
+def _ours_attention(model: BeitForImageClassification) -> str:
+    """The backend the timed forward resolves (train mode, grad on, the step's autocast); on CUDA it must be the
+    Triton kernel, or the row would not measure it."""
+    probe = torch.empty(1, device=DEVICE)  # attention_backend reads only its device and dtype
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=BF16):
+        backend = model.attention_backend(probe)
+    if DEVICE == "cuda" and backend != "triton":
+        raise AssertionError(f"the fine-tuning forward resolves attention backend {backend!r}, not 'triton'")
+    return f"attention backend {backend}"
+
+
+def _finetune_parity() -> float:
+    """max|ours - timm| / max|timm| of the fp32 logits (eval: no drop path), timm's weights loaded into ours."""
+    from peers import timm_beit_classifier
+
+    torch.manual_seed(0)
+    peer = timm_beit_classifier(FT_CLASSES, **FT_TIMM_SHAPES)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        # timm starts the tables and q/v biases at zero and layer scale at 0.1: large noise on the tables and the
+        # layer scales makes attention's bias visible in the logits, small noise on the rest makes every tensor count
+        for name, p in peer.named_parameters():
+            big = "relative_position_bias_table" in name or "gamma" in name
+            p.add_(torch.randn(p.shape, generator=g) * (0.5 if big else 0.02))
+    ours = BeitForImageClassification(FT_CFG, num_classes=FT_CLASSES)
+    ours.load_pretrained(peer.state_dict())  # strict: every key converted and used, no shape mismatch
+    ours, peer = ours.to(DEVICE).eval(), peer.to(DEVICE).eval()
+    pixels = _ft_inputs(1)[0][: min(B, 8)]
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # cuDNN's default is TF32
+    try:
+        with torch.no_grad():
+            a, b = ours(pixels).float(), peer(pixels).float()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_e2e_finetune_step(record):
+    """One fine-tuning step (issue 12's target): ours on the Triton attention against timm's beit_base_patch16_224,
+    eager, after the same weights gave the same fp32 logits."""
+    from peers import timm_finetune
+
+    what = "fine-tuning step (per-layer tables, soft-target CE)"
+    err = _finetune_parity()
+    _free()
+    if not err <= FT_PARITY_RTOL:
+        record(bench=f"{BENCH} {what}", impl="parity: ours vs timm, fp32 logits", ms=float("nan"),
+               note=f"rel err {err:.2e} > {FT_PARITY_RTOL}: not timed")
+    assert err <= FT_PARITY_RTOL, f"fp32 logits differ from timm's: max rel err {err:.3e}"
+    results: dict = {}
+    ours = "beit-fast BeitForImageClassification (engine, eager)"
+    _time(ours, _ours_finetune, results, record, what, inputs=_ft_inputs,
+          describe=lambda m: f"{_ours_attention(m)}; fp32 logits vs timm: rel err {err:.1e}")
+    _time("timm beit_base_patch16_224 eager", lambda: timm_finetune(FT_CLASSES, DEVICE, BF16, FT_LR, **FT_TIMM_SHAPES),
+          results, record, what, ours, inputs=_ft_inputs,
+          describe=lambda m: f"timm fused_attn (SDPA) {m.blocks[0].attn.fused_attn}; create_optimizer_v2 groups")
     _no_failures(results)
 
 

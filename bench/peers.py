@@ -7,9 +7,12 @@
 - `hf_mim`: transformers' `BeitForMaskedImageModeling` (SDPA attention; its head runs on all 196 rows).
 - `dalle_encoder`: the `dall_e` package's Encoder (fp16 convs, the reference tokenizer) when it imports; otherwise
   the same architecture as plain `nn.Conv2d` under fp16 autocast, and the returned label says which one ran.
+- `timm_finetune`: timm's registered `beit_base_patch16_224` classifier (per-layer relative position tables, SDPA
+  attention with the bias as `attn_mask`) with AdamW on timm's own layer-decay groups, `SoftTargetCrossEntropy`.
 
-Every peer is a callable step `fn(pixels, mask, tokens)` built on the same shapes as ours, with fused AdamW on the
-reference parameter groups, so a step is forward + backward + optimizer, as in the training loop.
+Every MIM peer is a callable step `fn(pixels, mask, tokens)` built on the same shapes as ours, with fused AdamW on
+the reference parameter groups, so a step is forward + backward + optimizer, as in the training loop; the
+fine-tuning peer's step is `fn(pixels, soft_targets)`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch.nn.functional as F
 
 from beit_fast.config import BeitConfig
 
-__all__ = ["TimmComposedMIM", "timm_composed", "hf_mim", "dalle_encoder", "adamw"]
+__all__ = ["TimmComposedMIM", "timm_composed", "hf_mim", "dalle_encoder", "adamw", "timm_beit_classifier",
+           "timm_finetune"]
 
 
 class TimmComposedMIM(nn.Module):
@@ -136,3 +140,42 @@ def dalle_encoder(n_hid: int, n_blk_per_group: int, vocab_size: int, device: str
                 return plain(map_pixels(images)).argmax(1).flatten(1)
 
         return f"dall_e architecture as nn.Conv2d fp16 (package not importable: {why})", tokenize
+
+
+def timm_beit_classifier(num_classes: int, drop_path_rate: float = 0.1, **shapes: int) -> nn.Module:
+    """timm's registered `beit_base_patch16_224` with random weights (its fused SDPA attention unless TIMM_FUSED_ATTN
+    turns it off); `shapes` (img_size, patch_size, embed_dim, depth, num_heads) override its own: the smoke run's
+    tiny model."""
+    import timm
+
+    return timm.create_model("beit_base_patch16_224", pretrained=False, drop_path_rate=drop_path_rate,
+                             num_classes=num_classes, **shapes)
+
+
+def timm_finetune(num_classes: int, device: str, bf16: bool, lr: float, **shapes: int) -> Tuple[nn.Module, Callable]:
+    """(module, step(pixels (B, 3, H, W), soft_targets (B, num_classes))): one fine-tuning step on timm's parts.
+
+    AdamW (fused on CUDA) on `timm.optim.create_optimizer_v2`'s layer-decay groups (decay 0.65, weight decay 0.05),
+    each group at lr x its `lr_scale` as timm's scheduler would set it; the forward under bf16 autocast;
+    `SoftTargetCrossEntropy` on the fp32 logits (the loss our row computes, the same way); backward; step.
+    """
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+
+    model = timm_beit_classifier(num_classes, **shapes).to(device).train()
+    fused = {"fused": True} if device == "cuda" else {}
+    opt = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05, layer_decay=0.65, **fused)
+    for g in opt.param_groups:  # timm's scheduler applies lr_scale; without one, the groups would all run at lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    criterion = SoftTargetCrossEntropy()
+
+    def step(pixels: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(pixels)
+        loss = criterion(logits.float(), soft_targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, step
