@@ -68,3 +68,24 @@ def run_cli(*args, env_extra=None, cwd=None, timeout: int = 300):
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, "-m", "beit_fast.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+def crash_after_checkpoint(monkeypatch, run, at_step: int) -> None:
+    """`run()` with the plain engine raising right after writing its step-`at_step` checkpoint (a crash), checked to
+    have crashed; the engine is restored afterwards."""
+    import pytest
+
+    from beit_fast.train.engine import PlainEngine
+
+    original = PlainEngine.save
+
+    def save_then_crash(self, ckpt_dir, step, meta):
+        path = original(self, ckpt_dir, step, meta)
+        if step == at_step:
+            raise RuntimeError("simulated crash")
+        return path
+
+    monkeypatch.setattr(PlainEngine, "save", save_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run()
+    monkeypatch.setattr(PlainEngine, "save", original)

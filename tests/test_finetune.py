@@ -16,7 +16,7 @@ from beit_fast.train.classify import init_classifier, read_init
 from beit_fast.train.engine import deepspeed_reasons
 from beit_fast.train.finetune import FinetuneConfig, finetune
 from beit_fast.train.pretrain import export_checkpoint, pretrain
-from helpers import metrics_rows, pretrain_config, run_cli
+from helpers import crash_after_checkpoint, metrics_rows, pretrain_config, run_cli
 
 MODEL = dict(depth=2, embed_dim=32, num_heads=2, fused_kernels=False)
 # The loop's behaviour on small inputs: 64 px builtin images (tiny preset: 8 px patches), batch 8.
@@ -77,23 +77,10 @@ def metrics_rows_file(path):
 
 
 def test_resume_is_exact(pretrained, tmp_path, monkeypatch):
-    straight = tmp_path / "straight"
-    finetune(_ft(straight, init=str(pretrained), ema=True, ema_decay=0.5))
-    from beit_fast.train.engine import PlainEngine
-
-    crashed, original = tmp_path / "crashed", PlainEngine.save
-
-    def save_then_crash(self, ckpt_dir, step, meta):
-        path = original(self, ckpt_dir, step, meta)
-        if step == 2:
-            raise RuntimeError("simulated crash")
-        return path
-
-    monkeypatch.setattr(PlainEngine, "save", save_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        finetune(_ft(crashed, init=str(pretrained), ema=True, ema_decay=0.5))
-    monkeypatch.setattr(PlainEngine, "save", original)
-    finetune(_ft(crashed, init=str(pretrained), ema=True, ema_decay=0.5, resume="auto"))
+    straight, crashed, ema = tmp_path / "straight", tmp_path / "crashed", dict(ema=True, ema_decay=0.5)
+    finetune(_ft(straight, init=str(pretrained), **ema))
+    crash_after_checkpoint(monkeypatch, lambda: finetune(_ft(crashed, init=str(pretrained), **ema)), 2)
+    finetune(_ft(crashed, init=str(pretrained), resume="auto", **ema))
     assert _losses(crashed) == _losses(straight)  # bit-identical on the CPU: mixup, RandAugment, drop path
     a = torch.load(straight / "checkpoints" / "step_00000004.pt", weights_only=True)["model"]
     b = torch.load(crashed / "checkpoints" / "step_00000004.pt", weights_only=True)["model"]

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 import beit_fast.train.pretrain as pt
-from beit_fast.train.engine import PlainEngine
 from beit_fast.train.optim import build_optimizer, warmup_cosine
 from beit_fast.train.pretrain import PretrainConfig, config_from_args, pretrain
 from beit_fast.train.runtime import one_line_error
-from helpers import metrics_rows, pretrain_config, run_cli
+from helpers import crash_after_checkpoint, metrics_rows, pretrain_config, run_cli
 
 # The loop's own behaviour is tested on the reference path: the kernels have their own tests, and
 # through the Triton CPU interpreter (TRITON_INTERPRET=1, set by conftest) every step would be ~50x slower.
@@ -35,18 +34,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
 
     # Crash right after the step-3 checkpoint, then `--resume auto`.
     crashed = tmp_path / "crashed"
-    original = PlainEngine.save
-
-    def save_then_crash(self, ckpt_dir, step, meta):
-        path = original(self, ckpt_dir, step, meta)
-        if step == 3:
-            raise RuntimeError("simulated crash")
-        return path
-
-    monkeypatch.setattr(PlainEngine, "save", save_then_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        pretrain(_cfg(crashed))
-    monkeypatch.setattr(PlainEngine, "save", original)
+    crash_after_checkpoint(monkeypatch, lambda: pretrain(_cfg(crashed)), 3)
     summary = pretrain(_cfg(crashed, resume="auto"))
     steps_b, losses_b = _losses(crashed)
     assert steps_b == steps_a
