@@ -35,7 +35,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -686,6 +686,7 @@ def classification_transform(img_size: int, train: bool, *, auto_augment: Option
     if img_size <= 0:
         raise ValueError(f"img_size must be positive, got {img_size}")
     if train:
+        _posterize_to_zero_bits_as_unilm()
         return create_transform(img_size, is_training=True, color_jitter=color_jitter,
                                 auto_augment=auto_augment or None, interpolation="bicubic", re_prob=re_prob,
                                 re_mode="pixel", re_count=1, mean=tuple(mean), std=tuple(std))
@@ -695,6 +696,30 @@ def classification_transform(img_size: int, train: bool, *, auto_augment: Option
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     return create_transform(img_size, is_training=False, interpolation="bicubic", mean=tuple(mean), std=tuple(std),
                             crop_pct=crop_pct)
+
+
+def _posterize_zero_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's `posterize`, with 0 bits kept giving a black image as it did under the Pillow unilm ran on."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _posterize_to_zero_bits_as_unilm() -> None:
+    """RandAugment's increasing posterize (`inc1`) keeps 4 - int(4 m / 10) bits: 0 at magnitude 10, which
+    `rand-m9-mstd0.5` reaches (the magnitude is drawn around 9 and clipped at 10). Pillow >= 11 refuses
+    `ImageOps.posterize(img, 0)` ("bits must be between or equal to 1 and 8"), so the first such image would end a
+    run; older Pillow, which timm's and unilm's recipe ran on, returned black. timm's op table is pointed at a
+    function that does the same (the ops read the table when a transform is built)."""
+    import timm.data.auto_augment as aa
+
+    for name, fn in list(aa.NAME_TO_OP.items()):
+        if getattr(fn, "__name__", "") == "posterize" and fn is not _posterize_zero_bits:
+            aa.NAME_TO_OP[name] = _posterize_zero_bits
 
 
 @contextlib.contextmanager

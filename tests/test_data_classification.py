@@ -209,3 +209,17 @@ def test_transform_shapes_and_eval_resize():
     for bad in (dict(img_size=0, train=True), dict(img_size=64, train=False, crop_pct=1.5)):
         with pytest.raises(ValueError):
             classification_transform(**bad)
+
+
+def test_randaugment_posterize_to_zero_bits_gives_black_not_an_error():
+    # rand-m9-mstd0.5-inc1 reaches magnitude 10 = 0 bits kept: Pillow >= 11 raises there, the recipe's Pillow gave
+    # black.
+    import numpy as np
+    import timm.data.auto_augment as aa
+    from PIL import Image
+
+    classification_transform(64, True)
+    op = aa.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    assert np.asarray(op(Image.new("RGB", (8, 8), (200, 100, 50)))).max() == 0
+    kept = aa.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=0)(Image.new("RGB", (8, 8), (200, 100, 50)))
+    assert np.asarray(kept).max() == 192  # 4 bits kept: 200 -> 192

@@ -407,3 +407,18 @@ def test_cli_usage_version_and_unknown_commands(capsys):
         assert cli.main(argv) == 0
         captured = capsys.readouterr()
         assert "--max-steps" in captured.out and captured.err == ""
+
+
+def test_close_loader_stops_workers_that_ignore_sigterm():
+    # The training loops' workers ignore SIGTERM (worker_init): any still alive at interpreter exit would keep
+    # multiprocessing's exit handler waiting forever (a run that failed mid-loop hung instead of exiting 2).
+    from beit_fast.train.runtime import close_loader, worker_init
+
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=1, persistent_workers=True,
+                                         worker_init_fn=worker_init)
+    it = iter(loader)
+    next(it)
+    workers = list(it._workers)
+    assert workers and all(w.is_alive() for w in workers)
+    close_loader(loader, it)
+    assert not any(w.is_alive() for w in workers) and loader._iterator is None

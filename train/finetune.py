@@ -67,7 +67,15 @@ from beit_fast.train.run import (
     read_checkpoint,
     start_run_directory,
 )
-from beit_fast.train.runtime import build_engine, run_main, seed_all, setup_runtime, start_distributed, train_loader
+from beit_fast.train.runtime import (
+    build_engine,
+    close_loader,
+    run_main,
+    seed_all,
+    setup_runtime,
+    start_distributed,
+    train_loader,
+)
 from beit_fast.train.step import BadSteps, run_step, train_steps
 
 log = logging.getLogger("beit_fast.finetune")
@@ -373,6 +381,8 @@ class _Loop:
                                on_skipped=lambda s: self.reporter.restart(), after_step=self.after_step,
                                save=lambda s: self._save(ckpt, s), last_checkpoint=last)
         finally:
+            close_loader(loader, self.data_iter)
+            self.data_iter = None
             self.reporter.close()
             if self.val_writer is not None:
                 self.val_writer.close()

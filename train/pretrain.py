@@ -57,7 +57,15 @@ from beit_fast.train.run import (
     resolve_checkpoint,
     start_run_directory,
 )
-from beit_fast.train.runtime import build_engine, run_main, seed_all, setup_runtime, start_distributed, train_loader
+from beit_fast.train.runtime import (
+    build_engine,
+    close_loader,
+    run_main,
+    seed_all,
+    setup_runtime,
+    start_distributed,
+    train_loader,
+)
 from beit_fast.train.step import BadSteps, StoppedBySignal, TrainingStopped, run_step, train_steps
 
 log = logging.getLogger("beit_fast.pretrain")
@@ -323,6 +331,8 @@ class _Loop:
                                on_applied=self.applied, on_skipped=lambda s: self.reporter.restart(),
                                after_step=self.after_step, save=ckpt.save, last_checkpoint=last_ckpt)
         finally:
+            close_loader(loader, self.data_iter)
+            self.data_iter = None
             self.reporter.close()
 
     def model_train(self) -> None:

@@ -27,8 +27,8 @@ from beit_fast.kernels import use_fused
 from beit_fast.train.engine import deepspeed_reasons, init_distributed_env
 
 __all__ = ["Runtime", "setup_runtime", "process_layout", "resolve_device", "check_backends", "start_distributed",
-           "seed_all", "worker_init", "is_distributed_error", "train_loader", "build_engine", "run_main",
-           "one_line_error"]
+           "seed_all", "worker_init", "is_distributed_error", "train_loader", "build_engine", "close_loader",
+           "run_main", "one_line_error"]
 
 
 @dataclass
@@ -170,6 +170,18 @@ def train_loader(dataset: torch.utils.data.Dataset, cfg: Any, rt: Runtime, start
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched by workers
         worker_init_fn=worker_init,
     )
+
+
+def close_loader(loader: Any, iterator: Any = None) -> None:
+    """Stop a loader's worker processes now. The workers ignore SIGTERM (`worker_init`), so ones still alive when the
+    interpreter exits - a persistent iterator kept by the loader, or one that outlives the loop in a reference cycle -
+    would leave multiprocessing's exit handler waiting on them forever."""
+    for it in (iterator, getattr(loader, "_iterator", None)):
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+    if hasattr(loader, "_iterator"):
+        loader._iterator = None
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, rt: Runtime) -> Any:
