@@ -37,7 +37,7 @@ log = logging.getLogger("beit_fast.finetune")
 
 __all__ = ["InitSource", "read_init", "infer_model_config", "init_classifier", "LinearProbe", "build_model",
            "save_model", "load_model", "MODEL_FILE", "evaluate_main", "training_loss",
-           "train_transform"]
+           "train_transform", "head_classes", "print_summary"]
 
 MODEL_FILE = "best.pt"  # a fine-tuning run's best weights (by val top-1), loadable without the run's checkpoints
 _MIM_ONLY = ("mask_token", "lm_head.", "norm.")  # pretraining-head weights a classifier drops
@@ -198,6 +198,28 @@ def train_transform(cfg: Any, img_size: int):
         return classification_transform(img_size, True, auto_augment=None, re_prob=0.0, color_jitter=0.0)
     aa = None if cfg.auto_augment in ("", "none") else cfg.auto_augment
     return classification_transform(img_size, True, auto_augment=aa, re_prob=cfg.reprob, color_jitter=cfg.color_jitter)
+
+
+def head_classes(requested: Optional[int], in_data: int) -> int:
+    """The head's class count: `requested` (--num-classes), or the data's; labels the head cannot hold are refused."""
+    if requested is None:
+        return in_data
+    if in_data > requested:
+        raise ValueError(f"num_classes={requested} but the data has {in_data} classes: labels up to {in_data - 1} "
+                         "would be out of range")
+    return requested
+
+
+def print_summary(summary: Dict[str, Any]) -> None:
+    """The end of a fine-tuning run on stdout: val scores, best, probes, where the outputs are."""
+    print(f"done: {summary['step']} steps | val top-1 {summary.get('val_top1', float('nan')):.4f} | top-5 "
+          f"{summary.get('val_top5', float('nan')):.4f} | loss {summary.get('val_loss', float('nan')):.4f} | "
+          f"best top-1 {summary['best_top1']:.4f} at step {summary['best_step']} (chance {summary['chance']:.4f})")
+    for name, top1 in (summary.get("probe") or {}).items():
+        print(f"  linear probe {name}: val top-1 {top1:.4f}")
+    print(f"best model: {summary['best_model']}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print(f"metrics: {summary['metrics']} | plot: {summary['plot'] or 'none'}")
 
 
 def save_model(path: Path, state_dict: Dict[str, torch.Tensor], mcfg: BeitConfig, num_classes: int,

@@ -1,30 +1,20 @@
 """BEiT classification fine-tuning and linear probing (`beit-fast finetune`, `beit-fast linprobe`,
 `python -m beit_fast.train.finetune`; `beit-fast evaluate` scores what it produced).
 
-A linear script over the shared parts (`beit_fast.train`: config, runtime, run, optim, step, engine, evaluate,
-metrics): config -> init weights -> data -> runtime -> run dir -> model -> engine -> loop (evaluating every
-`eval_every` steps) -> summary. As pretraining, it runs as one plain process or under DeepSpeed ZeRO 0-3
-(`--deepspeed --zero-stage K`), resumes exactly (`--resume auto`), writes metrics.csv / val_metrics.csv /
-TensorBoard / metrics.png (train loss, val top-1), checkpoints atomically, and `best.pt` (the weights with the best
-val top-1 so far, with everything needed to rebuild the model).
+A linear script over the shared parts of `beit_fast.train` (config, runtime, run, optim, step, engine, evaluate,
+metrics; the task's own pieces in classify.py): config -> init weights -> data -> runtime -> run dir -> model ->
+engine -> loop (val every `eval_every` steps) -> summary. One plain process or DeepSpeed ZeRO 0-3, exact resume,
+metrics.csv / val_metrics.csv / TensorBoard / metrics.png, atomic checkpoints and `best.pt` (the best val top-1).
 
-What is fine-tuned (`--init`): a pretraining or fine-tuning run directory or checkpoint of this engine, a unilm /
-timm / transformers checkpoint file, or `none` (from scratch: the baseline). `--preset auto` (the default) takes the
-network from the init checkpoint (its config, or read off its weights' shapes); any model key overrides it, e.g.
-`--img-size 384` fine-tunes at another resolution (relative position tables resized as unilm does). The layout is
-unilm's fine-tuning one: a relative position table per block, each initialised from the pretrained shared one; the
-mean-pooled classification head (fc_norm, head weights x 0.001); drop path 0.1.
-
-The recipe (the paper's base defaults; SPEC section 6): AdamW with layer-wise lr decay 0.65, lr 4e-3 at batch
-1024 scaled linearly to `batch_size`, warmup + cosine, weight decay 0.05, label smoothing 0.1, mixup 0.8 / cutmix 1.0,
-RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 (timm's Mixup, create_transform and losses); optional EMA of
-the weights (`--ema`). Intermediate fine-tuning: `--init` a fine-tuned run and `--new-head` to replace a head of
-another class count. Linear probing (`--linear-probe`, `beit-fast linprobe`): the backbone frozen, a BatchNorm +
-Linear head on the mean-pooled patch tokens of every block (or `--probe-layer L`, 1-based) trained in one pass;
-augmentation, mixup, label smoothing, drop path and layer decay are off.
-
-Data: an image folder with train/ and val/ class subfolders (ImageNet layout), or `builtin` (the procedural shapes
-with their class labels, a fixed train/val split); `--train-fraction` fine-tunes on a labelled subset.
+`--init`: a pretraining or fine-tuning run (or checkpoint) of this engine, a unilm / timm / transformers file, or
+`none`; `--preset auto` builds the network the init weights have, model keys override it (`--img-size 384`:
+another resolution, tables resized as unilm does). unilm's fine-tuning layout (per-block tables from the shared
+one, mean-pooled head, drop path 0.1) and the paper's base recipe: layer decay 0.65, lr 4e-3 at batch 1024 scaled
+linearly, warmup + cosine, weight decay 0.05, label smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment
+rand-m9-mstd0.5-inc1, random erasing 0.25 (timm's pieces), optional EMA. `--new-head` replaces a head of another
+class count (intermediate fine-tuning). `--linear-probe`: frozen backbone, a BatchNorm + Linear head per block.
+Data: `builtin` (fixed train/val split) or DIR with train/ and val/ class folders; `--train-fraction` for the
+low-label regime. The README's "Fine-tuning" section is the full reference.
 """
 
 from __future__ import annotations
@@ -48,8 +38,10 @@ from beit_fast.train.classify import (
     MODEL_FILE,
     InitSource,
     build_model,
+    head_classes,
     infer_model_config,
     init_classifier,
+    print_summary,
     read_init,
     save_model,
     train_transform,
@@ -187,7 +179,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: RunDir) -> Dict[str, Any]:
     layers = cfg.probe_layers(mcfg.depth)
     data = build_classification_data(cfg.data, num_images=cfg.num_images, image_size=int(mcfg.img_size * 1.5),
                                      train_fraction=cfg.train_fraction, seed=cfg.data_seed)
-    num_classes = _num_classes(cfg, data)
+    num_classes = head_classes(cfg.num_classes, data.num_classes)
     rt = setup_runtime(cfg, mcfg)
     if not rt.is_main:
         log.setLevel(logging.WARNING)
@@ -223,16 +215,6 @@ def _finetune(cfg: FinetuneConfig, run_dir: RunDir) -> Dict[str, Any]:
     train = ClassificationDataset(data.train, train_transform(cfg, mcfg.img_size), seed=cfg.seed)
     step, last = loop.run(train_loader(train, cfg, rt, start_step), run_dir.signals, start_step, plan.path)
     return loop.summary(run_dir, step, start_step, last)
-
-
-def _num_classes(cfg: FinetuneConfig, data: Any) -> int:
-    """The head's class count: --num-classes, or the data's; labels the head cannot hold are refused."""
-    if cfg.num_classes is None:
-        return data.num_classes
-    if data.num_classes > cfg.num_classes:
-        raise ValueError(f"num_classes={cfg.num_classes} but the data has {data.num_classes} classes: labels up to "
-                         f"{data.num_classes - 1} would be out of range")
-    return cfg.num_classes
 
 
 class _Loop:
@@ -414,20 +396,9 @@ class _Loop:
         return summary
 
 
-def _report(summary: Dict[str, Any]) -> None:
-    print(f"done: {summary['step']} steps | val top-1 {summary.get('val_top1', float('nan')):.4f} | top-5 "
-          f"{summary.get('val_top5', float('nan')):.4f} | loss {summary.get('val_loss', float('nan')):.4f} | "
-          f"best top-1 {summary['best_top1']:.4f} at step {summary['best_step']} (chance {summary['chance']:.4f})")
-    for name, top1 in (summary.get("probe") or {}).items():
-        print(f"  linear probe {name}: val top-1 {top1:.4f}")
-    print(f"best model: {summary['best_model']}")
-    print(f"checkpoint: {summary['checkpoint']}")
-    print(f"metrics: {summary['metrics']} | plot: {summary['plot'] or 'none'}")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """`beit-fast finetune`: exit codes as `beit_fast.train.runtime.run_main` documents."""
-    return run_main("beit-fast finetune", __doc__ or "", FinetuneConfig, finetune, argv, _report)
+    return run_main("beit-fast finetune", __doc__ or "", FinetuneConfig, finetune, argv, print_summary)
 
 
 def linprobe_main(argv: Optional[List[str]] = None) -> int:
