@@ -670,10 +670,12 @@ def _stratified_subset(train: LabelledSubset, fraction: float, seed: int) -> Lab
 def classification_transform(img_size: int, train: bool, *, auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
                              re_prob: float = 0.25, color_jitter: float = 0.4,
                              mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                             crop_pct: Optional[float] = None) -> Callable[[Image.Image], torch.Tensor]:
+                             crop_pct: Optional[float] = None, scale: Tuple[float, float] = (0.08, 1.0)
+                             ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> (3, img_size, img_size) normalised tensor: unilm BEiT fine-tuning's transforms, built by timm.
 
-    Train (`timm.data.create_transform`, as unilm's `build_transform`): RandomResizedCrop (scale 0.08-1, bicubic),
+    Train (`timm.data.create_transform`, as unilm's `build_transform`): RandomResizedCrop (area fraction `scale`,
+    0.08-1 as unilm; bicubic),
     horizontal flip, RandAugment `auto_augment` (timm then skips color jitter, as in unilm; `color_jitter` acts only
     with `auto_augment=None`), normalisation, random erasing with probability `re_prob` (per-pixel normal fill, one
     box). Eval: resize the short side to img_size / crop_pct (bicubic), center crop; crop_pct defaults to 0.875 below
@@ -686,8 +688,10 @@ def classification_transform(img_size: int, train: bool, *, auto_augment: Option
     if img_size <= 0:
         raise ValueError(f"img_size must be positive, got {img_size}")
     if train:
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
         _posterize_to_zero_bits_as_unilm()
-        return create_transform(img_size, is_training=True, color_jitter=color_jitter,
+        return create_transform(img_size, is_training=True, scale=tuple(scale), color_jitter=color_jitter,
                                 auto_augment=auto_augment or None, interpolation="bicubic", re_prob=re_prob,
                                 re_mode="pixel", re_count=1, mean=tuple(mean), std=tuple(std))
     if crop_pct is None:

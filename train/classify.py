@@ -194,10 +194,12 @@ def train_transform(cfg: Any, img_size: int):
     crop and flip only, as MAE's main_linprobe."""
     from beit_fast.data import classification_transform
 
+    scale = (cfg.crop_scale, 1.0)
     if cfg.linear_probe:
-        return classification_transform(img_size, True, auto_augment=None, re_prob=0.0, color_jitter=0.0)
+        return classification_transform(img_size, True, auto_augment=None, re_prob=0.0, color_jitter=0.0, scale=scale)
     aa = None if cfg.auto_augment in ("", "none") else cfg.auto_augment
-    return classification_transform(img_size, True, auto_augment=aa, re_prob=cfg.reprob, color_jitter=cfg.color_jitter)
+    return classification_transform(img_size, True, auto_augment=aa, re_prob=cfg.reprob, color_jitter=cfg.color_jitter,
+                                    scale=scale)
 
 
 def head_classes(requested: Optional[int], in_data: int) -> int:

@@ -106,6 +106,7 @@ class FinetuneConfig(BeitTrainConfig):
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
     auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec ("none": off)
     reprob: float = 0.25  # random erasing probability
+    crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction (0.08: unilm / timm)
     color_jitter: float = 0.4
     ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3) and evaluate it too
     ema_decay: float = 0.9999
@@ -116,6 +117,8 @@ class FinetuneConfig(BeitTrainConfig):
         super().validate()
         self.positive("lr_batch")
         self.non_negative("eval_every", "label_smoothing", "mixup", "cutmix", "reprob", "color_jitter")
+        if not 0.0 < self.crop_scale <= 1.0:
+            self.bad("crop_scale", "must be in (0, 1]")
         if not 0.0 < self.layer_decay <= 1.0:
             self.bad("layer_decay", "must be in (0, 1]")
         if not 0.0 < self.train_fraction <= 1.0:
@@ -247,10 +250,11 @@ class _Loop:
         return step
 
     def loss(self, batch: Any):
-        images, labels = (t.to(self.rt.device, non_blocking=True) for t in batch)
-        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
+        images, labels = batch
+        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:  # on the loader's CPU tensor: no sync
             raise ValueError(f"labels out of range [0, {self.num_classes}): got {int(labels.min())}..."
                              f"{int(labels.max())}")
+        images, labels = images.to(self.rt.device, non_blocking=True), labels.to(self.rt.device, non_blocking=True)
         if self.mixup is not None:
             images, labels = self.mixup(images, labels)
         out = self.engine.forward(images)
