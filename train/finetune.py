@@ -283,7 +283,7 @@ class _Loop:
 
     def val_batches(self):
         """This rank's shard of val. Under ZeRO-3 every forward is a collective (parameters are gathered): a rank
-        with fewer batches runs the missing forwards on a copy of its last batch, uncounted, so none waits."""
+        with fewer batches forwards unlabelled one-image batches for the missing ones (not scored), so none waits."""
         rt = self.rt
         ds = ClassificationDataset(self.data.val, classification_transform(self.mcfg.img_size, False), seed=0)
         micro = max(1, self.cfg.batch_size // (rt.world * self.cfg.grad_accum_steps))
@@ -303,6 +303,7 @@ class _Loop:
                            device=self.rt.device, reduce_sum=self.engine.reduce_sum)
         ema = None
         if self.ema is not None:
+            self.ema.module.eval()
             ema = evaluate(self.ema.module, self.val_batches(), num_classes=self.num_classes, device=self.rt.device,
                            bf16=self.rt.bf16, reduce_sum=self.engine.reduce_sum)
         model.train()
