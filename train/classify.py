@@ -243,6 +243,8 @@ def load_model_file(path: Path) -> Dict[str, Any]:
 def load_model(path: Path) -> Tuple[nn.Module, List[str], Dict[str, Any]]:
     """A fine-tuned model (best.pt, a fine-tuning checkpoint, or a run directory) ready to evaluate:
     (model, class names, its model config dict)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     ours = _engine_checkpoint(Path(path))
     if ours is None:
         raise ValueError(f"{path}: not a fine-tuning run directory, {MODEL_FILE} or step checkpoint of this engine")
