@@ -31,13 +31,13 @@ import torch.nn as nn
 from beit_fast import BeitConfig, BeitForImageClassification
 from beit_fast.checkpoint import CheckpointError, atomic_save, convert_state_dict, load_into, load_state_dict_file
 from beit_fast.model import BeitModel
-from beit_fast.train.run import TASK_NAMES, checkpoint_model_state, find_latest_checkpoint
+from beit_fast.train.run import TASK_NAMES, checkpoint_model_state, resolve_checkpoint
 
 log = logging.getLogger("beit_fast.finetune")
 
 __all__ = ["InitSource", "read_init", "infer_model_config", "init_classifier", "LinearProbe", "build_model",
            "save_model", "load_model", "MODEL_FILE", "evaluate_main", "training_loss",
-           "train_transform", "head_classes", "print_summary"]
+           "train_transform", "head_classes", "print_summary", "eval_loader"]
 
 MODEL_FILE = "best.pt"  # a fine-tuning run's best weights (by val top-1), loadable without the run's checkpoints
 _MIM_ONLY = ("mask_token", "lm_head.", "norm.")  # pretraining-head weights a classifier drops
@@ -53,15 +53,19 @@ class InitSource:
 
 
 def _engine_checkpoint(path: Path) -> Optional[Path]:
-    """`path` as a checkpoint of this engine (a run directory -> its best.pt or newest checkpoint), or None."""
+    """`path` as a checkpoint of this engine (a run directory -> its best.pt, else its newest checkpoint), or None."""
     if path.is_dir() and not re.fullmatch(r"step_\d{8}", path.name):
-        if (path / MODEL_FILE).is_file():
-            return path / MODEL_FILE
-        latest = find_latest_checkpoint(path)
-        if latest is None:
-            raise ValueError(f"init={str(path)!r}: a directory with neither {MODEL_FILE} nor complete checkpoints")
-        return latest
+        return path / MODEL_FILE if (path / MODEL_FILE).is_file() else resolve_checkpoint(path)
     return path if path.is_dir() or path.name.startswith("step_") or path.name == MODEL_FILE else None
+
+
+def _read_engine_file(path: Path, task: Optional[str]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(state dict, its record: model_config, task, and for fine-tuning num_classes, classes, probe_layers) of
+    best.pt or of a step checkpoint of `task` (None: any task)."""
+    if path.name == MODEL_FILE:
+        saved = load_model_file(path)
+        return saved["model"], {**saved, "task": "finetune"}
+    return checkpoint_model_state(path, task)
 
 
 def read_init(init: str) -> Optional[InitSource]:
@@ -72,19 +76,16 @@ def read_init(init: str) -> Optional[InitSource]:
     if not path.exists():
         raise FileNotFoundError(f"init checkpoint not found: {path}")
     ours = _engine_checkpoint(path)
-    if ours is not None and ours.name == MODEL_FILE:
-        saved = load_model_file(ours)
-        return InitSource(saved["model"], saved["model_config"], saved["num_classes"], f"fine-tuned model {ours}",
-                          saved.get("probe_layers"))
-    if ours is not None:
-        sd, ckpt = checkpoint_model_state(ours, None)
-        what = TASK_NAMES.get(ckpt.get("task", "pretrain"), "training")
-        head = sd.get("head.weight")
-        return InitSource(sd, ckpt["model_config"], int(head.shape[0]) if head is not None else None,
-                          f"{what} checkpoint {ours}", ckpt.get("probe_layers"))
-    sd = convert_state_dict(load_state_dict_file(path))
+    if ours is None:
+        sd, record, what = convert_state_dict(load_state_dict_file(path)), {}, f"checkpoint file {path}"
+    else:
+        sd, record = _read_engine_file(ours, None)
+        kind = "fine-tuned model" if ours.name == MODEL_FILE else \
+            f"{TASK_NAMES.get(record.get('task', 'pretrain'), 'training')} checkpoint"
+        what = f"{kind} {ours}"
     head = sd.get("head.weight")
-    return InitSource(sd, None, int(head.shape[0]) if head is not None else None, f"checkpoint file {path}")
+    return InitSource(sd, record.get("model_config"), int(head.shape[0]) if head is not None else None, what,
+                      record.get("probe_layers"))
 
 
 def infer_model_config(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -202,6 +203,16 @@ def train_transform(cfg: Any, img_size: int):
                                     scale=scale)
 
 
+def eval_loader(val: Any, img_size: int, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """This rank's shard of `val` (every image once over the ranks, no padding) through the eval transform."""
+    from beit_fast.data import ClassificationDataset, ShardedEvalSampler, classification_transform
+
+    ds = ClassificationDataset(val, classification_transform(img_size, False), seed=0)
+    return torch.utils.data.DataLoader(ds, batch_sampler=ShardedEvalSampler(len(ds), batch_size, rank, world),
+                                       num_workers=num_workers, pin_memory=pin_memory)
+
+
 def head_classes(requested: Optional[int], in_data: int) -> int:
     """The head's class count: `requested` (--num-classes), or the data's; labels the head cannot hold are refused."""
     if requested is None:
@@ -248,14 +259,9 @@ def load_model(path: Path) -> Tuple[nn.Module, List[str], Dict[str, Any]]:
     ours = _engine_checkpoint(Path(path))
     if ours is None:
         raise ValueError(f"{path}: not a fine-tuning run directory, {MODEL_FILE} or step checkpoint of this engine")
-    if ours.name == MODEL_FILE:
-        saved = load_model_file(ours)
-        sd, mc, classes, num, layers = (saved["model"], saved["model_config"], saved["classes"],
-                                        saved["num_classes"], saved.get("probe_layers"))
-    else:
-        sd, ckpt = checkpoint_model_state(ours, "finetune")
-        mc, classes, num, layers = (ckpt["model_config"], ckpt["classes"], ckpt["num_classes"],
-                                    ckpt.get("probe_layers"))
+    sd, record = _read_engine_file(ours, "finetune")
+    mc, classes, num, layers = (record["model_config"], record["classes"], record["num_classes"],
+                                record.get("probe_layers"))
     model = build_model(BeitConfig.from_dict(mc), num, layers)
     try:
         model.load_state_dict(sd)
@@ -268,8 +274,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     """`beit-fast evaluate CKPT --data DIR`: top-1 / top-5 / loss, per-class accuracy, a confusion-matrix PNG."""
     import argparse
 
-    from beit_fast.data import ClassificationDataset, DataError, ShardedEvalSampler, build_classification_data
-    from beit_fast.data import classification_transform
+    from beit_fast.data import DataError, build_classification_data
     from beit_fast.train.evaluate import evaluate, format_report, plot_confusion
     from beit_fast.train.runtime import one_line_error, resolve_device
 
@@ -291,9 +296,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"the data's classes {data.classes[:5]}... are not the model's {classes[:5]}...")
         device = resolve_device(a.device)
         model.to(device).eval()
-        ds = ClassificationDataset(data.val, classification_transform(mc["img_size"], False), seed=0)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=ShardedEvalSampler(len(ds), a.batch_size))
-        results = evaluate(model, loader, num_classes=len(classes), device=device, progress=True)
+        results = evaluate(model, eval_loader(data.val, mc["img_size"], a.batch_size), num_classes=len(classes),
+                           device=device, progress=True)
     except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError) as exc:
         print(f"beit-fast evaluate: error: {one_line_error(exc)}", file=sys.stderr)
         return 2

@@ -28,16 +28,12 @@ from typing import Any, ClassVar, Dict, FrozenSet, List, Optional
 import torch
 
 from beit_fast import BeitConfig
-from beit_fast.data import (
-    ClassificationDataset,
-    ShardedEvalSampler,
-    build_classification_data,
-    classification_transform,
-)
+from beit_fast.data import ClassificationDataset, build_classification_data
 from beit_fast.train.classify import (
     MODEL_FILE,
     InitSource,
     build_model,
+    eval_loader,
     head_classes,
     infer_model_config,
     init_classifier,
@@ -154,6 +150,11 @@ class FinetuneConfig(BeitTrainConfig):
         except TypeError as exc:
             raise ValueError(f"model config {self.model}: {exc}") from None
 
+    def lr_schedule(self) -> Dict[str, Any]:
+        """`warmup_cosine`'s arguments: lr and min_lr, quoted at lr_batch, scaled linearly to batch_size."""
+        return dict(super().lr_schedule(), base_lr=scaled_lr(self.lr, self.batch_size, self.lr_batch),
+                    min_lr=self.min_lr * (self.batch_size / self.lr_batch))
+
     def probe_layers(self, depth: int) -> Optional[List[int]]:
         if not self.linear_probe:
             return None
@@ -201,15 +202,15 @@ def _finetune(cfg: FinetuneConfig, run_dir: RunDir) -> Dict[str, Any]:
         run_dir.write_json("config.json", {"finetune": cfg.to_dict(), "model": mcfg.to_dict(),
                                            "num_classes": num_classes, "classes": data.classes})
     model.to(rt.device)
-    lr_scale = cfg.batch_size / cfg.lr_batch
-    optimizer = build_optimizer(model, lr=cfg.lr * lr_scale, weight_decay=0.0 if cfg.linear_probe else cfg.weight_decay,
+    lr = cfg.lr_schedule()["base_lr"]
+    optimizer = build_optimizer(model, lr=lr, weight_decay=0.0 if cfg.linear_probe else cfg.weight_decay,
                                 betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                 layer_decay=1.0 if cfg.linear_probe else cfg.layer_decay,
                                 no_decay_rel_pos_bias=cfg.no_decay_rel_pos_bias, apex=cfg.apex)
     engine = build_engine(model, optimizer, cfg, rt)
     torch.manual_seed(cfg.seed + rt.rank)
     log.info("engine: %s | %d classes, %d train / %d val images | lr %.3g (%g at batch %d)", engine.describe(),
-             num_classes, len(data.train), len(data.val), cfg.lr * lr_scale, cfg.lr, cfg.lr_batch)
+             num_classes, len(data.train), len(data.val), lr, cfg.lr, cfg.lr_batch)
     loop = _Loop(cfg, mcfg, rt, engine, data, num_classes, layers)
     start_step = loop.resume(plan)
     if rt.is_main:
@@ -264,9 +265,7 @@ class _Loop:
 
     def one_step(self, step: int):
         cfg = self.cfg
-        scale = cfg.batch_size / cfg.lr_batch
-        self.lr = warmup_cosine(step, base_lr=scaled_lr(cfg.lr, cfg.batch_size, cfg.lr_batch),
-                                min_lr=cfg.min_lr * scale, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+        self.lr = warmup_cosine(step, **cfg.lr_schedule())
         self.engine.set_lr(self.lr)
         return run_step(self.engine, lambda: next(self.data_iter), self.loss, grad_accum=cfg.grad_accum_steps,
                         num_extras=1, stop_requested=lambda: self.signals.requested is not None)
@@ -285,14 +284,13 @@ class _Loop:
         """This rank's shard of val. Under ZeRO-3 every forward is a collective (parameters are gathered): a rank
         with fewer batches forwards unlabelled one-image batches for the missing ones (not scored), so none waits."""
         rt = self.rt
-        ds = ClassificationDataset(self.data.val, classification_transform(self.mcfg.img_size, False), seed=0)
         micro = max(1, self.cfg.batch_size // (rt.world * self.cfg.grad_accum_steps))
-        sampler = ShardedEvalSampler(len(ds), micro, rt.rank, rt.world)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=self.cfg.num_workers,
-                                             pin_memory=rt.device.type == "cuda")
+        loader = eval_loader(self.data.val, self.mcfg.img_size, micro, rt.rank, rt.world, self.cfg.num_workers,
+                             pin_memory=rt.device.type == "cuda")
         yield from loader
         if rt.deepspeed and self.cfg.zero_stage == 3:  # a batch with no labels is forwarded, not scored
-            pad = (ds[(0, 0)][0][None], torch.zeros(0, dtype=torch.long))
+            sampler = loader.batch_sampler
+            pad = (loader.dataset[(0, 0)][0][None], torch.zeros(0, dtype=torch.long))
             yield from [pad] * (sampler.max_rank_batches - len(sampler))
 
     def validate(self, step: int) -> Any:

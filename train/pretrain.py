@@ -323,7 +323,7 @@ class _Loop:
         self.signals, self.data_iter = signals, iter(loader)
         ckpt = Checkpointer(Path(self.cfg.out), self.engine, self.cfg.keep_last, self.rt.is_main, self.stats,
                             self.meta, self.reporter.flush)
-        self.model_train()
+        self.engine.model.train()
         try:
             return train_steps(start_step=self.start_step, max_steps=self.cfg.max_steps,
                                save_every=self.cfg.save_every, world=self.rt.world, signals=signals,
@@ -334,9 +334,6 @@ class _Loop:
             close_loader(loader, self.data_iter)
             self.data_iter = None
             self.reporter.close()
-
-    def model_train(self) -> None:
-        self.engine.model.train()
 
 
 def _summary(cfg: PretrainConfig, mcfg: BeitConfig, rt: Any, run_dir: RunDir, engine: Any, loop: _Loop, step: int,
