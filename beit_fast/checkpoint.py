@@ -511,12 +511,12 @@ def _adapt_to_model(sd: StateDict, model_sd: Mapping[str, torch.Tensor], depth: 
 
 def load_into(
     model: torch.nn.Module, path_or_state_dict: Union[str, Path, Mapping[str, Any]], source: str = "auto",
-    strict: bool = True,
+    strict: bool = True, quiet: bool = False,
 ) -> Dict[str, List[str]]:
     """Convert, adapt (`_adapt_to_model`: shared -> per-layer tables, unilm's resize to the model's grid) and load.
     Returns {"missing": [...], "unexpected": [...]}; with `strict`, either being non-empty raises. Shape mismatches
     that adapting cannot fix (another width, head count or class count) always raise one `CheckpointError` line
-    listing every one."""
+    listing every one. `quiet`: no warning for missing / unexpected keys (a caller that reports them itself)."""
     obj = path_or_state_dict
     if isinstance(obj, (str, Path)):
         obj = load_state_dict_file(obj)
@@ -543,7 +543,7 @@ def load_into(
                     "initialisation, unexpected ones are ignored, and both are returned and logged)")
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems) + hint)
     model.load_state_dict({k: v for k, v in sd.items() if k in model_sd}, strict=False)
-    if missing or unexpected:
+    if (missing or unexpected) and not quiet:
         log.warning("load_pretrained: missing keys %s; unexpected keys (ignored) %s", missing, unexpected)
     return {"missing": missing, "unexpected": unexpected}
 

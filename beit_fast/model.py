@@ -152,8 +152,8 @@ class BeitModel(nn.Module):
 
     `forward` returns the last block's output (B, N+1, D), cls first, before any final norm
     (the heads own theirs). With `return_layers`, it also returns the outputs of those blocks
-    (0-based), e.g. (3, 5, 7, 11) for the segmentation pyramid; `feature_maps` reshapes them
-    into (B, D, h, w).
+    (0-based; -1 is the embedding output, the input of block 0, which transformers' segmentation model can
+    select), e.g. (3, 5, 7, 11) for the segmentation pyramid; `feature_maps` reshapes them into (B, D, h, w).
     """
 
     def __init__(self, config: BeitConfig, use_mask_token: bool = False) -> None:
@@ -263,9 +263,10 @@ class BeitModel(nn.Module):
         if bool_masked_pos is not None:
             bool_masked_pos = self.check_mask(bool_masked_pos, pixel_values.shape[0])
         if return_layers is not None:
-            bad = [i for i in return_layers if not 0 <= i < len(self.blocks)]
+            bad = [i for i in return_layers if not -1 <= i < len(self.blocks)]
             if bad:
-                raise ValueError(f"return_layers {bad} out of range for depth {len(self.blocks)}")
+                raise ValueError(f"return_layers {bad} out of range for depth {len(self.blocks)} "
+                                 "(-1: the embedding output)")
         x = self.embed(pixel_values, bool_masked_pos)
         return self.run_blocks(x, return_layers)
 
@@ -280,7 +281,7 @@ class BeitModel(nn.Module):
             # built once here, shared by every layer (the table's gradient: one scatter per step)
             rel_pos = RelPosBias(rpb.relative_position_bias_table, rpb.relative_position_index).for_backend(backend)
         wanted = set(return_layers or ())
-        layers = []
+        layers = [x] if -1 in wanted else []
         for i, blk in enumerate(self.blocks):
             x = blk(x, rel_pos, backend)
             if i in wanted:

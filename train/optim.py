@@ -13,6 +13,10 @@
                    (rel_pos_bias.*, final norm, fc_norm, heads) -> L + 1, for L = len(model.blocks).
     lr_scale       layer_decay ** (L + 1 - layer): 1 for the heads, layer_decay ** (L + 1) for the embeddings.
 
+A segmentation model (`beit_fast.segmentation`) names its encoder `backbone.*` and exposes `blocks`: the prefix is
+read off before the assignment, as unilm's segmentation `LayerDecayOptimizerConstructor` does, so its adapter and
+decode heads land in layer L + 1 with the other heads.
+
 Each group carries "params", "weight_decay", "lr_scale" and "group_name"; `set_lr` writes lr x lr_scale into every
 group each step (the schedule's value is the top layer's lr). With layer_decay = 1 there are exactly two groups,
 [decay, no_decay], the groups pretraining has always had, so its checkpoints' optimizer states keep loading (a
@@ -102,9 +106,10 @@ def parameter_groups(
     if layer_decay == 1.0:  # fixed order, even when one is empty: the optimizer-state layout of pretraining runs
         for name, wd in (("decay", weight_decay), ("no_decay", 0.0)):
             groups[name] = {"params": [], "weight_decay": wd, "lr_scale": 1.0, "group_name": name}
-    for name, p in model.named_parameters():
+    for full_name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        name = full_name[len("backbone."):] if full_name.startswith("backbone.") and blocks is not None else full_name
         decays = not (p.ndim == 1 or name.endswith(".bias") or name in skip)
         kind = "decay" if decays else "no_decay"
         if layer_decay == 1.0:
