@@ -265,13 +265,8 @@ def plot_confusion(confusion: torch.Tensor, path: Path, class_names: Optional[Se
         raise ValueError(f"plot_confusion: confusion must be a square (C, C) matrix, got {tuple(confusion.shape)}")
     C = int(confusion.shape[0])
     names = _class_names(class_names, C)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        log.info("no confusion-matrix plot: matplotlib is not installed (pip install -e '.[plot]')")
+    plt = _pyplot("confusion-matrix")
+    if plt is None:
         return None
     counts = confusion.detach().to("cpu", torch.float64)
     rows = counts.sum(dim=1, keepdim=True)
@@ -296,11 +291,30 @@ def plot_confusion(confusion: torch.Tensor, path: Path, class_names: Optional[Se
     ax.set_ylabel("true class")
     ax.set_title(title or f"confusion matrix ({C} classes, {int(counts.sum())} images)", fontsize=10)
     fig.tight_layout()
+    return _save_figure(plt, fig, path)
+
+
+def _pyplot(what: str) -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed), or None, with one log line, when it is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        log.info(f"no {what} plot: matplotlib is not installed (pip install -e '.[plot]')")
+        return None
+    return plt
+
+
+def _save_figure(plt: Any, fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Writes `fig` to `path` atomically (a temporary name, then renamed: a reader never sees half an image) and
+    closes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix or '.png'}")
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -314,3 +328,4 @@ def _class_names(class_names: Optional[Sequence[str]], num_classes: int) -> List
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a {num_classes}-class result")
     return [str(n) for n in class_names]
+
