@@ -1,5 +1,6 @@
-"""Evaluation of a classifier over a (sharded) validation set, shared by fine-tuning, linear probing and
-`beit-fast evaluate`: top-1, top-5, mean cross-entropy and the confusion matrix, reduced over ranks.
+"""Evaluation over a (sharded) validation set, reduced over ranks: of a classifier (fine-tuning, linear probing,
+`beit-fast evaluate`: top-1, top-5, mean cross-entropy and the confusion matrix) and of a semantic segmenter
+(`evaluate_segmentation`: mmseg's per-class IoU / accuracy, mIoU, mAcc, aAcc from the pixel confusion matrix).
 
 Model- and engine-agnostic: the caller passes `forward(images) -> logits` (or a list of logits, one per head: the
 linear probe scores a head per backbone layer in one pass) and, under data parallelism, the engine's `reduce_sum`.
@@ -18,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger("beit_fast.train")
 
-__all__ = ["EvalResult", "evaluate", "format_report", "plot_confusion"]
+__all__ = ["EvalResult", "evaluate", "format_report", "plot_confusion", "SegEvalResult", "evaluate_segmentation",
+           "format_seg_report", "plot_segmentation"]
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -265,13 +267,8 @@ def plot_confusion(confusion: torch.Tensor, path: Path, class_names: Optional[Se
         raise ValueError(f"plot_confusion: confusion must be a square (C, C) matrix, got {tuple(confusion.shape)}")
     C = int(confusion.shape[0])
     names = _class_names(class_names, C)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        log.info("no confusion-matrix plot: matplotlib is not installed (pip install -e '.[plot]')")
+    plt = _pyplot("confusion-matrix")
+    if plt is None:
         return None
     counts = confusion.detach().to("cpu", torch.float64)
     rows = counts.sum(dim=1, keepdim=True)
@@ -296,11 +293,30 @@ def plot_confusion(confusion: torch.Tensor, path: Path, class_names: Optional[Se
     ax.set_ylabel("true class")
     ax.set_title(title or f"confusion matrix ({C} classes, {int(counts.sum())} images)", fontsize=10)
     fig.tight_layout()
+    return _save_figure(plt, fig, path)
+
+
+def _pyplot(what: str) -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed), or None, with one log line, when it is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        log.info(f"no {what} plot: matplotlib is not installed (pip install -e '.[plot]')")
+        return None
+    return plt
+
+
+def _save_figure(plt: Any, fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Writes `fig` to `path` atomically (a temporary name, then renamed: a reader never sees half an image) and
+    closes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix or '.png'}")
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -314,3 +330,367 @@ def _class_names(class_names: Optional[Sequence[str]], num_classes: int) -> List
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a {num_classes}-class result")
     return [str(n) for n in class_names]
+
+
+# --- semantic segmentation ---------------------------------------------------------------------------------------
+
+# elements of the fp32 full-resolution logits resized at once (512 MiB): 150 classes at 2048x512 is one image
+_RESIZE_ELEMENTS = 1 << 27
+
+
+@dataclass
+class SegEvalResult:
+    """A segmenter's pixel scores over the whole (all ranks') validation set, with mmseg 0.x's definitions
+    (`mmseg.core.evaluation.metrics.intersect_and_union` summed over images, then `total_area_to_metrics`; the means
+    are `np.nanmean` over classes, as its `CustomDataset.evaluate`).
+
+    Attributes:
+        confusion: (C, C) int64 on the CPU, rows = true class, columns = predicted class; labelled pixels only
+            (pixels whose label is the ignore index are not counted).
+        classes: C class names for reports, or None (the class indices).
+        images: number of images scored.
+        samples: the first `keep` (image (3, h, w) float as fed to the forward, label (H, W), prediction (H, W)
+            int64) triples of this rank, on the CPU, for `plot_segmentation`.
+    """
+
+    confusion: torch.Tensor
+    classes: Optional[List[str]] = None
+    images: int = 0
+    samples: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.confusion.dim() != 2 or self.confusion.shape[0] != self.confusion.shape[1]:
+            raise ValueError(f"SegEvalResult: confusion must be a square (C, C) matrix, got "
+                             f"{tuple(self.confusion.shape)}")
+        if self.classes is not None:
+            self.classes = _class_names(self.classes, self.num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.confusion.shape[0])
+
+    @property
+    def pixels(self) -> int:
+        """Labelled pixels scored."""
+        return int(self.confusion.sum())
+
+    @property
+    def area_intersect(self) -> torch.Tensor:
+        """(C,) float64: pixels of class c predicted as c."""
+        return self.confusion.diagonal().double()
+
+    @property
+    def area_label(self) -> torch.Tensor:
+        """(C,) float64: pixels labelled c."""
+        return self.confusion.sum(dim=1).double()
+
+    @property
+    def area_pred(self) -> torch.Tensor:
+        """(C,) float64: labelled pixels predicted as c."""
+        return self.confusion.sum(dim=0).double()
+
+    @property
+    def area_union(self) -> torch.Tensor:
+        """(C,) float64: pixels labelled c or predicted as c."""
+        return self.area_pred + self.area_label - self.area_intersect
+
+    @property
+    def iou(self) -> torch.Tensor:
+        """(C,) float64: intersect / union; NaN for a class neither labelled nor predicted anywhere."""
+        return _ratio(self.area_intersect, self.area_union)
+
+    @property
+    def acc(self) -> torch.Tensor:
+        """(C,) float64: intersect / label area (the class's recall); NaN for a class with no labelled pixel."""
+        return _ratio(self.area_intersect, self.area_label)
+
+    @property
+    def aacc(self) -> float:
+        """Pixel accuracy over all labelled pixels (mmseg's aAcc); NaN when there is none."""
+        pixels = self.pixels
+        return float(self.area_intersect.sum()) / pixels if pixels else math.nan
+
+    @property
+    def miou(self) -> float:
+        """Mean IoU over the classes with a defined IoU: a class absent from both the labels and the predictions is
+        left out (NaN), a class predicted but never labelled counts with IoU 0 (mmseg's mIoU)."""
+        return float(torch.nanmean(self.iou))
+
+    @property
+    def macc(self) -> float:
+        """Mean per-class accuracy over the classes with a labelled pixel (mmseg's mAcc)."""
+        return float(torch.nanmean(self.acc))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-able summary: means, counts, per-class IoU and accuracy (None for NaN); no matrix, no samples."""
+        return {"miou": _none_if_nan(self.miou), "macc": _none_if_nan(self.macc), "aacc": _none_if_nan(self.aacc),
+                "pixels": self.pixels, "images": self.images, "num_classes": self.num_classes,
+                "classes": self.classes,
+                "iou": [_none_if_nan(v) for v in self.iou.tolist()],
+                "acc": [_none_if_nan(v) for v in self.acc.tolist()]}
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp(min=1), torch.full_like(num, math.nan))
+
+
+def _none_if_nan(x: float) -> Optional[float]:
+    return None if math.isnan(x) else x
+
+
+@torch.no_grad()
+def evaluate_segmentation(forward: Callable[[torch.Tensor], torch.Tensor],
+                          batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
+                          ignore_index: int = 255, device: torch.device, bf16: bool = False,
+                          reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                          progress: bool = False, keep: int = 0,
+                          classes: Optional[Sequence[str]] = None) -> SegEvalResult:
+    """Scores a segmenter on `batches` (this rank's shard) by the pixel confusion matrix, reduced over ranks.
+
+    Args:
+        forward: images (B, 3, h, w) on `device` -> logits (B, C, h', w') at any resolution (a sliding-window or
+            multi-scale test lives in the forward). The model must already be in eval mode.
+        batches: (images (B, 3, h, w), integer labels (B, H, W)) pairs, labels usually on the CPU (uint8 is fine).
+            Logits of another size than the labels are resized bilinearly (align_corners=False, as mmseg's
+            `resize`) to (H, W) before the argmax. A pair with empty labels (shape (0,)) is forwarded but not
+            scored: padding for a rank with fewer batches when the forward is a collective (ZeRO-3).
+        num_classes: C; every label is in [0, C) or equal to `ignore_index`.
+        ignore_index: the label of unlabelled pixels, left out of every score.
+        device: where the images go and the accumulators live.
+        bf16: run `forward` under bf16 autocast (CUDA only); a resize of its logits is done in fp32.
+        reduce_sum: called once, on every rank, with one packed float64 tensor; must return its sum over ranks (an
+            all-reduce). The identity for one process.
+        progress: a tqdm bar (batches, images/s) on stderr when stderr is a terminal.
+        keep: keep the first `keep` (image, label, prediction) triples of this rank on the CPU, in
+            `result.samples` (one device-to-host copy each, only for those).
+        classes: C class names, stored in the result for reports.
+
+    Returns:
+        A `SegEvalResult` (its confusion summed over ranks).
+
+    Raises:
+        ValueError: bf16 off CUDA, num_classes < 1, keep < 0, labels that are not (B, H, W) integers, logits of the
+            wrong shape, a label outside [0, num_classes) other than `ignore_index` on any rank (after the reduction,
+            so that every rank raises and none waits in a collective), or no labelled pixel at all.
+    """
+    if num_classes < 1:
+        raise ValueError(f"evaluate_segmentation: num_classes must be >= 1, got {num_classes}")
+    if keep < 0:
+        raise ValueError(f"evaluate_segmentation: keep must be >= 0, got {keep}")
+    device = torch.device(device)
+    if bf16 and device.type != "cuda":
+        raise ValueError(f"evaluate_segmentation: bf16=True needs a CUDA device (autocast is CUDA-only here), got "
+                         f"{device}")
+    names = None if classes is None else _class_names(classes, num_classes)
+    acc = _SegAccumulator(num_classes, ignore_index, device)
+    samples: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    bar = _bar(batches) if progress else None
+    t0 = time.perf_counter()
+    try:
+        for images, labels in batches:
+            _check_seg_labels(labels)
+            x = images.to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                logits = forward(x)
+            if labels.numel():  # else a padding forward (ZeRO-3), not scored
+                B, H, W = labels.shape
+                pred = _seg_predict(logits, B, num_classes, (H, W))
+                acc.add(pred, labels.to(device, non_blocking=True))
+                if len(samples) < keep:
+                    n = min(keep - len(samples), B)
+                    kept = pred[:n].cpu()
+                    samples += [(images[i].detach().float().cpu(), labels[i].cpu(), kept[i]) for i in range(n)]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({"img/s": f"{acc.images / max(time.perf_counter() - t0, 1e-9):.0f}"}, refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    confusion, images = acc.finish(reduce_sum)
+    return SegEvalResult(confusion=confusion, classes=names, images=images, samples=samples)
+
+
+class _SegAccumulator:
+    """The flattened pixel confusion matrix (int64), the number of bad labels and the extreme bad labels seen here
+    (to name one) on the device; the image count on the host (known from the shapes)."""
+
+    def __init__(self, num_classes: int, ignore_index: int, device: torch.device) -> None:
+        self.num_classes, self.ignore_index, self.device = num_classes, ignore_index, device
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+        self.bad = torch.zeros((), dtype=torch.int64, device=device)
+        self.lo = torch.zeros((), dtype=torch.int64, device=device)
+        self.hi = torch.zeros((), dtype=torch.int64, device=device)
+        self.images = 0
+
+    def add(self, pred: torch.Tensor, labels: torch.Tensor) -> None:
+        C = self.num_classes
+        labels = labels.long()
+        labelled = labels != self.ignore_index
+        valid = labelled & (labels >= 0) & (labels < C)
+        # bad labels are masked out and reported after the reduction, as `evaluate` does for its labels: checking
+        # now would sync, and raising on one rank alone would leave the others waiting in the all-reduce
+        bad = labelled & ~valid
+        self.bad += bad.sum()
+        bad_values = torch.where(bad, labels, 0)
+        self.lo = torch.minimum(self.lo, bad_values.min())
+        self.hi = torch.maximum(self.hi, bad_values.max())
+        # index_add_ with 0/1 weights, not bincount on the masked pixels: CUDA's bincount reads the input's min and
+        # max on the host and boolean masking reads the count (a sync per batch either way)
+        index = torch.where(valid, labels, 0) * C + pred
+        self.confusion.index_add_(0, index.flatten(), valid.flatten().long())
+        self.images += labels.shape[0]
+
+    def finish(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> Tuple[torch.Tensor, int]:
+        C = self.num_classes
+        head = torch.tensor([float(self.images)], dtype=torch.float64, device=self.device)
+        # float64 carries every count exactly (< 2^53), so one tensor makes one all-reduce
+        packed = torch.cat([head, self.bad.double()[None], self.confusion.double()])
+        total = reduce_sum(packed)
+        if not isinstance(total, torch.Tensor) or total.shape != packed.shape:
+            raise ValueError(f"evaluate_segmentation: reduce_sum must return a tensor of shape {tuple(packed.shape)}, "
+                             f"got {getattr(total, 'shape', type(total).__name__)}")
+        total = total.to("cpu", torch.float64)  # the one read
+        images, bad = int(total[0]), int(total[1])
+        if bad:
+            raise ValueError(self._bad_label_message(bad))
+        confusion = total[2:].round().long().view(C, C)
+        if images == 0:
+            raise ValueError("evaluate_segmentation: no image to evaluate (the validation batches are empty on every "
+                             "rank)")
+        if int(confusion.sum()) == 0:
+            raise ValueError(f"evaluate_segmentation: no labelled pixel to evaluate (every label of the {images} "
+                             f"image(s) is the ignore index {self.ignore_index})")
+        return confusion, images
+
+    def _bad_label_message(self, bad: int) -> str:
+        C = self.num_classes
+        lo, hi = int(self.lo), int(self.hi)  # local values, read only on this error path
+        where = (f"[0, {C}) (num_classes={C}) and is not the ignore index {self.ignore_index}; {bad} such pixel(s) "
+                 f"in all")
+        if lo < 0:
+            return f"evaluate_segmentation: label {lo} is out of range {where}"
+        if hi >= C:
+            return f"evaluate_segmentation: label {hi} is out of range {where}"
+        return f"evaluate_segmentation: a label is out of range {where}, on another process"
+
+
+def _check_seg_labels(labels: Any) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"evaluate_segmentation: labels must be a (B, H, W) integer tensor, got "
+                         f"{type(labels).__name__}")
+    if labels.numel() and labels.dim() != 3:
+        raise ValueError(f"evaluate_segmentation: labels must be (B, H, W) class maps, got shape "
+                         f"{tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"evaluate_segmentation: labels must be integer class indices, got dtype {labels.dtype}")
+
+
+def _seg_predict(logits: Any, batch: int, num_classes: int, size: Tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) logits -> (B, H, W) int64 class map at the label's size."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4 or tuple(logits.shape[:2]) != (batch, num_classes):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"evaluate_segmentation: forward must return logits (B, C, h, w) = ({batch}, {num_classes}, "
+                         f"h, w), got {got}")
+    if tuple(logits.shape[-2:]) == size:
+        return logits.argmax(dim=1)
+    # resized in fp32 whatever the forward's dtype, a few images at a time so that the full-resolution logits stay
+    # bounded (mmseg resizes the whole batch at once, then takes the argmax: the same numbers)
+    per = max(1, _RESIZE_ELEMENTS // (num_classes * size[0] * size[1]))
+    return torch.cat([F.interpolate(chunk.float(), size=size, mode="bilinear", align_corners=False).argmax(dim=1)
+                      for chunk in logits.split(per)])
+
+
+def format_seg_report(result: SegEvalResult, classes: Optional[Sequence[str]] = None) -> str:
+    """An mmseg-like table: one `class  IoU  Acc` line per class (percent, 2 decimals, `nan` where undefined), then
+    the summary `aAcc  mIoU  mAcc` and the pixel / image counts. `classes` overrides `result.classes`."""
+    names = _class_names(classes if classes is not None else result.classes, result.num_classes)
+    width = max(len("class"), *(len(n) for n in names))
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
+    for name, iou, acc in zip(names, result.iou.tolist(), result.acc.tolist()):
+        lines.append(f"{name:<{width}}  {_percent(iou)}  {_percent(acc)}")
+    lines += ["", f"{'aAcc':>6}  {'mIoU':>6}  {'mAcc':>6}",
+              f"{_percent(result.aacc)}  {_percent(result.miou)}  {_percent(result.macc)}",
+              f"({result.pixels} labelled pixels, {result.images} images, {result.num_classes} classes)"]
+    return "\n".join(lines)
+
+
+def _percent(x: float) -> str:
+    return f"{'nan':>6}" if math.isnan(x) else f"{100 * x:>6.2f}"
+
+
+def plot_segmentation(samples: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], path: Path, *,
+                      num_classes: int, ignore_index: int = 255,
+                      mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+                      title: str = "", classes: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """A grid with one row per sample: image | ground truth over the image | prediction over the image, in a fixed
+    palette (ignored pixels greyed in the ground truth), with a legend of the classes shown; written
+    atomically (a temporary name, then renamed). None, with one log line, when matplotlib is missing.
+
+    Args:
+        samples: (image (3, h, w) normalised, label (H, W), prediction (H, W)) triples, e.g.
+            `SegEvalResult.samples`; an image of another size than its label is resized bilinearly to it.
+        path: the image file (its suffix picks the format, e.g. .png).
+        num_classes: C, the palette's size.
+        ignore_index: the label of unlabelled pixels.
+        mean, std: the normalisation of the images, undone for display.
+        title: figure title.
+        classes: C class names for the legend; default the class indices.
+    """
+    if not samples:
+        raise ValueError("plot_segmentation: no sample to plot (evaluate_segmentation(keep=K) keeps K of them)")
+    if num_classes < 1:
+        raise ValueError(f"plot_segmentation: num_classes must be >= 1, got {num_classes}")
+    names = _class_names(classes, num_classes)
+    for i, (image, label, pred) in enumerate(samples):
+        if image.dim() != 3 or image.shape[0] != 3 or label.dim() != 2 or tuple(pred.shape) != tuple(label.shape):
+            raise ValueError(f"plot_segmentation: sample {i} must be (image (3, h, w), label (H, W), prediction "
+                             f"(H, W)), got shapes {tuple(image.shape)}, {tuple(label.shape)}, {tuple(pred.shape)}")
+    plt = _pyplot("segmentation")
+    if plt is None:
+        return None
+    from matplotlib.colors import hsv_to_rgb
+    from matplotlib.patches import Patch
+
+    # golden-ratio hue steps: neighbouring class ids get distant hues; value and saturation alternate for many classes
+    i = torch.arange(num_classes, dtype=torch.float64)
+    hsv = torch.stack([(i * 0.6180339887) % 1.0, 0.9 - 0.3 * ((i // 5) % 2), 0.95 - 0.3 * ((i // 10) % 2)], dim=1)
+    palette = torch.from_numpy(hsv_to_rgb(hsv.numpy())).float()  # (C, 3)
+    m, s = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+
+    def overlay(rgb: torch.Tensor, classes_map: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+        color = palette[classes_map.clamp(0, num_classes - 1)].permute(2, 0, 1)
+        return torch.where(shown, 0.45 * rgb + 0.55 * color, 0.3 * rgb + 0.35).permute(1, 2, 0)  # unshown: grey
+
+    rows = len(samples)
+    fig, axes = plt.subplots(rows, 3, figsize=(9.0, 1.0), squeeze=False)  # the height is set with the legend's
+    for r, (image, label, pred) in enumerate(samples):
+        rgb = (image.detach().float().cpu() * s + m).clamp(0, 1)
+        label, pred = label.detach().cpu().long(), pred.detach().cpu().long()
+        if tuple(rgb.shape[-2:]) != tuple(label.shape):
+            rgb = F.interpolate(rgb[None], size=tuple(label.shape), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        labelled = (label != ignore_index) & (label >= 0) & (label < num_classes)
+        counts += torch.bincount(label[labelled], minlength=num_classes)
+        counts += torch.bincount(pred.clamp(0, num_classes - 1).flatten(), minlength=num_classes)
+        hits = int((pred[labelled] == label[labelled]).sum())
+        total = int(labelled.sum())
+        panels = [(rgb.permute(1, 2, 0), "image"), (overlay(rgb, label, labelled), "ground truth"),
+                  (overlay(rgb, pred, torch.ones_like(labelled)),
+                   f"prediction ({100 * hits / total:.1f}% of pixels)" if total else "prediction")]
+        for ax, (panel, name) in zip(axes[r], panels):
+            ax.imshow(panel.numpy(), interpolation="nearest")
+            ax.set_title(name, fontsize=8)
+            ax.axis("off")
+    shown = counts.argsort(descending=True)[:20]  # the legend keeps to the classes covering the most pixels
+    handles = [Patch(color=palette[c].tolist(), label=names[c]) for c in shown.tolist() if counts[c] > 0]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5) or 1, fontsize=7, frameon=False)
+    fig.suptitle(title or f"segmentation: image | ground truth | prediction ({rows} sample{'s' * (rows > 1)})",
+                 fontsize=10)
+    # margins in inches and rows as tall as the tallest panel (a panel is ~2.9 in wide): tight_layout let the panel
+    # titles of a row overlap the row above
+    aspect = min(max(max(label.shape[0] / max(label.shape[1], 1) for _, label, _ in samples), 0.25), 3.0)
+    top, legend = 0.5, 0.25 + 0.2 * ((max(len(handles), 1) + 4) // 5)
+    height = (2.9 * aspect + 0.45) * rows + top + legend
+    fig.set_size_inches(9.0, height)
+    fig.subplots_adjust(left=0.01, right=0.99, wspace=0.04, hspace=0.15, top=1 - top / height, bottom=legend / height)
+    return _save_figure(plt, fig, path)
