@@ -3,6 +3,7 @@
 from .config import PRESETS, BeitConfig
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from .model import BeitForImageClassification, BeitForMaskedImageModeling, BeitModel, MaskedImageModelingOutput
+from .segmentation import BeitForSemanticSegmentation
 
 __version__ = "0.1.0"
 
@@ -12,6 +13,7 @@ __all__ = [
     "BeitModel",
     "BeitForMaskedImageModeling",
     "BeitForImageClassification",
+    "BeitForSemanticSegmentation",
     "MaskedImageModelingOutput",
     "BlockwiseMaskGenerator",
     "RandomMaskGenerator",

@@ -30,6 +30,8 @@ COMMANDS = {
     "finetune": "beit_fast.train.finetune:main",
     "linprobe": "beit_fast.train.finetune:linprobe_main",
     "evaluate": "beit_fast.train.classify:evaluate_main",
+    "segment": "beit_fast.train.segment:main",
+    "segment-eval": "beit_fast.train.segment:evaluate_main",
     "export": "beit_fast.cli:export",
     "mask-bench": "beit_fast.cli:mask_bench",
     "train-tokenizer": "beit_fast.train.train_tokenizer:main",

@@ -55,6 +55,8 @@ __all__ = [
     "FCNHead",
     "DeconvHead",
     "default_out_indices",
+    "detect_segmentation_layout",
+    "segmentation_backbone_state",
     "segmentation_loss",
     "slide_windows",
     "DECODERS",
@@ -484,6 +486,15 @@ def detect_segmentation_layout(sd: Mapping[str, torch.Tensor]) -> str:
     if any(k.startswith("beit.") for k in keys) and any(k.startswith(("decode_head.", "fpn")) for k in keys):
         return "hf"
     return "backbone"
+
+
+def segmentation_backbone_state(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """The backbone's weights (no adapter), in this project's layout, of an mmseg or transformers segmentation
+    state dict (e.g. to read its network's shape off with `beit_fast.train.classify.infer_model_config`)."""
+    full = _from_hf(sd) if detect_segmentation_layout(sd) == "hf" else dict(sd)
+    backbone = {k[len("backbone."):]: v for k, v in full.items()
+                if k.startswith("backbone.") and not re.match(r"backbone\.fpn\d\.", k)}
+    return convert_state_dict(backbone)
 
 
 def _from_mmseg(sd: Mapping[str, torch.Tensor]) -> StateDict:

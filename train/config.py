@@ -156,7 +156,8 @@ class ConfigBase:
 
     def non_negative(self, *names: str) -> None:
         for name in names:
-            if getattr(self, name) < 0:
+            value = getattr(self, name)
+            if value is not None and value < 0:  # None: an optional key left to its derived default
                 self.bad(name, "must be >= 0")
 
     @classmethod

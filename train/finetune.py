@@ -45,10 +45,9 @@ from beit_fast.train.classify import (
 )
 from beit_fast.train.config import BeitTrainConfig
 from beit_fast.train.evaluate import evaluate
-from beit_fast.train.metrics import MetricsWriter, StepReporter, plot_metrics, read_metrics
+from beit_fast.train.loop import TaskLoop, pad_collective_batches
 from beit_fast.train.optim import build_optimizer, scaled_lr, warmup_cosine
 from beit_fast.train.run import (
-    Checkpointer,
     RunDir,
     agree_on_resume,
     plan_resume,
@@ -57,14 +56,12 @@ from beit_fast.train.run import (
 )
 from beit_fast.train.runtime import (
     build_engine,
-    close_loader,
     run_main,
     seed_all,
     setup_runtime,
     start_distributed,
     train_loader,
 )
-from beit_fast.train.step import BadSteps, run_step, train_steps
 
 log = logging.getLogger("beit_fast.finetune")
 
@@ -221,34 +218,25 @@ def _finetune(cfg: FinetuneConfig, run_dir: RunDir) -> Dict[str, Any]:
     return loop.summary(run_dir, step, start_step, last)
 
 
-class _Loop:
-    """Fine-tuning's parts of the shared loop: the loss of a batch (mixup, smoothing), evaluation, best model."""
+class _Loop(TaskLoop):
+    """Fine-tuning's part of the shared loop: the loss of a batch (mixup, smoothing), evaluation, best model."""
+
+    task, tag = "finetune", "finetune"
 
     def __init__(self, cfg: FinetuneConfig, mcfg: BeitConfig, rt: Any, engine: Any, data: Any, num_classes: int,
                  layers: Optional[List[int]]) -> None:
-        self.cfg, self.mcfg, self.rt, self.engine, self.data = cfg, mcfg, rt, engine, data
-        self.num_classes, self.layers = num_classes, layers
-        self.stats: Dict[str, Any] = {"skipped_steps": 0, "bad_in_row": 0, "suspect_steps": [], "bad_files": [],
-                                      "best_top1": None, "best_step": None, "last_eval": None}
+        super().__init__(cfg, mcfg, rt, engine, {"best_top1": None, "best_step": None},
+                         ema_decay=cfg.ema_decay if cfg.ema else None)
+        self.data, self.num_classes, self.layers = data, num_classes, layers
         self.mixup, self.criterion = training_loss(cfg, num_classes)
-        self.ema = None
-        if cfg.ema:
-            from timm.utils import ModelEmaV3
+        self.val_columns = ["step", "val_loss", "val_top1", "val_top5", "val_top1_ema"] + \
+            [f"val_top1_block{i + 1}" for i in layers or []]
 
-            self.ema = ModelEmaV3(engine.model, decay=cfg.ema_decay)
-        self.out = Path(cfg.out)
+    def lr_at(self, step: int) -> float:
+        return warmup_cosine(step, **self.cfg.lr_schedule())
 
-    def resume(self, plan: Any) -> int:
-        if plan.ckpt is None:
-            return 0
-        self.engine.load(plan.path, plan.ckpt)
-        self.stats.update(plan.ckpt["stats"])
-        if self.ema is not None and "ema" in plan.ckpt:
-            self.ema.module.load_state_dict(plan.ckpt["ema"])
-        log.info("resumed from %s at step %d", plan.path, plan.ckpt["step"])
-        step = plan.ckpt["step"]
-        plan.ckpt = None
-        return step
+    def flops_per_image(self) -> float:
+        return self.mcfg.train_flops_per_image(1, self.num_classes)
 
     def loss(self, batch: Any):
         images, labels = batch
@@ -263,35 +251,14 @@ class _Loop:
         losses = [self.criterion(o.float(), labels) for o in outs]
         return torch.stack(losses).sum(), [torch.stack(losses).mean().detach()]
 
-    def one_step(self, step: int):
-        cfg = self.cfg
-        self.lr = warmup_cosine(step, **cfg.lr_schedule())
-        self.engine.set_lr(self.lr)
-        return run_step(self.engine, lambda: next(self.data_iter), self.loss, grad_accum=cfg.grad_accum_steps,
-                        num_extras=1, stop_requested=lambda: self.signals.requested is not None)
-
-    def applied(self, step: int, outcome: Any) -> None:
-        if self.ema is not None:
-            self.ema.update(self.engine.model, step=step)
-        self.reporter.report(step, [float(outcome.values[1])], self.lr, outcome.grad_norm,
-                             {"skipped_steps": self.stats["skipped_steps"]})
-
-    def after_step(self, step: int) -> None:
-        if self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.cfg.max_steps:
-            self.validate(step)
-
     def val_batches(self):
-        """This rank's shard of val. Under ZeRO-3 every forward is a collective (parameters are gathered): a rank
-        with fewer batches forwards unlabelled one-image batches for the missing ones (not scored), so none waits."""
+        """This rank's shard of val (ZeRO-3: padded with unlabelled batches, `pad_collective_batches`)."""
         rt = self.rt
         micro = max(1, self.cfg.batch_size // (rt.world * self.cfg.grad_accum_steps))
         loader = eval_loader(self.data.val, self.mcfg.img_size, micro, rt.rank, rt.world, self.cfg.num_workers,
                              pin_memory=rt.device.type == "cuda")
-        yield from loader
-        if rt.deepspeed and self.cfg.zero_stage == 3:  # a batch with no labels is forwarded, not scored
-            sampler = loader.batch_sampler
-            pad = (loader.dataset[(0, 0)][0][None], torch.zeros(0, dtype=torch.long))
-            yield from [pad] * (sampler.max_rank_batches - len(sampler))
+        pad = (loader.dataset[(0, 0)][0][None], torch.zeros(0, dtype=torch.long))
+        return pad_collective_batches(loader, loader.batch_sampler, pad, rt.deepspeed and self.cfg.zero_stage == 3)
 
     def validate(self, step: int) -> Any:
         """Val top-1 / top-5 / loss (every rank, reduced), a val_metrics.csv row, best.pt when it improves."""
@@ -311,91 +278,33 @@ class _Loop:
                "val_top1_ema": ema.top1 if ema is not None else None}
         if self.layers is not None:
             row.update({f"val_top1_block{i + 1}": r.top1 for i, r in zip(self.layers, results)})
-        self.stats["last_eval"] = {k: v for k, v in row.items() if v is not None}
+        self.write_val_row(row)
         improved = self.stats["best_top1"] is None or best.top1 > self.stats["best_top1"]  # the same on every rank
         full = None
         if improved:
             self.stats["best_top1"], self.stats["best_step"] = best.top1, step
-            if hasattr(self.engine, "full_state_dict"):  # DeepSpeed: a collective under ZeRO-3
-                full = self.engine.full_state_dict()
+            full = self.full_state_dict()
         if self.rt.is_main:
-            self.val_writer.write(row)
-            self.val_writer.flush()
             log.info("val @ step %d | top-1 %.4f | top-5 %.4f | loss %.4f%s", step, best.top1, best.top5, best.loss,
                      f" | EMA top-1 {ema.top1:.4f}" if ema is not None else "")
             if improved:
-                sd = full if full is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
-                save_model(self.out / MODEL_FILE, sd, self.mcfg, self.num_classes, self.data.classes,
+                save_model(self.out / MODEL_FILE, full, self.mcfg, self.num_classes, self.data.classes,
                            {"step": step, "top1": best.top1, "probe_layers": self.layers})
         return results
 
-    def meta(self, step: int) -> Dict[str, Any]:
-        meta = {"task": "finetune", "step": step, "config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(),
-                "stats": self.stats, "num_classes": self.num_classes, "classes": self.data.classes,
-                "probe_layers": self.layers}
-        if self.ema is not None:
-            meta["ema"] = self.ema.module.state_dict()
-        return meta
-
-    def _save(self, ckpt: Checkpointer, step: int) -> Path:
-        """The run's last checkpoint carries its final evaluation (and best.pt is up to date before it)."""
-        done = (self.stats["last_eval"] or {}).get("step") == step
-        if step == self.cfg.max_steps and not done:
-            self.validate(step)
-        return ckpt.save(step)
-
-    def run(self, loader: Any, signals: Any, start_step: int, last: Optional[Path]):
-        cfg, rt = self.cfg, self.rt
-        self.signals, self.data_iter = signals, iter(loader)
-        self.reporter = StepReporter(
-            self.out, [("loss", "loss")], ["skipped_steps"], start_step=start_step, max_steps=cfg.max_steps,
-            log_every=cfg.log_every, batch_size=cfg.batch_size, world=rt.world, device=rt.device,
-            flops_per_image=self.mcfg.train_flops_per_image(1, self.num_classes), tensorboard=cfg.tensorboard,
-            tag="finetune", enabled=rt.is_main)
-        columns = ["step", "val_loss", "val_top1", "val_top5", "val_top1_ema"]
-        columns += [f"val_top1_block{i + 1}" for i in self.layers or []]
-        self.val_writer = MetricsWriter(self.out, columns, start_step, False, "val", "val_metrics.csv") \
-            if rt.is_main else None
-        ckpt = Checkpointer(self.out, self.engine, cfg.keep_last, rt.is_main, self.stats, self.meta,
-                            self.reporter.flush)
-        self.engine.model.train()
-        try:
-            return train_steps(start_step=start_step, max_steps=cfg.max_steps, save_every=cfg.save_every,
-                               world=rt.world, signals=signals, one_step=self.one_step,
-                               bad=BadSteps(self.stats, cfg.max_bad_steps), on_applied=self.applied,
-                               on_skipped=lambda s: self.reporter.restart(), after_step=self.after_step,
-                               save=lambda s: self._save(ckpt, s), last_checkpoint=last)
-        finally:
-            close_loader(loader, self.data_iter)
-            self.data_iter = None
-            self.reporter.close()
-            if self.val_writer is not None:
-                self.val_writer.close()
+    def meta_extra(self) -> Dict[str, Any]:
+        return {"num_classes": self.num_classes, "classes": self.data.classes, "probe_layers": self.layers}
 
     def summary(self, run_dir: RunDir, step: int, start_step: int, last: Optional[Path]) -> Dict[str, Any]:
-        if (self.stats["last_eval"] or {}).get("step") != step:  # e.g. a run resumed before its first evaluation
-            self.validate(step)
-        out = run_dir.out
-        plot = None
-        if self.rt.is_main and self.cfg.plot and (out / "val_metrics.csv").exists():
-            val = read_metrics(out / "val_metrics.csv")
-            plot = plot_metrics(out / "metrics.csv", out / "metrics.png",
-                                [("loss", "train loss", None), ("val_top1", "val top-1", 1.0 / self.num_classes)],
-                                title=f"BEiT fine-tuning: {out.name}",
-                                extra={"val_top1": {"step": val.get("step", []), "value": val.get("val_top1", []),
-                                                    "label": "val top-1"}})
-        summary = {**(self.stats["last_eval"] or {}), "step": step, "steps_run": step - start_step,
-                   "best_top1": self.stats["best_top1"], "best_step": self.stats["best_step"],
-                   "num_classes": self.num_classes, "chance": 1.0 / self.num_classes,
-                   "skipped_steps": self.stats["skipped_steps"], "checkpoint": str(last) if last else None,
-                   "best_model": str(out / MODEL_FILE), "metrics": str(out / "metrics.csv"),
-                   "plot": str(plot) if plot else None, "engine": self.engine.describe(), "out": str(out),
-                   "rank": self.rt.rank}
+        fields = {"best_top1": self.stats["best_top1"], "best_step": self.stats["best_step"],
+                  "num_classes": self.num_classes, "chance": 1.0 / self.num_classes,
+                  "best_model": str(run_dir.out / MODEL_FILE)}
+        if self.layers is not None:  # the final evaluation is in stats["last_eval"] by the time it is read
+            fields["probe"] = {f"block{i + 1}": None for i in self.layers}
+        summary = self.finish(run_dir, step, start_step, last, "val_top1", "val top-1", 1.0 / self.num_classes,
+                              f"BEiT fine-tuning: {run_dir.out.name}", fields)
         if self.layers is not None:
-            summary["probe"] = {f"block{i + 1}": self.stats["last_eval"][f"val_top1_block{i + 1}"] for i in self.layers}
-        if self.rt.is_main:
-            run_dir.write_json("summary.json", summary)
-        self.engine.close()
+            summary["probe"] = {f"block{i + 1}": summary[f"val_top1_block{i + 1}"] for i in self.layers}
         return summary
 
 

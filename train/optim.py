@@ -22,7 +22,8 @@ group each step (the schedule's value is the top layer's lr). With layer_decay =
 [decay, no_decay], the groups pretraining has always had, so its checkpoints' optimizer states keep loading (a
 loaded state replaces the group dicts, extra keys and all: a state saved without "lr_scale" reads as scale 1).
 
-Schedule: per-step linear warmup to the base lr, then cosine to min_lr at max_steps (`warmup_cosine`); the base lr
+Schedules: per-step linear warmup to the base lr, then cosine to min_lr at max_steps (`warmup_cosine`), or mmcv's
+poly with linear warmup (`warmup_poly`, segmentation); the base lr
 follows the linear scaling rule (`scaled_lr`, e.g. unilm's fine-tuning lr 4e-3 is for batch 1024).
 """
 
@@ -41,6 +42,7 @@ __all__ = [
     "apex_classes",
     "set_lr",
     "warmup_cosine",
+    "warmup_poly",
     "scaled_lr",
 ]
 
@@ -198,6 +200,20 @@ def warmup_cosine(step: int, *, base_lr: float, min_lr: float, warmup_steps: int
     span = max(1, max_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def warmup_poly(step: int, *, base_lr: float, min_lr: float, warmup_steps: int, max_steps: int, power: float = 1.0,
+                warmup_ratio: float = 1e-6) -> float:
+    """mmcv's `poly` policy with `linear` warmup, by iteration (unilm's segmentation schedule): the regular lr
+    (base_lr - min_lr) x (1 - step / max_steps)^power + min_lr, scaled during the first `warmup_steps` by
+    1 - (1 - warmup_ratio) x (1 - step / warmup_steps) (from warmup_ratio x the regular lr up to it)."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    progress = min(1.0, step / max(1, max_steps))
+    lr = (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
+    if step < warmup_steps:
+        lr *= 1.0 - (1.0 - warmup_ratio) * (1.0 - step / warmup_steps)
+    return lr
 
 
 def scaled_lr(lr: float, batch_size: int, reference_batch: int) -> float:

@@ -552,7 +552,7 @@ def start_run_directory(out: Path, plan: ResumePlan, start_step: int, outputs: S
             (Path(out) / name).unlink(missing_ok=True)
 
 
-TASK_NAMES = {"pretrain": "pretraining", "finetune": "fine-tuning"}
+TASK_NAMES = {"pretrain": "pretraining", "finetune": "fine-tuning", "segment": "segmentation"}
 
 
 def read_checkpoint(path: Path, task: Optional[str] = "pretrain",
