@@ -326,12 +326,13 @@ class BeitForSemanticSegmentation(nn.Module):
             return _resize(self(pixel_values), pixel_values.shape[2:])
         if mode != "slide":
             raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
-        crop = crop_size or self.config.img_size
+        crop = self.config.img_size if crop_size is None else crop_size
         if crop != self.config.img_size:
             raise ValueError(f"crop_size {crop} != the backbone's img_size {self.config.img_size}")
-        stride = stride or (2 * crop) // 3
-        if stride <= 0:
-            raise ValueError(f"stride must be positive, got {stride}")
+        stride = (2 * crop) // 3 if stride is None else stride
+        if not 0 < stride <= crop:
+            raise ValueError(f"stride must be in [1, crop_size={crop}] (a longer stride leaves pixels that no window "
+                             f"sees), got {stride}")
         B, _, H, W = pixel_values.shape
         out = pixel_values.new_zeros((B, self.num_classes, H, W), dtype=torch.float32)
         count = pixel_values.new_zeros((1, 1, H, W), dtype=torch.float32)
@@ -384,17 +385,22 @@ class BeitForSemanticSegmentation(nn.Module):
         mismatches raise `CheckpointError` listing them."""
         if isinstance(source, nn.Module):
             hf_indices = getattr(getattr(source, "config", None), "out_indices", None)
-            if hf_indices is not None:
+            state = source.state_dict()
+            if hf_indices is not None and detect_segmentation_layout(state) == "hf":  # a segmentation model's only
                 self.out_indices = [int(i) - 2 for i in hf_indices]
                 log.info("transformers out_indices %s -> blocks %s", list(hf_indices), self.out_indices)
-            source = source.state_dict()
+            source = state
         obj = load_state_dict_file(source) if isinstance(source, (str, Path)) else source
         sd = unwrap(obj)
         kind = detect_segmentation_layout(sd)
-        if kind == "backbone":
-            return self._load_backbone(sd, strict)
-        ours = _from_hf(sd) if kind == "hf" else _from_mmseg(sd)
-        return self._load_full(ours, strict)
+        before = {k: v.clone() for k, v in self.state_dict().items()}
+        try:
+            if kind == "backbone":
+                return self._load_backbone(sd, strict)
+            return self._load_full(_from_hf(sd) if kind == "hf" else _from_mmseg(sd), strict)
+        except CheckpointError:  # a refused checkpoint leaves the model as it was (the backbone loads first)
+            self.load_state_dict(before)
+            raise
 
     def _load_backbone(self, sd: StateDict, strict: bool) -> Dict[str, List[str]]:
         sd = convert_state_dict(sd)
@@ -537,8 +543,9 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, aux_logits: Op
                       ignore_index: int = 255, aux_weight: float = 0.4
                       ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Per-pixel cross-entropy of the decode head (+ aux_weight x the auxiliary head's), each head's logits upsampled
-    bilinearly to the labels' (H, W) first (mmseg's `losses`), in fp32, mean over labelled pixels (pixels equal to
-    `ignore_index` do not count). Returns (total, decode loss, aux loss or None)."""
+    bilinearly to the labels' (H, W) first (as mmseg's `losses`), in fp32, mean over labelled pixels (pixels equal to
+    `ignore_index` do not count: transformers' loss and mmseg's later `avg_non_ignore=True`; mmseg 0.11, which unilm
+    ran, divided by all pixels, a constant factor per batch). Returns (total, decode loss, aux loss or None)."""
     if labels.dim() != 3:
         raise ValueError(f"labels must be (B, H, W) class ids, got shape {tuple(labels.shape)}")
     size = labels.shape[1:]
