@@ -299,3 +299,35 @@ def test_seg_collate_stacks_or_pads_with_the_ignore_index():
     assert (labels[0, 8:] == 255).all() and (labels[1, :, 6:] == 255).all() and (labels[1, :10, :6] == 1).all()
     assert sizes.tolist() == [[4, 6, 8, 12], [5, 3, 10, 6]]
     assert (seg_collate(mixed, ignore_index=-1)[1][0, 8:] == -1).all()
+
+
+def test_builtin_ignore_index_pads_crops():
+    d = build_segmentation_data("builtin", num_images=4, image_size=16, ignore_index=99)
+    assert d.ignore_index == 99 and d.train.ignore_index == 99
+    t = SegTrainTransform(24, scale=(16, 16), ratio_range=None, ignore_index=d.ignore_index)
+    np.random.seed(0)
+    _, y = t(*d.train[0])
+    assert (y[16:] == 99).all() and (y[:16, :16] < 9).all()
+    with pytest.raises(SegmentationDataError, match="ignore_index 3 is a class id"):
+        build_segmentation_data("builtin", num_images=4, image_size=16, ignore_index=3)
+
+
+def test_loaders_with_the_shared_samplers(tmp_path):
+    from beit_fast.data import ShardedEvalSampler, StepBatchSampler
+
+    for side in ("train", "val"):
+        for i, (h, w) in enumerate([(12, 20), (20, 12), (16, 16)]):
+            _pair(tmp_path, f"images/{side}", f"labels/{side}", f"im{i}", np.full((h, w), i % 2, np.uint8))
+    d = build_segmentation_data(str(tmp_path), num_classes=2)
+    train = SegmentationDataset(d.train, SegTrainTransform(16, scale=default_scales(16)), seed=0)
+    loader = torch.utils.data.DataLoader(train, batch_sampler=StepBatchSampler(len(train), 2, seed=0),
+                                         collate_fn=seg_collate)
+    images, labels = next(iter(loader))
+    assert images.shape == (2, 3, 16, 16) and labels.shape == (2, 16, 16)
+    val = SegmentationDataset(d.val, SegEvalTransform(scale=default_scales(16)))
+    loader = torch.utils.data.DataLoader(val, batch_sampler=ShardedEvalSampler(len(val), 3),
+                                         collate_fn=lambda b: seg_collate(b, d.ignore_index, return_sizes=True))
+    images, labels, sizes = next(iter(loader))
+    # Short side to 16: (12, 20) -> (16, 27), (20, 12) -> (27, 16); labels keep their own sizes.
+    assert sizes.tolist() == [[16, 27, 12, 20], [27, 16, 20, 12], [16, 16, 16, 16]]
+    assert images.shape == (3, 3, 27, 27) and labels.shape == (3, 20, 20)
