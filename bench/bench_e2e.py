@@ -15,13 +15,24 @@ of `../shared/ANCHORS.md` (bench/peers.py), all in this process on this card.
   timm's `SoftTargetCrossEntropy` on fp32 logits against a fixed mixup-style soft target (mixup itself is not
   timed), eager. Before timing: timm's weights loaded into ours give the same fp32 logits, and ours must resolve
   its attention to "triton" under the step's autocast (on CUDA; the row's note says which backend ran).
+- segmentation step (issue 13): `BeitForSemanticSegmentation` in unilm's ADE20K layout (BEiT-B/16 at 512px, so
+  N = 1025 tokens; per-layer tables, drop path 0.1; blocks [3, 5, 7, 11] -> multi-scale adapter -> UperNet at 768
+  channels + the auxiliary FCN head; 150 classes), batch 16, as train/segment.py runs it: `PlainEngine` (bf16
+  autocast, no clipping), forward with the aux logits, `segmentation_loss` (CE + 0.4 x aux CE at the labels'
+  resolution, ignore 255), backward, `build_optimizer(layer_decay=0.65)`; its attention resolved by "auto" must be
+  "triton" on CUDA. Against transformers' `BeitForSemanticSegmentation` (SDPA) with its own loss and fused AdamW on
+  the same layer-decay groups. transformers cannot feed the last block to its pyramid (`peers.hf_out_indices`): its
+  blocks are [3, 5, 7, 10], so its backward skips block 11's (estimated < 1% of the step, the decoder's convs at
+  stride 4 dominate; the comparison leans its way). Before timing: ours built from the transformers model
+  (`from_transformers`) gives the same fp32 logits, auxiliary logits and loss.
 
 Correctness first: ours and timm-composed load the same weights and must give the same loss (fp32) before
 anything is timed. Reported: median ms per step (CUDA events), img/s, absolute peak memory of the step, and
 `speedup_of_ours` = peer ms / our ms. `BEIT_BENCH_SMOKE=1`: the tiny preset at batch 2 on the CPU (code paths only;
 the fine-tuning row runs the Triton attention through the interpreter when TRITON_INTERPRET=1).
-`BEIT_BENCH_QUICK=1` (the GPU suite's quick part): the backbone step of ours and timm-composed and the fine-tuning
-step, eager only (nothing compiled by inductor); the other rows are recorded as not run.
+`BEIT_BENCH_QUICK=1` (the GPU suite's quick part): the backbone step of ours and timm-composed, the fine-tuning
+step and the segmentation step (8 timed steps instead of 15), eager only (nothing compiled by inductor); the other
+rows are recorded as not run.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import pytest
 import torch
 from benchutil import AVAILABLE, DEVICE, QUICK, SMOKE, median_ms
 
-from beit_fast import BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling
+from beit_fast import BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, BeitModel
 from beit_fast.kernels import triton_reasons
 from beit_fast.train.engine import PlainEngine
 from beit_fast.train.pretrain import build_mask_generator
@@ -110,10 +121,10 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _measure(build, tokenize, inputs=None, describe=None) -> tuple:
+def _measure(build, tokenize, inputs=None, describe=None, iters: int = 15) -> tuple:
     """(median ms, peak GB, note) of one implementation's step; its model and optimizer die with this frame.
     `inputs()`: the step's arguments (default: the MIM batch); `describe(model)`: the row's note, called after the
-    build and before any step (it may assert what the timing must measure)."""
+    build and before any step (it may assert what the timing must measure); `iters`: timed steps (after 3)."""
     if inputs is not None:
         args = inputs()
         model, step = build()
@@ -129,23 +140,25 @@ def _measure(build, tokenize, inputs=None, describe=None) -> tuple:
 
     note = describe(model) if describe is not None else ""
     fn()  # compile / autotune outside the timing
-    return median_ms(fn, warmup=3, iters=5 if SMOKE else 15), _peak_gb(fn), note
+    return median_ms(fn, warmup=3, iters=5 if SMOKE else iters), _peak_gb(fn), note
 
 
 def _time(name: str, build, results: dict, record, what: str, ours_key: str = "", tokenize=None,
-          ratio: str = "speedup_of_ours", inputs=None, describe=None) -> None:
+          ratio: str = "speedup_of_ours", inputs=None, describe=None, bench: str = BENCH, batch: int = B,
+          iters: int = 15) -> None:
     """Build one implementation, time its step, record it, free it. A failure is recorded, and the test fails at
-    its end (after the other implementations ran). `inputs`, `describe`: see `_measure`."""
+    its end (after the other implementations ran). `inputs`, `describe`, `iters`: see `_measure`; `bench`, `batch`:
+    the row's label and images per step (img/s), for a row not at the MIM batch."""
     try:
-        ms, peak, note = _measure(build, tokenize, inputs, describe)
+        ms, peak, note = _measure(build, tokenize, inputs, describe, iters)
     except Exception as exc:
-        record(bench=f"{BENCH} {what}", impl=name, ms=float("nan"), note=f"{type(exc).__name__}: {exc}"[:200])
+        record(bench=f"{bench} {what}", impl=name, ms=float("nan"), note=f"{type(exc).__name__}: {exc}"[:200])
         results.setdefault("_failed", []).append(f"{name}: {type(exc).__name__}: {exc}"[:300])
         return
     finally:
         _free()
     results[name] = ms
-    row = dict(bench=f"{BENCH} {what}", impl=name, ms=ms, img_per_s=B / ms * 1e3, peak_gb=peak)
+    row = dict(bench=f"{bench} {what}", impl=name, ms=ms, img_per_s=batch / ms * 1e3, peak_gb=peak)
     if ours_key and ours_key in results:
         row[ratio] = ms / results[ours_key]
     if note:
@@ -250,14 +263,15 @@ def _ours_finetune():
     return model, step
 
 
-def _ours_attention(model: BeitForImageClassification) -> str:
-    """The backend the timed forward resolves (train mode, grad on, the step's autocast); on CUDA it must be the
-    Triton kernel, or the row would not measure it."""
+def _ours_attention(model: BeitModel) -> str:
+    """The backend the timed forward of `model` (a BEiT encoder: the classifier, or a segmentation backbone)
+    resolves (train mode, grad on, the step's autocast); on CUDA it must be the Triton kernel, or the row would not
+    measure it."""
     probe = torch.empty(1, device=DEVICE)  # attention_backend reads only its device and dtype
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=BF16):
         backend = model.attention_backend(probe)
     if DEVICE == "cuda" and backend != "triton":
-        raise AssertionError(f"the fine-tuning forward resolves attention backend {backend!r}, not 'triton'")
+        raise AssertionError(f"the timed forward resolves attention backend {backend!r}, not 'triton'")
     return f"attention backend {backend}"
 
 
@@ -309,6 +323,143 @@ def test_e2e_finetune_step(record):
           describe=lambda m: f"timm fused_attn (SDPA) {m.blocks[0].attn.fused_attn}; create_optimizer_v2 groups")
     _no_failures(results)
 
+
+
+# -- segmentation (issue 13) ------------------------------------------------------------------------------------------
+# unilm's ADE20K fine-tuning (SPEC section 8): BEiT-B/16 at 512px (N = 1025), 150 classes, batch 16 per GPU, lr 7e-4 at
+# batch 16; "auto" attention as train/segment.py runs it (on CUDA in bf16 it must resolve to the Triton kernel; on
+# the CPU only the interpreter runs it, so the smoke run asks for it by name). Smoke: the same code at img 64, width
+# 64, depth 6 (depth 6, not 4: transformers can then feed the pyramid from 4 blocks, [1, 2, 3, 4] against our
+# [1, 2, 3, 5]; see `peers.hf_out_indices`)
+SEG_CLASSES, SEG_IGNORE = 150, 255
+SEG_ATTN = "auto" if DEVICE == "cuda" else FT_ATTN
+_SEG_SHAPES = dict(img_size=64, embed_dim=64, depth=6, num_heads=4) if SMOKE else dict(img_size=512)
+SEG_CFG = BeitConfig.from_preset("base", **_SEG_SHAPES, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,
+                                 drop_path_rate=0.1, attn_backend=SEG_ATTN)
+SEG_B = 2 if SMOKE else 16
+SEG_LR = 7e-4 * SEG_B / 16
+SEG_BENCH = f"e2e {'tiny' if SMOKE else 'base'} {SEG_CFG.img_size}px B={SEG_B} {'bf16' if BF16 else 'fp32'}"
+SEG_ITERS = 8 if QUICK else 15  # ~0.2-0.4 s a step on an H100 (estimate): the quick suite keeps its time limit
+SEG_PARITY_RTOL = FT_PARITY_RTOL  # the same bound, on the logits and on the loss (CE + 0.4 aux CE)
+
+
+def _seg_inputs(seed: int = 0) -> tuple:
+    """(pixels (SEG_B, 3, S, S), labels (SEG_B, S, S) int64 in [0, SEG_CLASSES) with ~5% ignore pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    S = SEG_CFG.img_size
+    pixels = torch.randn(SEG_B, 3, S, S, generator=g)
+    labels = torch.randint(0, SEG_CLASSES, (SEG_B, S, S), generator=g)
+    labels[torch.rand(SEG_B, S, S, generator=g) < 0.05] = SEG_IGNORE
+    return pixels.to(DEVICE), labels.to(DEVICE)
+
+
+def _ours_segment():
+    from beit_fast.segmentation import BeitForSemanticSegmentation, segmentation_loss
+    from beit_fast.train.optim import build_optimizer
+
+    model = BeitForSemanticSegmentation(SEG_CFG, SEG_CLASSES).to(DEVICE).train()  # UperNet at 768, aux head
+    engine = PlainEngine(model, build_optimizer(model, lr=SEG_LR, weight_decay=0.05, layer_decay=0.65),
+                         device=torch.device(DEVICE), bf16=BF16, clip_grad=0.0, grad_accum=1)
+
+    def step(pixels, labels):
+        # as train/segment.py's loop: the forward under the engine's autocast, the loss outside it (fp32 logits)
+        logits, aux = engine.forward(pixels, return_aux=True)
+        loss = segmentation_loss(logits, labels, aux, ignore_index=SEG_IGNORE, aux_weight=0.4)[0]
+        if engine.all_finite(loss)[0]:
+            engine.backward(loss)
+            engine.step()
+        return loss.detach()
+
+    return model, step
+
+
+def _seg_peer_indices() -> list:
+    from peers import hf_out_indices
+
+    from beit_fast.segmentation import default_out_indices
+
+    return hf_out_indices(default_out_indices(SEG_CFG.depth), SEG_CFG.depth)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _segment_parity() -> tuple:
+    """({what: error}, the blocks ours read) of ours built from a transformers model by `from_transformers` (fp32,
+    eval: no drop path, BatchNorm on its running statistics, TF32 off): max|ours - hf| / max|hf| of the logits and
+    of the auxiliary head's logits (transformers does not return them: a forward hook takes them), and of the loss
+    (CE + 0.4 aux CE at the labels' size, ignore 255: each side's own)."""
+    from peers import hf_beit_segmenter
+
+    from beit_fast.segmentation import BeitForSemanticSegmentation, segmentation_loss
+
+    torch.manual_seed(0)
+    peer = hf_beit_segmenter(SEG_CFG, SEG_CLASSES, _seg_peer_indices())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        # transformers starts the tables at zero and layer scale at 0.1: large noise there makes the relative position
+        # bias count in the logits, small noise on the rest makes every tensor count; running statistics off (0, 1)
+        # so BatchNorm's buffers count too
+        for name, p in peer.named_parameters():
+            big = "relative_position_bias_table" in name or "lambda_" in name
+            p.add_(torch.randn(p.shape, generator=g) * (0.5 if big else 0.02))
+        for name, buf in peer.named_buffers():
+            if name.endswith("running_mean"):
+                buf.add_(torch.randn(buf.shape, generator=g) * 0.1)
+            elif name.endswith("running_var"):
+                buf.mul_(torch.rand(buf.shape, generator=g) + 0.5)
+    # strict load of every tensor; the Triton attention by name on CUDA (fp32: IEEE), as in the fine-tuning parity
+    ours = BeitForSemanticSegmentation.from_transformers(peer, config={"attn_backend": FT_ATTN})
+    blocks = list(ours.out_indices)
+    ours, peer = ours.to(DEVICE).eval(), peer.to(DEVICE).eval()
+    pixels, labels = (t[: min(SEG_B, 2)] for t in _seg_inputs(1))
+    peer_aux = []
+    hook = peer.auxiliary_head.register_forward_hook(lambda mod, args, out: peer_aux.append(out))
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # cuDNN's default is TF32
+    try:
+        with torch.no_grad():
+            logits, aux = ours(pixels, return_aux=True)
+            loss = segmentation_loss(logits, labels, aux, ignore_index=SEG_IGNORE, aux_weight=0.4)[0]
+            out = peer(pixel_values=pixels, labels=labels)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        hook.remove()
+    errors = {"logits": _rel_err(logits, out.logits), "aux logits": _rel_err(aux, peer_aux[0]),
+              "loss": _rel_err(loss, out.loss)}
+    return errors, blocks
+
+
+def test_e2e_segment_step(record):
+    """One segmentation training step at 512px (issue 13's target): ours (Triton attention at N = 1025) against
+    transformers' BeitForSemanticSegmentation with SDPA, eager, after the same weights gave the same fp32 logits."""
+    from peers import hf_segment
+
+    what = "segmentation step (UperNet + aux, CE ignore 255)"
+    peer_indices = _seg_peer_indices()
+    errors, peer_blocks = _segment_parity()
+    _free()
+    parity = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+    bad = {k: v for k, v in errors.items() if not v <= SEG_PARITY_RTOL}
+    if bad:
+        record(bench=f"{SEG_BENCH} {what}", impl="parity: ours vs transformers, fp32", ms=float("nan"),
+               note=f"rel err {parity} (bound {SEG_PARITY_RTOL}): not timed")
+    assert not bad, f"fp32 outputs differ from transformers' (max rel err > {SEG_PARITY_RTOL}): {bad}"
+    results: dict = {}
+    ours = "beit-fast BeitForSemanticSegmentation (engine, eager)"
+    n = SEG_CFG.num_patches + 1
+    _time(ours, _ours_segment, results, record, what, inputs=_seg_inputs, bench=SEG_BENCH, batch=SEG_B,
+          iters=SEG_ITERS,
+          describe=lambda m: f"{_ours_attention(m.backbone)} at N={n}; blocks {m.out_indices}; fp32 vs "
+                             f"transformers, rel err: {parity}")
+    _time("transformers BeitForSemanticSegmentation (sdpa) eager",
+          lambda: hf_segment(SEG_CFG, SEG_CLASSES, peer_indices, DEVICE, BF16, SEG_LR), results, record, what, ours,
+          inputs=_seg_inputs, bench=SEG_BENCH, batch=SEG_B, iters=SEG_ITERS,
+          describe=lambda m: f"attn {getattr(m.config, '_attn_implementation', '?')}; out_indices {peer_indices} = "
+                             f"blocks {peer_blocks} (the last one is out of its reach); AdamW on layer-decay groups")
+    _no_failures(results)
 
 def test_e2e_full_step_with_tokenizer(record):
     from peers import dalle_encoder, timm_composed

@@ -9,16 +9,19 @@
   the same architecture as plain `nn.Conv2d` under fp16 autocast, and the returned label says which one ran.
 - `timm_finetune`: timm's registered `beit_base_patch16_224` classifier (per-layer relative position tables, SDPA
   attention with the bias as `attn_mask`) with AdamW on timm's own layer-decay groups, `SoftTargetCrossEntropy`.
+- `hf_segment`: transformers' `BeitForSemanticSegmentation` (SDPA attention, its FPN adapter, UperNet and auxiliary
+  FCN head, its own loss: CE + 0.4 x aux CE, ignore index 255) with AdamW on unilm's layer-decay groups.
 
 Every MIM peer is a callable step `fn(pixels, mask, tokens)` built on the same shapes as ours, with fused AdamW on
 the reference parameter groups, so a step is forward + backward + optimizer, as in the training loop; the
-fine-tuning peer's step is `fn(pixels, soft_targets)`.
+fine-tuning peer's step is `fn(pixels, soft_targets)`, the segmentation peer's `fn(pixels, labels)`.
 """
 
 from __future__ import annotations
 
+import re
 from functools import partial
-from typing import Callable, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from beit_fast.config import BeitConfig
 
 __all__ = ["TimmComposedMIM", "timm_composed", "hf_mim", "dalle_encoder", "adamw", "timm_beit_classifier",
-           "timm_finetune"]
+           "timm_finetune", "hf_out_indices", "hf_beit_segmenter", "hf_layer_decay_groups", "hf_segment"]
 
 
 class TimmComposedMIM(nn.Module):
@@ -173,6 +176,89 @@ def timm_finetune(num_classes: int, device: str, bf16: bool, lr: float, **shapes
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             logits = model(pixels)
         loss = criterion(logits.float(), soft_targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, step
+
+
+def hf_out_indices(blocks: Sequence[int], depth: int) -> List[int]:
+    """transformers' `out_indices` for `BeitForSemanticSegmentation` that feed its pyramid from our 0-based `blocks`,
+    as far as its config allows.
+
+    It reads `hidden_states[i - 1]` for each i (index 0: the embeddings, so block i - 2) and accepts only
+    0 <= i <= depth in increasing order (its backbone stage names), so the last block (depth - 1, i = depth + 1) is
+    out of its reach: that entry becomes i = depth, block depth - 2 (ours [3, 5, 7, 11] at depth 12 -> [5, 7, 9, 12],
+    blocks 3, 5, 7, 10). Raises ValueError when the result repeats a block or leaves [1, depth].
+    """
+    hf = [min(int(b) + 2, depth) for b in blocks]
+    if len(set(hf)) != len(hf) or hf != sorted(hf) or not all(1 <= i <= depth for i in hf):
+        raise ValueError(f"blocks {list(blocks)} at depth {depth} have no transformers out_indices (got {hf}: "
+                         f"it needs 4 increasing values in [1, {depth}])")
+    return hf
+
+
+def hf_beit_segmenter(c: BeitConfig, num_classes: int, out_indices: Sequence[int]) -> nn.Module:
+    """transformers' `BeitForSemanticSegmentation` with random weights in `c`'s shapes (width, depth, heads, patch,
+    resolution, per-layer relative position tables, layer scale, eps, drop path), SDPA attention, UperNet at
+    `hidden_size` channels (its fixed choice, = unilm's base config) with pool scales 1, 2, 3, 6, the auxiliary FCN
+    head (256 channels, one conv, loss weight 0.4), ignore index 255. `out_indices`: transformers' (`hf_out_indices`).
+    """
+    import transformers
+
+    if c.use_shared_rel_pos_bias or not c.use_rel_pos_bias:
+        raise ValueError("the segmentation peer is built in the fine-tuning layout (use_rel_pos_bias=True, "
+                         f"use_shared_rel_pos_bias=False), got {c.use_rel_pos_bias=}, {c.use_shared_rel_pos_bias=}")
+    cfg = transformers.BeitConfig(
+        image_size=c.img_size, patch_size=c.patch_size, num_channels=c.in_chans, hidden_size=c.embed_dim,
+        num_hidden_layers=c.depth, num_attention_heads=c.num_heads, intermediate_size=c.mlp_hidden_dim,
+        use_relative_position_bias=True, use_shared_relative_position_bias=False,
+        use_absolute_position_embeddings=c.use_abs_pos_emb, layer_scale_init_value=c.init_values or 0.0,
+        layer_norm_eps=c.layer_norm_eps, drop_path_rate=c.drop_path_rate, out_indices=list(out_indices),
+        num_labels=num_classes, pool_scales=[1, 2, 3, 6], use_auxiliary_head=True, auxiliary_channels=256,
+        auxiliary_num_convs=1, auxiliary_concat_input=False, auxiliary_loss_weight=0.4, semantic_loss_ignore_index=255,
+        attn_implementation="sdpa",
+    )
+    return transformers.BeitForSemanticSegmentation(cfg)
+
+
+# transformers' blocks: `beit.encoder.layer.i.` (< 5) and `beit.layers.i.` (>= 5)
+_HF_LAYER = re.compile(r"beit\.(?:encoder\.layer|layers)\.(\d+)\.")
+
+
+def hf_layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> List[Dict[str, Any]]:
+    """unilm's layer-decay assignment (as `beit_fast.train.optim.parameter_groups`) on a transformers BEiT's names:
+    embeddings layer 0, block i layer i + 1, everything else (adapter, heads) L + 1; lr x layer_decay^(L + 1 -
+    layer); no weight decay on 1-D parameters, biases and the cls token. One group per (layer, decay or not)."""
+    depth = model.config.num_hidden_layers
+    groups: Dict[str, Dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        m = _HF_LAYER.match(name)
+        lid = 0 if name.startswith("beit.embeddings.") else int(m.group(1)) + 1 if m else depth + 1
+        decays = not (p.ndim == 1 or name.endswith((".bias", "cls_token", "position_embeddings")))
+        key = f"layer_{lid}_{'decay' if decays else 'no_decay'}"
+        if key not in groups:
+            scale = layer_decay ** (depth + 1 - lid)
+            groups[key] = {"params": [], "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def hf_segment(c: BeitConfig, num_classes: int, out_indices: Sequence[int], device: str, bf16: bool, lr: float
+               ) -> Tuple[nn.Module, Callable]:
+    """(module, step(pixels (B, 3, S, S), labels (B, S, S) int64)): one training step of transformers'
+    `BeitForSemanticSegmentation` (`hf_beit_segmenter`) as its users write it: the forward with `labels` under bf16
+    autocast (its own loss: logits upsampled to the labels, CE + 0.4 x the auxiliary head's, ignore index 255),
+    backward, torch AdamW (fused on CUDA) on `hf_layer_decay_groups` (layer decay 0.65, weight decay 0.05)."""
+    model = hf_beit_segmenter(c, num_classes, out_indices).to(device).train()
+    fused = {"fused": True} if device == "cuda" else {}
+    opt = torch.optim.AdamW(hf_layer_decay_groups(model, lr, 0.05, 0.65), lr=lr, **fused)
+
+    def step(pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(pixel_values=pixels, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
