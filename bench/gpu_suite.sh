@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU suite, run on a lent GPU machine (no network) from the repo root.
-#   SUITE=quick   bash bench/gpu_suite.sh   # <= 5 min on an H100: the kernels' gpu tests (one file at a time) + the
+#   SUITE=quick   bash bench/gpu_suite.sh   # <= 7 min on an H100: the kernels' gpu tests (one file at a time) + the
 #                                           # attention, fused CE, masked_embed, gather-LN, tokenizer benches + the e2e
 #                                           # backbone step (ours vs timm-composed eager) + the e2e fine-tuning step
-#                                           # (ours on the Triton attention vs timm's beit_base_patch16_224, eager);
-#                                           # nothing compiled by inductor.
+#                                           # (ours on the Triton attention vs timm's beit_base_patch16_224, eager) +
+#                                           # the e2e segmentation step (BEiT-B + UperNet at 512, ours vs transformers'
+#                                           # BeitForSemanticSegmentation with SDPA); nothing compiled by inductor.
 #                                           # Run it once before a kernel change and once after (bench/results/).
 #   SUITE=kernels bash bench/gpu_suite.sh   # every gpu test + the kernel benches with all peers (torch.compile too)
 #   SUITE=e2e     bash bench/gpu_suite.sh   # the whole pretraining step against every peer (~7 min) + the
-#                                           # fine-tuning step (ours vs timm's beit_base_patch16_224, eager)
+#                                           # fine-tuning and segmentation steps
 #   bash bench/gpu_suite.sh                 # kernels + e2e (SUITE=all; over 10 minutes: for a machine of your own)
 # 1. installs this checkout offline (pip --no-deps --no-build-isolation -e .), plus any wheels carried in .whl/
 #    (`make gpu-wheels`: Liger, cut_cross_entropy, dall_e, DeepSpeed and its pure-Python dependencies);
@@ -61,10 +62,10 @@ case "$SUITE" in
         export BEIT_BENCH_QUICK=1
         gpu_tests 100 $KERNEL_TESTS
         # one pytest session, so one results table (rows are written as they come: a time-out keeps them)
-        echo "== benchmarks (quick): attention, fused CE, masked_embed, gather-LN, tokenizer, e2e backbone and" \
-            "fine-tuning steps"
-        bench 230 bench_log.txt bench/bench_attention.py bench/bench_kernels.py bench/bench_tokenizer.py \
-            bench/bench_e2e.py -k "not test_e2e or backbone_step or finetune_step"
+        echo "== benchmarks (quick): attention, fused CE, masked_embed, gather-LN, tokenizer, e2e backbone," \
+            "fine-tuning and segmentation steps"
+        bench 330 bench_log.txt bench/bench_attention.py bench/bench_kernels.py bench/bench_tokenizer.py \
+            bench/bench_e2e.py -k "not test_e2e or backbone_step or finetune_step or segment_step"
         ;;
     kernels|all)
         gpu_tests 240 $(grep -l "mark.gpu" tests/test_*.py)
