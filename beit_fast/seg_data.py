@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from beit_fast.data import BuiltinShapes, _list_images, _reason, _seeded_globals, sample_seed, to_rgb
+from beit_fast.data import SHAPE_CLASSES, BuiltinShapes, _list_images, _reason, _seeded_globals, sample_seed, to_rgb
 
 __all__ = [
     "SegmentationDataError",
@@ -269,7 +269,8 @@ def build_segmentation_data(data: str, *, num_images: int = 1024, image_size: in
     """Train and val sources from "builtin", an ADE20K folder or a generic folder.
 
     - "builtin": one `BuiltinShapes` stream (`image_size` px, dataset seed `BUILTIN_SEGMENTATION_SEED` + `seed`): train
-      is its first `num_images` images, val the next max(64, num_images // 4). Classes "background" and the 8 shapes.
+      is its first `num_images` images, val the next max(64, num_images // 4). Classes "background" and the 8 shapes
+      (`num_classes` k + 1 < 9: background and the first k shape kinds, an easier task for tests and small budgets).
     - ADE20K (`data/images/training` and `data/annotations/training` exist): `images/{training,validation}/<name>.jpg`
       with `annotations/{training,validation}/<name>.png`; the 150 ADE20K classes, reduce_zero_label by default
       (raw 0 -> ignore_index, k -> k - 1). With reduce_zero_label=False raw values are the ids and 0 is a class,
@@ -335,10 +336,12 @@ def _builtin_data(num_images: int, image_size: int, num_classes: Optional[int], 
     if reduce_zero_label:
         raise SegmentationDataError("reduce_zero_label does not apply to the builtin data (0 is its background class)")
     num_val = max(64, num_images // 4)
-    base = BuiltinShapes(num_images + num_val, image_size, seed=BUILTIN_SEGMENTATION_SEED + seed)
+    kinds = len(SHAPE_CLASSES) if num_classes is None else num_classes - 1  # background + the first k shape kinds
+    if not 2 <= kinds <= len(SHAPE_CLASSES):
+        raise SegmentationDataError(f"the builtin data has 3 to {len(SHAPE_CLASSES) + 1} classes (background + 2 to "
+                                    f"{len(SHAPE_CLASSES)} shape kinds), not {num_classes}")
+    base = BuiltinShapes(num_images + num_val, image_size, seed=BUILTIN_SEGMENTATION_SEED + seed, num_classes=kinds)
     classes = ["background", *base.classes]
-    if num_classes is not None and num_classes != len(classes):
-        raise SegmentationDataError(f"the builtin data has {len(classes)} classes, not {num_classes}")
     if ignore_index < len(classes):
         raise SegmentationDataError(f"ignore_index {ignore_index} is a class id (there are {len(classes)} classes)")
     return SegmentationData(train=SegmentationSource.from_builtin(base, range(num_images), ignore_index),
