@@ -18,6 +18,8 @@ commands:
   finetune    classification fine-tuning from a pretraining run, a unilm / timm / transformers checkpoint or scratch
   linprobe    linear probing of a frozen backbone, every layer in one pass (beit-fast finetune --linear-probe)
   evaluate    top-1 / top-5 / loss, per-class accuracy and a confusion-matrix PNG of a fine-tuned checkpoint
+  segment     semantic-segmentation fine-tuning: BEiT + multi-scale adapter + UperNet (beit-fast segment --help)
+  segment-eval  mIoU, per-class IoU / accuracy, aAcc of a segmentation checkpoint (slide, multi-scale + flip)
   export      a pretraining checkpoint's weights in the unilm layout, for fine-tuning elsewhere
   mask-bench  masks per second of the blockwise mask generator on one core
   train-tokenizer  train a DALL-E-style dVAE tokenizer (beit-fast train-tokenizer --help)

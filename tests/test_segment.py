@@ -83,8 +83,8 @@ def test_resume_is_exact(pretrained, tmp_path, monkeypatch):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_init_from_mmseg_and_transformers_checkpoints(tmp_path):
-    """A segmentation checkpoint in mmseg's layout (and the same weights in transformers' names) initialises every
+def test_init_from_an_mmseg_checkpoint_and_the_head_swap(tmp_path):
+    """A segmentation checkpoint in mmseg's layout initialises every
     weight; a head of another class count needs --new-head."""
     cfg = BeitConfig.from_preset("tiny", **MODEL, use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
     src = BeitForSemanticSegmentation(cfg, 9, channels=32)
@@ -152,3 +152,12 @@ def test_bad_data_is_one_line_and_writes_nothing(tmp_path, problem):
     named = {"no_label": "a.jpg", "size": "c.", "value": "c.png", "empty_val": "val"}[problem]
     assert named in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_list_options_from_the_command_line():
+    cfg = SegmentConfig.from_args(["--ratio-range", "[1.0,1.5]", "--out-indices", "0,1,2,3", "--scale", "256,64"])
+    assert cfg.ratio_range == [1.0, 1.5] and cfg.out_indices == [0, 1, 2, 3] and cfg.scale == [256, 64]
+    with pytest.raises(ValueError, match="--lr expects a number"):
+        SegmentConfig.from_args(["--lr", "[1,2]"])
+    with pytest.raises(ValueError, match="out_indices"):
+        SegmentConfig.from_args(["--out-indices", "1,2"]).validate()

@@ -95,7 +95,10 @@ def coerce(where: str, name: str, value: Any, tp: Any, from_cli: bool) -> Any:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             parsed = value
-        value = value if isinstance(parsed, (list, dict)) else parsed
+        if _accepts(tp, list) and isinstance(parsed, str) and "," in parsed:
+            parsed = [yaml.safe_load(v) for v in parsed.split(",")]  # --ratio-range 0.5,2.0
+        # a list only where the field is one (--ratio-range [0.5,2.0]); a mapping never (model keys go one by one)
+        value = value if isinstance(parsed, dict) or (isinstance(parsed, list) and not _accepts(tp, list)) else parsed
     if isinstance(value, str) and _accepts(tp, float) and not _accepts(tp, str):
         try:  # YAML 1.1 reads "2e-3" (no dot) as a string
             value = float(value)

@@ -16,7 +16,7 @@ warmup (1500 of 160k iterations: the same share of a shorter run), per-pixel cro
 0.4 x the aux head's, mmseg's training pipeline (random resize 0.5-2.0 of the base scale, crop with
 cat_max_ratio 0.75, flip, photometric distortion). Evaluation: whole image or mmseg's sliding window.
 Data: `builtin` (procedural shapes with per-pixel labels), an ADE20K folder, or DIR/images + DIR/labels.
-The README's "Segmentation" section is the full reference.
+The README's "Semantic segmentation" section is the full reference.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class SegmentConfig(BeitTrainConfig):
     aux_head: bool = True  # auxiliary FCN head on the third level (loss weight aux_weight)
     aux_weight: float = 0.4
     channels: Optional[int] = None  # decoder width; None: embed_dim (upernet), 256 (deconv)
-    num_classes: Optional[int] = None  # classes; None: the data's (needed for DIR/images + DIR/labels)
+    num_classes: Optional[int] = None  # classes; None: the data's (DIR/images + DIR/labels needs it; builtin: 3-9)
     ignore_index: int = 255  # label value that is not scored and not trained on
     reduce_zero_label: Optional[bool] = None  # label 0 -> ignore, c -> c - 1; None: on for ADE20K only
     new_head: bool = False  # replace an --init segmentation head of another class count
