@@ -47,6 +47,7 @@ __all__ = [
     "detect_source",
     "export_state_dict",
     "load_into",
+    "fit_problems",
     "load_state_dict_file",
     "resize_rel_pos_bias",
     "resize_pos_embed",
@@ -509,6 +510,20 @@ def _adapt_to_model(sd: StateDict, model_sd: Mapping[str, torch.Tensor], depth: 
     return out
 
 
+def fit_problems(sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor], missing: Sequence[str],
+                 unexpected: Sequence[str], strict: bool) -> List[str]:
+    """Why a state dict does not fit a model, one phrase each: shape mismatches always, missing and unexpected keys
+    with `strict` ([] when it fits)."""
+    mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
+                        for k in set(sd) & set(model_sd) if sd[k].shape != model_sd[k].shape)
+    problems = [f"shape mismatches {mismatched}"] if mismatched else []
+    if strict and missing:
+        problems.append(f"missing keys {list(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {list(unexpected)}")
+    return problems
+
+
 def load_into(
     model: torch.nn.Module, path_or_state_dict: Union[str, Path, Mapping[str, Any]], source: str = "auto",
     strict: bool = True, quiet: bool = False,
@@ -525,17 +540,7 @@ def load_into(
     sd = _adapt_to_model(sd, model_sd, len(getattr(model, "blocks", [])))
     missing = sorted(set(model_sd) - set(sd))
     unexpected = sorted(set(sd) - set(model_sd))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
-        for k in set(sd) & set(model_sd) if sd[k].shape != model_sd[k].shape
-    )
-    problems = []
-    if mismatched:
-        problems.append(f"shape mismatches {mismatched}")
-    if strict and missing:
-        problems.append(f"missing keys {missing}")
-    if strict and unexpected:
-        problems.append(f"unexpected keys {unexpected}")
+    problems = fit_problems(sd, model_sd, missing, unexpected, strict)
     if problems:
         hint = ""
         if strict and (missing or unexpected):

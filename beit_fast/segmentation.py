@@ -41,6 +41,7 @@ from .checkpoint import (
     CheckpointError,
     convert_state_dict,
     export_state_dict,
+    fit_problems,
     load_into,
     load_state_dict_file,
     unwrap,
@@ -431,15 +432,7 @@ class BeitForSemanticSegmentation(nn.Module):
         rest = {**{f"backbone.{k}": v for k, v in fpn.items()}, **heads}
         missing += sorted(set(own) - set(rest))
         unexpected = result["unexpected"] + sorted(set(rest) - set(own))
-        mismatched = sorted(f"{k}: checkpoint {tuple(rest[k].shape)} vs model {tuple(own[k].shape)}"
-                            for k in set(rest) & set(own) if rest[k].shape != own[k].shape)
-        problems = []
-        if mismatched:
-            problems.append(f"shape mismatches {mismatched}")
-        if strict and missing:
-            problems.append(f"missing keys {missing}")
-        if strict and unexpected:
-            problems.append(f"unexpected keys {unexpected}")
+        problems = fit_problems(rest, own, missing, unexpected, strict)
         if problems:
             raise CheckpointError("segmentation checkpoint does not fit the model: " + "; ".join(problems))
         self.load_state_dict({k: v for k, v in rest.items() if k in own}, strict=False)

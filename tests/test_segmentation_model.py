@@ -149,15 +149,7 @@ def test_transformers_parity(case):
 # BeitSelfAttention, the shared one in BeitEncoder; fpn1 / fpn2 nn.Sequential; BeitPyramidPoolingModule /
 # BeitPyramidPoolingBlock registered by index ("0": the pooling, "1": the BeitConvModule); BeitUperHead.bottleneck;
 # BeitConvModule conv / bn; BeitFCNHead.convs an nn.Sequential) from the >= 5 names of the installed version.
-_V4_LAYER = [
-    ("attention.q_proj.", "attention.attention.query."),
-    ("attention.k_proj.", "attention.attention.key."),
-    ("attention.v_proj.", "attention.attention.value."),
-    ("attention.o_proj.", "attention.output.dense."),
-    ("mlp.fc1.", "intermediate.dense."),
-    ("mlp.fc2.", "output.dense."),
-    ("relative_position_bias.", "attention.attention.relative_position_bias."),
-]
+from test_parity import _V5_TO_OLD_IN_LAYER as _V4_LAYER  # noqa: E402 (the backbone's renames, one home)
 _V4_HEADS = [
     (r"^fpn\.fpn1\.conv_transpose1\.", "fpn1.0."),
     (r"^fpn\.fpn1\.normalization\.", "fpn1.1."),

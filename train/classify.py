@@ -274,9 +274,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     """`beit-fast evaluate CKPT --data DIR`: top-1 / top-5 / loss, per-class accuracy, a confusion-matrix PNG."""
     import argparse
 
-    from beit_fast.data import DataError, build_classification_data
+    from beit_fast.data import build_classification_data
     from beit_fast.train.evaluate import evaluate, format_report, plot_confusion
-    from beit_fast.train.runtime import one_line_error, resolve_device
+    from beit_fast.train.runtime import cli_call, resolve_device
 
     p = argparse.ArgumentParser(prog="beit-fast evaluate", description=evaluate_main.__doc__)
     p.add_argument("checkpoint", help="a fine-tuning run directory, its best.pt, or a step checkpoint")
@@ -289,21 +289,20 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         a = p.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    try:
+    def run() -> Tuple[Any, List[str]]:
         model, classes, mc = load_model(Path(a.checkpoint))
         data = build_classification_data(a.data, num_images=a.num_images, image_size=int(mc["img_size"] * 1.5))
         if data.classes != classes:
             raise ValueError(f"the data's classes {data.classes[:5]}... are not the model's {classes[:5]}...")
         device = resolve_device(a.device)
         model.to(device).eval()
-        results = evaluate(model, eval_loader(data.val, mc["img_size"], a.batch_size), num_classes=len(classes),
-                           device=device, progress=True)
-    except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError) as exc:
-        print(f"beit-fast evaluate: error: {one_line_error(exc)}", file=sys.stderr)
-        return 2
-    except (DataError, OSError) as exc:
-        print(f"beit-fast evaluate: error: {one_line_error(exc)}", file=sys.stderr)
-        return 1
+        return evaluate(model, eval_loader(data.val, mc["img_size"], a.batch_size), num_classes=len(classes),
+                        device=device, progress=True), classes
+
+    done, code = cli_call("beit-fast evaluate", run)
+    if code:
+        return code
+    results, classes = done
     results = results if isinstance(results, list) else [results]
     best = max(results, key=lambda r: r.top1)
     print(format_report(best, classes))

@@ -68,6 +68,16 @@ class EvalResult:
                 "per_class_accuracy": [None if math.isnan(a) else a for a in self.per_class_accuracy().tolist()]}
 
 
+def reduce_once(packed: torch.Tensor, reduce_sum: Callable[[torch.Tensor], torch.Tensor], who: str) -> torch.Tensor:
+    """An evaluation's one reduction over ranks and its one read: `reduce_sum(packed)` checked for shape, on the CPU in
+    float64 (which carries every count exactly, < 2^53)."""
+    total = reduce_sum(packed)
+    if not isinstance(total, torch.Tensor) or total.shape != packed.shape:
+        raise ValueError(f"{who}: reduce_sum must return a tensor of shape {tuple(packed.shape)}, got "
+                         f"{getattr(total, 'shape', type(total).__name__)}")
+    return total.to("cpu", torch.float64)
+
+
 @torch.no_grad()
 def evaluate(forward: Callable[[torch.Tensor], Logits], batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], *,
              num_classes: int, device: torch.device, bf16: bool = False,
@@ -180,11 +190,7 @@ class _Accumulator:
         # float64 carries every count exactly (< 2^53) next to the loss sums, so one tensor makes one all-reduce
         packed = torch.cat([torch.stack([self.count, self.bad]).double(), self.loss, self.top5.double(),
                             self.confusion.flatten().double()])
-        total = reduce_sum(packed)
-        if not isinstance(total, torch.Tensor) or total.shape != packed.shape:
-            raise ValueError(f"evaluate: reduce_sum must return a tensor of shape {tuple(packed.shape)}, got "
-                             f"{getattr(total, 'shape', type(total).__name__)}")
-        total = total.to("cpu", torch.float64)  # the one read
+        total = reduce_once(packed, reduce_sum, "evaluate")
         count, bad = int(total[0]), int(total[1])
         if bad:
             raise ValueError(self._bad_label_message(bad))
@@ -199,12 +205,16 @@ class _Accumulator:
     def _bad_label_message(self, bad: int) -> str:
         C = self.num_classes
         lo, hi = int(self.lo), int(self.hi)  # local values, read only on this error path
-        where = f"[0, {C}) (num_classes={C}); {bad} such label(s) in all"
-        if lo < 0:
-            return f"evaluate: label {lo} is out of range {where}"
-        if hi >= C:
-            return f"evaluate: label {hi} is out of range {where}"
-        return f"evaluate: a label out of range {where}, on another process"
+        return _label_error("evaluate", lo, hi, C, f"[0, {C}) (num_classes={C}); {bad} such label(s) in all")
+
+
+def _label_error(who: str, lo: int, hi: int, num_classes: int, where: str) -> str:
+    """The one line for labels out of range: this rank's extreme one, else that another rank had one."""
+    if lo < 0:
+        return f"{who}: label {lo} is out of range {where}"
+    if hi >= num_classes:
+        return f"{who}: label {hi} is out of range {where}"
+    return f"{who}: a label is out of range {where}, on another process"
 
 
 def _check_label_type(labels: Any) -> None:
@@ -545,11 +555,7 @@ class _SegAccumulator:
         head = torch.tensor([float(self.images)], dtype=torch.float64, device=self.device)
         # float64 carries every count exactly (< 2^53), so one tensor makes one all-reduce
         packed = torch.cat([head, self.bad.double()[None], self.confusion.double()])
-        total = reduce_sum(packed)
-        if not isinstance(total, torch.Tensor) or total.shape != packed.shape:
-            raise ValueError(f"evaluate_segmentation: reduce_sum must return a tensor of shape {tuple(packed.shape)}, "
-                             f"got {getattr(total, 'shape', type(total).__name__)}")
-        total = total.to("cpu", torch.float64)  # the one read
+        total = reduce_once(packed, reduce_sum, "evaluate_segmentation")
         images, bad = int(total[0]), int(total[1])
         if bad:
             raise ValueError(self._bad_label_message(bad))
@@ -567,11 +573,7 @@ class _SegAccumulator:
         lo, hi = int(self.lo), int(self.hi)  # local values, read only on this error path
         where = (f"[0, {C}) (num_classes={C}) and is not the ignore index {self.ignore_index}; {bad} such pixel(s) "
                  f"in all")
-        if lo < 0:
-            return f"evaluate_segmentation: label {lo} is out of range {where}"
-        if hi >= C:
-            return f"evaluate_segmentation: label {hi} is out of range {where}"
-        return f"evaluate_segmentation: a label is out of range {where}, on another process"
+        return _label_error("evaluate_segmentation", lo, hi, C, where)
 
 
 def _check_seg_labels(labels: Any) -> None:

@@ -212,6 +212,23 @@ def one_line_error(exc: BaseException) -> str:
     return " ".join(lines)
 
 
+def cli_call(prog: str, fn: Callable[[], Any]) -> Tuple[Any, int]:
+    """(fn(), 0) for a command that is not a training run (`beit-fast evaluate`, `segment-eval`); on an error one line
+    on stderr and (None, 2) for bad input (ValueError, a missing file or folder, a checkpoint that does not fit) or
+    (None, 1) for data that cannot be read mid-way and I/O errors - the exit codes of `run_main`."""
+    from beit_fast.checkpoint import CheckpointError
+    from beit_fast.data import DataError
+
+    try:
+        return fn(), 0
+    except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError) as exc:
+        code, message = 2, one_line_error(exc)
+    except (DataError, OSError) as exc:
+        code, message = 1, one_line_error(exc)
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return None, code
+
+
 def run_main(prog: str, doc: str, config_cls: Any, run: Callable[[Any], Dict[str, Any]], argv: Optional[List[str]],
              report: Callable[[Dict[str, Any]], None]) -> int:
     """A training script's `main`: `--help`, the config from `argv`, `run(cfg)`, then `report(summary)` on rank 0.

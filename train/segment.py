@@ -492,9 +492,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     multi-scale + flip test; a PNG of images | ground truth | prediction."""
     import argparse
 
-    from beit_fast.data import DataError
     from beit_fast.train.evaluate import format_seg_report, plot_segmentation
-    from beit_fast.train.runtime import one_line_error
+    from beit_fast.train.runtime import cli_call
 
     p = argparse.ArgumentParser(prog="beit-fast segment-eval", description=evaluate_main.__doc__)
     p.add_argument("checkpoint", help="a segmentation run directory, its best.pt, or a step checkpoint")
@@ -513,17 +512,16 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         a = p.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    try:
+    def run() -> Tuple[Any, Dict[str, Any]]:
         scales = [float(s) for s in a.scales.split(",") if s.strip()]
         if not scales or min(scales) <= 0:
             raise ValueError(f"--scales {a.scales!r}: positive numbers, comma-separated")
-        result, record = _evaluate_checkpoint(a, scales)
-    except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError) as exc:
-        print(f"beit-fast segment-eval: error: {one_line_error(exc)}", file=sys.stderr)
-        return 2
-    except (DataError, OSError) as exc:
-        print(f"beit-fast segment-eval: error: {one_line_error(exc)}", file=sys.stderr)
-        return 1
+        return _evaluate_checkpoint(a, scales)
+
+    done, code = cli_call("beit-fast segment-eval", run)
+    if code:
+        return code
+    result, record = done
     print(format_seg_report(result, record["classes"]))
     base = Path(a.checkpoint)
     png = Path(a.out) if a.out else (base if base.is_dir() else base.parent) / "segment_eval.png"
