@@ -257,8 +257,7 @@ class _Loop(TaskLoop):
         micro = max(1, self.cfg.batch_size // (rt.world * self.cfg.grad_accum_steps))
         loader = eval_loader(self.data.val, self.mcfg.img_size, micro, rt.rank, rt.world, self.cfg.num_workers,
                              pin_memory=rt.device.type == "cuda")
-        pad = (loader.dataset[(0, 0)][0][None], torch.zeros(0, dtype=torch.long))
-        return pad_collective_batches(loader, loader.batch_sampler, pad, rt.deepspeed and self.cfg.zero_stage == 3)
+        return pad_collective_batches(loader, rt.deepspeed and self.cfg.zero_stage == 3)
 
     def validate(self, step: int) -> Any:
         """Val top-1 / top-5 / loss (every rank, reduced), a val_metrics.csv row, best.pt when it improves."""

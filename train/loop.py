@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,11 +28,14 @@ log = logging.getLogger("beit_fast.train")
 __all__ = ["TaskLoop", "pad_collective_batches"]
 
 
-def pad_collective_batches(batches: Iterable[Any], sampler: Any, pad: Any, collective: bool) -> Iterator[Any]:
-    """This rank's eval batches, then - when every forward is a collective (ZeRO-3 gathers parameters in it) - `pad`
-    (a batch with no labels: forwarded, not scored) until every rank has run `sampler.max_rank_batches` forwards."""
-    yield from batches
-    if collective:
+def pad_collective_batches(loader: Any, collective: bool) -> Iterator[Any]:
+    """This rank's eval batches (`loader`, a DataLoader over (epoch, index)-keyed items with a `ShardedEvalSampler`),
+    then - when every forward is a collective (ZeRO-3 gathers parameters in it) - batches of the set's first image
+    with no labels (forwarded, not scored) until every rank has run `max_rank_batches` forwards."""
+    yield from loader
+    sampler = loader.batch_sampler
+    if collective and sampler.max_rank_batches > len(sampler):
+        pad = (loader.dataset[(0, 0)][0][None], torch.zeros(0, dtype=torch.long))
         yield from [pad] * (sampler.max_rank_batches - len(sampler))
 
 

@@ -397,9 +397,7 @@ class SegmentLoop(TaskLoop):
         sampler = ShardedEvalSampler(len(ds), micro, rt.rank, rt.world)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=self.cfg.num_workers,
                                              collate_fn=seg_collate, pin_memory=rt.device.type == "cuda")
-        image = ds[(0, 0)][0]
-        pad = (image[None], torch.zeros(0, dtype=torch.long))
-        return pad_collective_batches(loader, sampler, pad, rt.deepspeed and self.cfg.zero_stage == 3)
+        return pad_collective_batches(loader, rt.deepspeed and self.cfg.zero_stage == 3)
 
     def forward_fn(self):
         """What evaluation runs on an image batch: the engine's forward (whole image: logits at 1/4, upsampled by
