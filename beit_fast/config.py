@@ -15,6 +15,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 __all__ = ["BeitConfig", "PRESETS", "ATTN_BACKENDS", "parse_options", "first_line", "one_line"]
 
 ATTN_BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
+MIM_TARGETS = ("tokens", "pixels")
+MIM_LOSS_ON = ("masked", "all")
 
 FusedSwitch = Union[str, bool]
 
@@ -41,6 +43,10 @@ class BeitConfig:
     num_masking_patches: Optional[int] = None  # masked per image; None: 75 per 196 patches of the grid (75 at 224/16)
     attn_backend: str = "auto"  # one of ATTN_BACKENDS; "auto" picks the fastest that supports the case
     fused_kernels: FusedSwitch = "auto"  # Triton MIM kernels: "auto" | True | False
+    mim_target: str = "tokens"  # MIM target: "tokens" (BEiT: the tokenizer's visual tokens, CE) or "pixels" (ablation:
+    # the patches' pixels, MSE through a Linear(D, P*P*C) head)
+    mim_loss_on: str = "masked"  # rows the MIM loss scores: "masked" (BEiT) or "all" (ablation: every patch)
+    pixel_norm: bool = True  # pixel target: each patch normalised by its own mean / std (MAE's norm_pix_loss)
     extra: Dict[str, Any] = field(default_factory=dict, repr=False)  # free-form notes, saved with the config
 
     def __post_init__(self) -> None:
@@ -115,6 +121,12 @@ class BeitConfig:
             bad("attn_backend", f"must be one of {ATTN_BACKENDS}")
         if not (self.fused_kernels == "auto" or self.fused_kernels is True or self.fused_kernels is False):
             bad("fused_kernels", 'must be "auto", True or False')
+        if self.mim_target not in MIM_TARGETS:
+            bad("mim_target", f"must be one of {MIM_TARGETS}")
+        if self.mim_loss_on not in MIM_LOSS_ON:
+            bad("mim_loss_on", f"must be one of {MIM_LOSS_ON}")
+        if not isinstance(self.pixel_norm, bool):
+            bad("pixel_norm", "must be True or False")
         if not isinstance(self.extra, dict):
             bad("extra", "must be a dict")
 

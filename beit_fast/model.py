@@ -358,8 +358,31 @@ class BeitForMaskedImageModeling(BeitModel):
     def __init__(self, config: BeitConfig) -> None:
         super().__init__(config, use_mask_token=True)
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.embed_dim, config.vocab_size)
+        if config.mim_target == "pixels":  # the ablation's regression head: a patch's P*P*C pixels
+            self.pixel_head = nn.Linear(config.embed_dim, config.patch_size**2 * config.in_chans)
+        else:
+            self.lm_head = nn.Linear(config.embed_dim, config.vocab_size)
         self.init_weights()
+
+    @property
+    def mim_head(self) -> nn.Linear:
+        """The MIM head: `lm_head` (visual tokens) or `pixel_head` (pixel regression)."""
+        return self.pixel_head if self.config.mim_target == "pixels" else self.lm_head
+
+    def pixel_targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, N, P*P*C) float32 regression targets: each patch's pixels in (row, column, channel) order, normalised by
+        the patch's own mean and (unbiased) variance + 1e-6 with `pixel_norm` (MAE's norm_pix_loss), else as given."""
+        P, C = self.config.patch_size, self.config.in_chans
+        B, _, H, W = pixel_values.shape
+        t = pixel_values.float().reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 3, 5, 1)
+        t = t.reshape(B, (H // P) * (W // P), P * P * C)
+        if self.config.pixel_norm:
+            t = (t - t.mean(dim=-1, keepdim=True)) / (t.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+        return t
+
+    def _scored(self, mask: torch.Tensor) -> torch.Tensor:
+        """The rows the loss scores: the masked patches, or every patch (mim_loss_on="all")."""
+        return mask if self.config.mim_loss_on == "masked" else torch.ones_like(mask)
 
     def forward(
         self,
@@ -385,12 +408,19 @@ class BeitForMaskedImageModeling(BeitModel):
         if K is not None:
             return self._forward_fused(pixel_values, mask, visual_tokens, return_logits, K)
 
-        targets = self._masked_targets(visual_tokens, mask) if visual_tokens is not None else None
+        scored = self._scored(mask)
+        pixels = self.config.mim_target == "pixels"
+        if pixels:
+            targets = self.pixel_targets(pixel_values)[scored]
+        else:
+            targets = self._masked_targets(visual_tokens, scored) if visual_tokens is not None else None
         x = self.run_blocks(self.embed(pixel_values, mask))  # inputs already checked above
-        h = self.norm(x[:, 1:][mask])  # (M, D): the head runs on masked rows only
-        logits = self.lm_head(h)
+        h = self.norm(x[:, 1:][scored])  # (M, D): the head runs on the scored rows only
+        logits = self.mim_head(h)
         loss = accuracy = None
-        if targets is not None:
+        if pixels:
+            loss = F.mse_loss(logits.float(), targets)
+        elif targets is not None:
             loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)
             with torch.no_grad():
                 accuracy = (logits.argmax(-1) == targets).float().mean()
@@ -443,18 +473,30 @@ class BeitForMaskedImageModeling(BeitModel):
             self.pos_embed.view(N + 1, D) if self.pos_embed is not None else None,
         )
         x = self.run_blocks(x)
-        rows = masked_row_index(mask, K)  # (B*K,) rows of x viewed as (B*(N+1), D), row-major mask order
+        if self.config.mim_loss_on == "masked":
+            rows = masked_row_index(mask, K)  # (B*K,) rows of x viewed as (B*(N+1), D), row-major mask order
+        else:  # every patch row (the cls row of each image left out)
+            rows = (torch.arange(B, device=x.device)[:, None] * (N + 1) + 1 + torch.arange(N, device=x.device))
+            rows = rows.reshape(-1)
         h = GatherMaskedLayerNormFunction.apply(x, rows, self.norm.weight, self.norm.bias, self.norm.eps)
-        M = B * K
-        loss = accuracy = None
-        if visual_tokens is not None:
+        M = rows.shape[0]
+        flat = rows - rows // (N + 1) - 1  # the same positions in the (B*N) patch grid
+        loss = accuracy = logits = None
+        if self.config.mim_target == "pixels":
+            # no fused head: a (M, P*P*C) output is small (768 wide for P=16), so F.linear + MSE in torch cost little
+            # next to the 8192-wide token head the fused CE replaces
+            logits = self.pixel_head(h)
+            targets = self.pixel_targets(pixel_values).reshape(B * N, -1)[flat]
+            loss = F.mse_loss(logits.float(), targets)
+        elif visual_tokens is not None:
             self._check_token_tensor(visual_tokens, mask)
-            flat = rows - rows // (N + 1) - 1  # the same positions in the (B*N) token grid
             targets = visual_tokens.reshape(-1)[flat]
             loss, num_correct = fused_linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, targets)
             accuracy = num_correct.float() / M
-        logits = self.lm_head(h) if return_logits else None
-        return MaskedImageModelingOutput(loss=loss, accuracy=accuracy, num_masked=M, logits=logits)
+        if return_logits and logits is None:
+            logits = self.lm_head(h)
+        return MaskedImageModelingOutput(loss=loss, accuracy=accuracy, num_masked=M,
+                                         logits=logits if return_logits else None)
 
     def _check_token_tensor(self, visual_tokens: torch.Tensor, mask: torch.Tensor) -> None:
         """Host-side checks (no sync): type, dtype, shape of the token grid."""

@@ -473,7 +473,8 @@ class BeitForSemanticSegmentation(nn.Module):
         return model
 
 
-_NOT_BACKBONE = ("mask_token", "lm_head.", "norm.", "fc_norm.", "head.")  # heads a segmentation backbone leaves out
+# heads a segmentation backbone leaves out
+_NOT_BACKBONE = ("mask_token", "lm_head.", "pixel_head.", "norm.", "fc_norm.", "head.")
 
 
 def detect_segmentation_layout(sd: Mapping[str, torch.Tensor]) -> str:

@@ -40,7 +40,7 @@ __all__ = ["InitSource", "read_init", "infer_model_config", "init_classifier", "
            "train_transform", "head_classes", "print_summary", "eval_loader"]
 
 MODEL_FILE = "best.pt"  # a fine-tuning run's best weights (by val top-1), loadable without the run's checkpoints
-_MIM_ONLY = ("mask_token", "lm_head.", "norm.")  # pretraining-head weights a classifier drops
+_MIM_ONLY = ("mask_token", "lm_head.", "pixel_head.", "norm.")  # pretraining-head weights a classifier drops
 
 
 @dataclass

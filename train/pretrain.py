@@ -39,7 +39,7 @@ import torch
 
 from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.checkpoint import CheckpointError, atomic_save
-from beit_fast.config import first_line, one_line
+from beit_fast.config import MIM_LOSS_ON, MIM_TARGETS, first_line, one_line
 from beit_fast.data import ImageFolderDataset, MIMDataset, SyntheticMIMDataset, TwoViewTransform, build_dataset
 from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from beit_fast.tokenizer import RandomConvTokenizer
@@ -80,6 +80,10 @@ class PretrainConfig(BeitTrainConfig):
     out: str = "runs/pretrain"  # run directory: config.json, metrics.csv, checkpoints/
     lr: float = 1.5e-3  # peak learning rate (SPEC: 1.5e-3 at batch 2048)
     masking: str = "block"  # "block" (BEiT) or "random" (ablation)
+    target: str = "tokens"  # "tokens" (BEiT: the tokenizer's visual tokens) or "pixels" (ablation: regress the
+    # masked patches' pixels with MSE; no tokenizer runs)
+    loss_on: str = "masked"  # "masked" (BEiT) or "all" (ablation: the loss scores every patch)
+    pixel_norm: bool = True  # pixel target: each patch normalised by its own mean / std (false: the input's pixels)
     tokenizer: str = "random"  # "random" (fixed random conv) or a dVAE file: beit-fast train-tokenizer's
     # tokenizer.pt, a DALL-E encoder.pkl, or an encoder state dict
 
@@ -87,9 +91,23 @@ class PretrainConfig(BeitTrainConfig):
         super().validate()
         if self.masking not in ("block", "random"):
             self.bad("masking", 'must be "block" or "random"')
+        if self.target not in MIM_TARGETS:
+            self.bad("target", f"must be one of {MIM_TARGETS}")
+        if self.loss_on not in MIM_LOSS_ON:
+            self.bad("loss_on", f"must be one of {MIM_LOSS_ON}")
+        clash = [k for k in ("mim_target", "mim_loss_on", "pixel_norm") if k in self.model]
+        if clash:
+            self.bad("model", f"set {clash} with --target / --loss-on / --pixel-norm")
         if self.tokenizer != "random" and not Path(self.tokenizer).is_file():
             self.bad("tokenizer", 'must be "random" or the path of a tokenizer file (beit-fast train-tokenizer '
                                   'writes one)')
+
+
+    def model_config(self) -> BeitConfig:
+        """The preset with the model overrides and the ablation switches (target, loss_on, pixel_norm: they shape
+        the head, so they live in the model config too and a resume must keep them)."""
+        return super().model_config().replace(mim_target=self.target, mim_loss_on=self.loss_on,
+                                              pixel_norm=self.pixel_norm)
 
 
 RESUME_MAY_DIFFER: FrozenSet[str] = PretrainConfig.RESUME_MAY_DIFFER
@@ -212,7 +230,11 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
         from beit_fast.train.optim import apex_classes
 
         apex_classes()  # fails with its one-line reason before anything starts
-    tokenizer = build_tokenizer(cfg, mcfg, rt.device)  # a bad tokenizer file fails before anything is written
+    # a bad tokenizer file fails before anything is written; the pixel target runs none
+    tokenizer = build_tokenizer(cfg, mcfg, rt.device) if cfg.target == "tokens" else None
+    targets = tokenizer.description if tokenizer is not None else (
+        f"pixels of the {'masked' if cfg.loss_on == 'masked' else 'all'} patches, MSE"
+        f"{', each patch normalised by its mean / std' if cfg.pixel_norm else ''} (no tokenizer)")
     if rt.deepspeed:
         start_distributed(rt.device, cfg.dist_timeout)
         plan = agree_on_resume(plan, rt.world, read_checkpoint)
@@ -225,7 +247,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
                                 eps=cfg.eps, apex=cfg.apex)
     engine = build_engine(model, optimizer, cfg, rt)
     torch.manual_seed(cfg.seed + rt.rank)  # each rank draws its own stochastic depth; rank 0 keeps one process's
-    log.info("targets: %s", tokenizer.description)
+    log.info("targets: %s", targets)
     log.info("engine: %s", engine.describe())
 
     # Run statistics, saved in every checkpoint: counts, the recent accuracies, the global token histogram
@@ -247,10 +269,11 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
     if rt.is_main:
         start_run_directory(out, plan, start_step, SUMMARY_OUTPUTS)
     engine.barrier()
-    dataset = _mim_data(cfg, mcfg, tokenizer.image_size, base)
+    # the pixel target reads the first view; the second (tokenizer) view is still made, at the random tokenizer's size
+    dataset = _mim_data(cfg, mcfg, tokenizer.image_size if tokenizer is not None else mcfg.img_size // 2, base)
     loop = _Loop(cfg, mcfg, rt, engine, tokenizer, stats, start_step, len(dataset) // cfg.batch_size)
     step, last_ckpt = loop.run(train_loader(dataset, cfg, rt, start_step), run_dir.signals, plan.path)
-    return _summary(cfg, mcfg, rt, run_dir, engine, loop, step, start_step, last_ckpt, tokenizer.description)
+    return _summary(cfg, mcfg, rt, run_dir, engine, loop, step, start_step, last_ckpt, targets)
 
 
 class _Loop:
@@ -262,6 +285,7 @@ class _Loop:
         self.stats, self.start_step, self.steps_per_epoch = stats, start_step, steps_per_epoch
         self.token_hist = stats["token_hist"].to(rt.device)  # counted on the device: no host sync per batch
         self.recent_acc: deque = deque(stats["recent_acc"], maxlen=20)
+        self.last_loss: Optional[float] = None
         # Unreadable image files, each counted once over the run: within an epoch every index is drawn by exactly
         # one rank, which reports it; the ranks' new finds are merged at epoch ends and checkpoints.
         self.bad_files, self.new_bad = set(stats["bad_files"]), set()
@@ -269,7 +293,8 @@ class _Loop:
             Path(cfg.out), [("loss", "loss"), ("mlm_acc", "acc")], ["skipped_steps", "skipped_images"],
             start_step=start_step, max_steps=cfg.max_steps, log_every=cfg.log_every, batch_size=cfg.batch_size,
             world=rt.world, device=rt.device, flops_per_image=mcfg.train_flops_per_image(
-                mcfg.num_masking_patches, mcfg.vocab_size),
+                mcfg.num_masking_patches if mcfg.mim_loss_on == "masked" else mcfg.num_patches,
+                mcfg.vocab_size if mcfg.mim_target == "tokens" else mcfg.patch_size**2 * mcfg.in_chans),
             tensorboard=cfg.tensorboard, tag="pretrain", enabled=rt.is_main)
 
     def next_batch(self) -> Any:
@@ -280,12 +305,15 @@ class _Loop:
     def loss(self, batch: Any):
         dev = self.rt.device
         patches, tok_view, mask = (t.to(dev, non_blocking=True) for t in batch)
-        with torch.no_grad():
-            tokens = self.tokenizer.tokenize(tok_view)
-            self.token_hist.scatter_add_(0, tokens.reshape(-1).long(), mask.reshape(-1).long())
+        tokens = None
+        if self.tokenizer is not None:  # the pixel target needs none
+            with torch.no_grad():
+                tokens = self.tokenizer.tokenize(tok_view)
+                self.token_hist.scatter_add_(0, tokens.reshape(-1).long(), mask.reshape(-1).long())
         # Every mask has exactly K patches: the fused path needs no host sync.
         out = self.engine.forward(patches, mask, tokens, num_masked_per_image=self.mcfg.num_masking_patches)
-        return out.loss, [out.accuracy]
+        acc = out.accuracy if out.accuracy is not None else torch.full((), float("nan"), device=out.loss.device)
+        return out.loss, [acc]  # NaN: no accuracy for a pixel target (the log shows nan)
 
     def merge_bad_files(self) -> None:
         self.bad_files.update(self.engine.gather_union(self.new_bad))
@@ -305,7 +333,9 @@ class _Loop:
 
     def applied(self, step: int, outcome: Any) -> None:
         loss, acc = float(outcome.values[0]), float(outcome.values[1])
-        self.recent_acc.append(acc)
+        self.last_loss = loss
+        if self.tokenizer is not None:
+            self.recent_acc.append(acc)
         self.reporter.report(step, [loss, acc], self.lr, outcome.grad_norm,
                              {k: self.stats[k] for k in ("skipped_steps", "skipped_images")})
 
@@ -344,9 +374,11 @@ def _summary(cfg: PretrainConfig, mcfg: BeitConfig, rt: Any, run_dir: RunDir, en
     plot = None
     if rt.is_main and cfg.plot:
         try:
-            plot = plot_metrics(out / "metrics.csv", out / "metrics.png",
-                                [("loss", "MIM loss (cross-entropy)", None),
-                                 ("mlm_acc", "mlm_acc (masked patches)", 1.0 / mcfg.vocab_size)],
+            panels = [("loss", "MIM loss (cross-entropy)", None),
+                      ("mlm_acc", f"mlm_acc ({mcfg.mim_loss_on} patches)", 1.0 / mcfg.vocab_size)]
+            if mcfg.mim_target == "pixels":
+                panels = [("loss", "MIM loss (pixel MSE)", None)]
+            plot = plot_metrics(out / "metrics.csv", out / "metrics.png", panels,
                                 title=f"BEiT pretraining: {out.name}")
         except Exception as exc:  # a plot is a convenience: never fail a finished run over it
             log.warning("no plot: %s: %s", type(exc).__name__, exc)
@@ -354,7 +386,8 @@ def _summary(cfg: PretrainConfig, mcfg: BeitConfig, rt: Any, run_dir: RunDir, en
         "step": step,
         "steps_run": step - start_step,
         "final_mlm_acc": float(np.mean(loop.recent_acc)) if loop.recent_acc else None,  # None: no step ran
-        "chance": 1.0 / mcfg.vocab_size,
+        "chance": 1.0 / mcfg.vocab_size if mcfg.mim_target == "tokens" else None,
+        "final_loss": float(loop.last_loss) if loop.last_loss is not None else None,
         "majority_baseline": majority,
         "skipped_steps": loop.stats["skipped_steps"],
         "skipped_images": loop.stats["skipped_images"],
@@ -374,6 +407,11 @@ def _summary(cfg: PretrainConfig, mcfg: BeitConfig, rt: Any, run_dir: RunDir, en
 
 
 def _report(summary: Dict[str, Any]) -> None:
+    if summary.get("chance") is None:  # the pixel target: no accuracy, no token baselines
+        loss = summary.get("final_loss")
+        print(f"done: {summary['step']} steps | final pixel MSE {'n/a' if loss is None else f'{loss:.4f}'}")
+        _report_paths(summary)
+        return
     acc, majority = summary["final_mlm_acc"], summary["majority_baseline"]
     acc_s = "n/a (no steps run)" if acc is None else f"{acc:.4f} (mean of the last 20 steps)"
     majority_s = "n/a" if majority is None else f"{majority:.4f}"
@@ -381,6 +419,10 @@ def _report(summary: Dict[str, Any]) -> None:
         f"done: {summary['step']} steps | final mlm_acc {acc_s} vs chance {summary['chance']:.4f} "
         f"(1/{round(1 / summary['chance'])}) and majority-token baseline {majority_s}"
     )
+    _report_paths(summary)
+
+
+def _report_paths(summary: Dict[str, Any]) -> None:
     print(f"targets: {summary['tokenizer']}")
     print(f"checkpoint: {summary['checkpoint']}")
     tb = f" (TensorBoard: {summary['tensorboard']})" if summary["tensorboard"] else ""

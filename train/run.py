@@ -472,10 +472,17 @@ def resume_differences(ckpt: Dict[str, Any], cfg: Any, model_config: Dict[str, A
         before = old.get(key, defaults[key])
         if before != new[key]:
             diffs.append(f"{key}: {before!r} -> {new[key]!r}")
+    import dataclasses
+
+    from beit_fast.config import BeitConfig
+
+    # a key a checkpoint predates (a BeitConfig field added since) had its default then
+    model_defaults = {f.name: f.default for f in dataclasses.fields(BeitConfig) if f.default is not dataclasses.MISSING}
     old_m = ckpt["model_config"]
     for key in sorted(set(old_m) | set(model_config)):
-        if old_m.get(key) != model_config.get(key):
-            diffs.append(f"model.{key}: {old_m.get(key)!r} -> {model_config.get(key)!r}")
+        before = old_m.get(key, model_defaults.get(key))
+        if before != model_config.get(key):
+            diffs.append(f"model.{key}: {before!r} -> {model_config.get(key)!r}")
     return diffs
 
 
