@@ -313,6 +313,14 @@ class BeitForSemanticSegmentation(nn.Module):
             raise ValueError(f"pixels of shape {tuple(pixel_values.shape)}: whole-image inference needs (B, 3, {S}, "
                              f"{S}) (the backbone's resolution); use mode='slide' for other sizes")
 
+    def inference_mode(self, mode: str, pixel_values: torch.Tensor) -> str:
+        """`mode` ("whole", "slide" or "auto") resolved for this input: "auto" is whole-image inference when the input
+        is the backbone's size, else sliding windows."""
+        if mode == "auto":
+            S = self.config.img_size
+            return "whole" if tuple(pixel_values.shape[2:]) == (S, S) else "slide"
+        return mode
+
     @torch.no_grad()
     def predict(self, pixel_values: torch.Tensor, mode: str = "whole", crop_size: Optional[int] = None,
                 stride: Optional[int] = None) -> torch.Tensor:
@@ -321,7 +329,9 @@ class BeitForSemanticSegmentation(nn.Module):
         mode "whole": the input must be the backbone's size. mode "slide" (mmseg's `slide_inference`): windows of
         `crop_size` (default img_size) every `stride` (default 2/3 of the crop, 341 for 512) over any H, W; a window
         past the image is shifted back inside it, an image smaller than the crop is zero-padded bottom/right; the
-        windows' upsampled logits are summed and divided by how many windows saw each pixel."""
+        windows' upsampled logits are summed and divided by how many windows saw each pixel. mode "auto": whole when
+        the input is the backbone's size, else slide (`inference_mode`)."""
+        mode = self.inference_mode(mode, pixel_values)
         if mode == "whole":
             self._check_size(pixel_values)
             return _resize(self(pixel_values), pixel_values.shape[2:])

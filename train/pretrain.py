@@ -102,7 +102,6 @@ class PretrainConfig(BeitTrainConfig):
             self.bad("tokenizer", 'must be "random" or the path of a tokenizer file (beit-fast train-tokenizer '
                                   'writes one)')
 
-
     def model_config(self) -> BeitConfig:
         """The preset with the model overrides and the ablation switches (target, loss_on, pixel_norm: they shape
         the head, so they live in the model config too and a resume must keep them)."""
@@ -233,7 +232,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
     # a bad tokenizer file fails before anything is written; the pixel target runs none
     tokenizer = build_tokenizer(cfg, mcfg, rt.device) if cfg.target == "tokens" else None
     targets = tokenizer.description if tokenizer is not None else (
-        f"pixels of the {'masked' if cfg.loss_on == 'masked' else 'all'} patches, MSE"
+        f"pixels of the {cfg.loss_on} patches, MSE"
         f"{', each patch normalised by its mean / std' if cfg.pixel_norm else ''} (no tokenizer)")
     if rt.deepspeed:
         start_distributed(rt.device, cfg.dist_timeout)
@@ -309,7 +308,9 @@ class _Loop:
         if self.tokenizer is not None:  # the pixel target needs none
             with torch.no_grad():
                 tokens = self.tokenizer.tokenize(tok_view)
-                self.token_hist.scatter_add_(0, tokens.reshape(-1).long(), mask.reshape(-1).long())
+                # the tokens the loss scores, for the majority-token baseline of the accuracy
+                scored = mask if self.mcfg.mim_loss_on == "masked" else torch.ones_like(mask)
+                self.token_hist.scatter_add_(0, tokens.reshape(-1).long(), scored.reshape(-1).long())
         # Every mask has exactly K patches: the fused path needs no host sync.
         out = self.engine.forward(patches, mask, tokens, num_masked_per_image=self.mcfg.num_masking_patches)
         acc = out.accuracy if out.accuracy is not None else torch.full((), float("nan"), device=out.loss.device)

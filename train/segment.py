@@ -161,10 +161,10 @@ def read_seg_init(init: str) -> Optional[SegInit]:
     if init == "none":
         return None
     path = Path(init)
-    ours = _segment_file(path)
+    ours = _read_segment(path)
     if ours is not None:
-        sd, record = _read_segment_file(ours)
-        return SegInit(sd, record["model_config"], record["num_classes"], f"segmentation model {ours}", record)
+        where, sd, record = ours
+        return SegInit(sd, record["model_config"], record["num_classes"], f"segmentation model {where}", record)
     if path.is_file() and not path.name.startswith("step_"):
         raw = unwrap(load_state_dict_file(path))
         if detect_segmentation_layout(raw) != "backbone":
@@ -177,9 +177,10 @@ def read_seg_init(init: str) -> Optional[SegInit]:
     return SegInit(source.state_dict, config, None, source.what)
 
 
-def _segment_file(path: Path) -> Optional[Path]:
-    """`path` as a segmentation run's best.pt or step checkpoint, or None."""
-    from beit_fast.train.run import resolve_checkpoint
+def _read_segment(path: Path) -> Optional[Tuple[Path, Dict[str, torch.Tensor], Dict[str, Any]]]:
+    """(the file, its state dict, its record) when `path` is a segmentation run directory, its best.pt or one of its
+    step checkpoints; None for anything else. Each file is read once."""
+    from beit_fast.train.run import checkpoint_model_state, resolve_checkpoint
 
     if path.is_dir() and (path / MODEL_FILE).is_file():
         candidate = path / MODEL_FILE
@@ -192,24 +193,16 @@ def _segment_file(path: Path) -> Optional[Path]:
         candidate = path
     if candidate.name == MODEL_FILE:
         saved = safe_load(candidate, what="model file")
-        return candidate if isinstance(saved, dict) and saved.get("format") == FORMAT else None
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            return None
+        return candidate, saved["model"], saved
     if candidate.name.startswith("step_"):
         try:
-            read_checkpoint(candidate, "segment")
-        except CheckpointError:
+            sd, ckpt = checkpoint_model_state(candidate, "segment")
+        except CheckpointError:  # another task's checkpoint (or not one)
             return None
-        return candidate
+        return candidate, sd, {**ckpt["segmenter"], "model_config": ckpt["model_config"]}
     return None
-
-
-def _read_segment_file(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    from beit_fast.train.run import checkpoint_model_state
-
-    if path.name == MODEL_FILE:
-        saved = safe_load(path, what="model file")
-        return saved["model"], saved
-    sd, ckpt = checkpoint_model_state(path, "segment")
-    return sd, {**ckpt["segmenter"], "model_config": ckpt["model_config"]}
 
 
 # -- the model file ----------------------------------------------------------------------------------------------------
@@ -231,10 +224,10 @@ def load_segmenter(path: Path) -> Tuple[BeitForSemanticSegmentation, Dict[str, A
     """A segmentation model (a run directory, its best.pt or a step checkpoint) and its record."""
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ours = _segment_file(Path(path))
+    ours = _read_segment(Path(path))
     if ours is None:
         raise ValueError(f"{path}: not a segmentation run directory, {MODEL_FILE} or step checkpoint of this engine")
-    sd, record = _read_segment_file(ours)
+    ours, sd, record = ours
     model = build_segmenter(BeitConfig.from_dict(record["model_config"]), record)
     try:
         model.load_state_dict(sd)
@@ -243,8 +236,23 @@ def load_segmenter(path: Path) -> Tuple[BeitForSemanticSegmentation, Dict[str, A
     return model, record
 
 
+def seg_eval_loader(data: Any, scale: Tuple[int, int], batch_size: int, rank: int = 0, world: int = 1,
+                    num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """This rank's shard of `data.val` through mmseg's test pipeline (resize to `scale`, the label kept at its size);
+    one image per batch for folders (images of different sizes, as mmseg tests), `batch_size` for builtin."""
+    from beit_fast.data import ShardedEvalSampler
+    from beit_fast.seg_data import SegEvalTransform, SegmentationDataset, seg_collate
+
+    ds = SegmentationDataset(data.val, SegEvalTransform(scale), seed=0)
+    batch = batch_size if data.layout == "builtin" else 1
+    return torch.utils.data.DataLoader(ds, batch_sampler=ShardedEvalSampler(len(ds), batch, rank, world),
+                                       num_workers=num_workers, collate_fn=seg_collate, pin_memory=pin_memory)
+
+
 def _scale(cfg: Any, crop: int) -> Tuple[int, int]:
-    return tuple(cfg.scale) if cfg.scale else (4 * crop, crop)
+    from beit_fast.seg_data import default_scales
+
+    return tuple(cfg.scale) if cfg.scale else default_scales(crop)
 
 
 # -- the run -----------------------------------------------------------------------------------------------------------
@@ -358,7 +366,6 @@ class SegmentLoop(TaskLoop):
         self.data, self.record = data, record
         self.num_classes = data.num_classes
         self.crop = mcfg.img_size
-        self.eval_mode = cfg.eval_mode
 
     def train_dataset(self) -> Any:
         from beit_fast.seg_data import SegmentationDataset, SegTrainTransform
@@ -386,17 +393,10 @@ class SegmentLoop(TaskLoop):
         return total, [total.detach(), main.detach(), (aux_loss if aux_loss is not None else zero).detach()]
 
     def val_batches(self):
-        from beit_fast.data import ShardedEvalSampler
-        from beit_fast.seg_data import SegEvalTransform, SegmentationDataset, seg_collate
-
         rt = self.rt
-        ds = SegmentationDataset(self.data.val, SegEvalTransform(_scale(self.cfg, self.crop)), seed=0)
         micro = max(1, self.cfg.batch_size // (rt.world * self.cfg.grad_accum_steps))
-        if self.data.layout != "builtin":
-            micro = 1  # images of different sizes: mmseg tests one at a time
-        sampler = ShardedEvalSampler(len(ds), micro, rt.rank, rt.world)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=self.cfg.num_workers,
-                                             collate_fn=seg_collate, pin_memory=rt.device.type == "cuda")
+        loader = seg_eval_loader(self.data, _scale(self.cfg, self.crop), micro, rt.rank, rt.world,
+                                 self.cfg.num_workers, pin_memory=rt.device.type == "cuda")
         return pad_collective_batches(loader, rt.deepspeed and self.cfg.zero_stage == 3)
 
     def forward_fn(self):
@@ -405,10 +405,7 @@ class SegmentLoop(TaskLoop):
         model, crop, stride = self.engine.model, self.crop, self.cfg.eval_stride
 
         def forward(images: torch.Tensor) -> torch.Tensor:
-            mode = self.eval_mode
-            if mode == "auto":
-                mode = "whole" if tuple(images.shape[2:]) == (crop, crop) else "slide"
-            if mode == "whole":
+            if model.inference_mode(self.cfg.eval_mode, images) == "whole":
                 return self.engine.forward(images)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.rt.bf16):
                 return model.predict(images, mode="slide", crop_size=crop, stride=stride)
@@ -531,8 +528,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
 
 
 def _evaluate_checkpoint(a: Any, scales: List[float]) -> Tuple[Any, Dict[str, Any]]:
-    from beit_fast.data import ShardedEvalSampler
-    from beit_fast.seg_data import SegEvalTransform, SegmentationDataset, build_segmentation_data, seg_collate
+    from beit_fast.seg_data import build_segmentation_data, default_scales
     from beit_fast.train.runtime import resolve_device
 
     model, record = load_segmenter(Path(a.checkpoint))
@@ -544,16 +540,11 @@ def _evaluate_checkpoint(a: Any, scales: List[float]) -> Tuple[Any, Dict[str, An
         raise ValueError(f"the data has {data.num_classes} classes, the model {record['num_classes']}")
     device = resolve_device(a.device)
     model.to(device).eval()
-    scale = tuple(record.get("scale") or (4 * crop, crop))
-    ds = SegmentationDataset(data.val, SegEvalTransform(scale), seed=0)
-    batch = a.batch_size if data.layout == "builtin" else 1
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=ShardedEvalSampler(len(ds), batch), collate_fn=seg_collate)
+    loader = seg_eval_loader(data, tuple(record.get("scale") or default_scales(crop)), a.batch_size)
     stride = a.stride or record.get("eval_stride")
 
     def forward(images: torch.Tensor) -> torch.Tensor:
-        mode = a.mode
-        if mode == "auto":
-            mode = "whole" if tuple(images.shape[2:]) == (crop, crop) else "slide"
+        mode = model.inference_mode(a.mode, images)
         if scales == [1.0] and not a.flip:
             return model.predict(images, mode=mode, crop_size=crop, stride=stride)
         if mode == "whole" and any(s != 1.0 for s in scales):
