@@ -39,6 +39,7 @@ __all__ = [
     "AttentionCase",
     "RelPosBias",
     "RelativePositionBias",
+    "attention_probs",
     "attention_qkv",
     "available_backends",
     "not_supported_reasons",
@@ -124,13 +125,21 @@ class AttentionCase:
     dropout_p: float = 0.0
 
 
-def _math(qkv, num_heads, bias, scale, dropout_p, training):
-    B, N, three_d = qkv.shape
-    q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+def attention_probs(qkv: torch.Tensor, num_heads: int, bias: Optional[RelPosBias], scale: float) -> torch.Tensor:
+    """The attention matrix softmax(q k^T * scale + bias) of the packed projection: (B, N, 3*D) -> (B, H, N, N)
+    (the `math` backend's; self-attention maps read it)."""
+    B, N, _ = qkv.shape
+    q, k, _ = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     attn = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         attn = attn + bias.materialise()
-    attn = attn.softmax(dim=-1)
+    return attn.softmax(dim=-1)
+
+
+def _math(qkv, num_heads, bias, scale, dropout_p, training):
+    B, N, three_d = qkv.shape
+    v = qkv.reshape(B, N, 3, num_heads, -1)[:, :, 2].transpose(1, 2)
+    attn = attention_probs(qkv, num_heads, bias, scale)
     if dropout_p > 0 and training:
         attn = F.dropout(attn, p=dropout_p)
     return (attn @ v).transpose(1, 2).reshape(B, N, three_d // 3)

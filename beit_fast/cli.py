@@ -20,6 +20,8 @@ commands:
   evaluate    top-1 / top-5 / loss, per-class accuracy and a confusion-matrix PNG of a fine-tuned checkpoint
   segment     semantic-segmentation fine-tuning: BEiT + multi-scale adapter + UperNet (beit-fast segment --help)
   segment-eval  mIoU, per-class IoU / accuracy, aAcc of a segmentation checkpoint (slide, multi-scale + flip)
+  study       the paper's ablation table at your scale: pretraining variants x seeds, fine-tuned, probed, segmented
+  attention-maps  self-attention maps of a checkpoint per head, and the share of attention on the query's own shape
   export      a pretraining checkpoint's weights in the unilm layout, for fine-tuning elsewhere
   mask-bench  masks per second of the blockwise mask generator on one core
   train-tokenizer  train a DALL-E-style dVAE tokenizer (beit-fast train-tokenizer --help)
@@ -34,6 +36,8 @@ COMMANDS = {
     "evaluate": "beit_fast.train.classify:evaluate_main",
     "segment": "beit_fast.train.segment:main",
     "segment-eval": "beit_fast.train.segment:evaluate_main",
+    "study": "beit_fast.train.study:main",
+    "attention-maps": "beit_fast.train.attention_maps:main",
     "export": "beit_fast.cli:export",
     "mask-bench": "beit_fast.cli:mask_bench",
     "train-tokenizer": "beit_fast.train.train_tokenizer:main",

@@ -578,12 +578,13 @@ class ClassificationData:
 
 
 def build_classification_data(data: str, *, num_images: int = 4096, image_size: int = 96, train_fraction: float = 1.0,
-                              seed: int = 0) -> ClassificationData:
+                              seed: int = 0, num_classes: Optional[int] = None) -> ClassificationData:
     """Labelled train and val sets from "builtin" or an ImageNet-layout folder.
 
     - "builtin": one `BuiltinShapes` stream (8 classes, `image_size` px, dataset seed `BUILTIN_CLASSIFICATION_SEED` +
       `seed`); train is its first `num_images` images, val the next max(256, num_images // 4): a quarter as many,
-      but at least 256 so that val top-1 moves in steps of <= 0.4% even on a small demo.
+      but at least 256 so that val top-1 moves in steps of <= 0.4% even on a small demo. `num_classes` k in 2..8:
+      only the first k shape kinds (an easier task for small budgets); None: all 8.
     - a folder: `data/train/<class>/**/<image>` and `data/val/<class>/**/<image>`, the same class folders on both sides
       (labels are the sorted folder names); `num_images` and `image_size` do not apply.
 
@@ -604,8 +605,12 @@ def build_classification_data(data: str, *, num_images: int = 4096, image_size: 
     if data == "builtin":
         if num_images <= 0:
             raise ValueError(f"num_images must be positive, got {num_images}")
+        kinds = len(SHAPE_CLASSES) if num_classes is None else num_classes
+        if not 2 <= kinds <= len(SHAPE_CLASSES):
+            raise ValueError(f"the builtin data has 2 to {len(SHAPE_CLASSES)} classes, not {num_classes}")
         num_val = max(256, num_images // 4)
-        base = BuiltinShapes(num_images + num_val, image_size, seed=BUILTIN_CLASSIFICATION_SEED + seed)
+        base = BuiltinShapes(num_images + num_val, image_size, seed=BUILTIN_CLASSIFICATION_SEED + seed,
+                             num_classes=kinds)
         train = LabelledSubset(base, range(num_images))
         val = LabelledSubset(base, range(num_images, num_images + num_val))
         classes = list(base.classes)

@@ -23,6 +23,7 @@ from .attention import (
     AttentionCase,
     RelativePositionBias,
     RelPosBias,
+    attention_probs,
     attention_qkv,
     relative_position_index,
     select_backend,
@@ -99,6 +100,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rel_pos: Optional[RelPosBias], backend: str) -> torch.Tensor:
         """x (B, N, D); rel_pos: the shared bias (or None); backend: a resolved attention backend name."""
+        qkv, rel_pos = self._qkv(x, rel_pos, backend)
+        x = attention_qkv(qkv, self.num_heads, rel_pos, self.scale, backend, self.attn_drop, self.training)
+        return self.proj(x)
+
+    def probs(self, x: torch.Tensor, rel_pos: Optional[RelPosBias]) -> torch.Tensor:
+        """The attention matrix of x (B, N, D): (B, H, N, N), each row a distribution over the N keys."""
+        qkv, rel_pos = self._qkv(x, rel_pos, "math")
+        return attention_probs(qkv, self.num_heads, rel_pos, self.scale)
+
+    def _qkv(self, x: torch.Tensor, rel_pos: Optional[RelPosBias], backend: str):
+        """The packed projection (B, N, 3D) and this layer's bias in the form `backend` reads."""
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
@@ -108,8 +120,7 @@ class Attention(nn.Module):
             if rel_pos is not None:
                 table = rel_pos.table + table  # same index: summing the tables sums the biases
             rel_pos = RelPosBias(table, self.relative_position_index).for_backend(backend)
-        x = attention_qkv(qkv, self.num_heads, rel_pos, self.scale, backend, self.attn_drop, self.training)
-        return self.proj(x)
+        return qkv, rel_pos
 
 
 class Mlp(nn.Module):
@@ -298,6 +309,25 @@ class BeitModel(nn.Module):
         return_layers: Optional[Sequence[int]] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         return self.forward_features(pixel_values, bool_masked_pos, return_layers)
+
+    @torch.no_grad()
+    def attention_maps(self, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """The self-attention matrix of block `layer` (0-based; -1: the last) on these images: (B, H, N+1, N+1),
+        token 0 the cls token, row i the distribution of query i over the keys (the math backend's, exact)."""
+        depth = len(self.blocks)
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer {layer} out of range for depth {depth}")
+        layer %= depth
+        self.check_pixels(pixel_values)
+        x = self.embed(pixel_values)
+        rel_pos = None
+        if self.rel_pos_bias is not None:
+            rpb = self.rel_pos_bias
+            rel_pos = RelPosBias(rpb.relative_position_bias_table, rpb.relative_position_index).for_backend("math")
+        for blk in self.blocks[:layer]:
+            x = blk(x, rel_pos, "math")
+        blk = self.blocks[layer]
+        return blk.attn.probs(blk.norm1(x), rel_pos)
 
     def attention_backend(self, x: torch.Tensor) -> str:
         """The attention backend this forward uses (config.attn_backend resolved for x's device and dtype)."""

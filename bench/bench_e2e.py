@@ -82,10 +82,10 @@ def _inputs(seed: int = 0):
     return pixels, mask, tokens, tok_view
 
 
-def _ours(compile_mode: str = ""):
+def _ours(compile_mode: str = "", cfg: BeitConfig = CFG):
     from beit_fast.train.optim import build_optimizer
 
-    model = BeitForMaskedImageModeling(CFG).to(DEVICE).train()
+    model = BeitForMaskedImageModeling(cfg).to(DEVICE).train()
     engine = PlainEngine(model, build_optimizer(model, lr=1e-4, weight_decay=0.05), device=torch.device(DEVICE),
                          bf16=BF16, clip_grad=3.0, grad_accum=1)
     if compile_mode:
@@ -222,6 +222,18 @@ def test_e2e_backbone_step(record):
           what, ours)
     _time("transformers BeitForMaskedImageModeling (sdpa)", lambda: hf_mim(CFG, DEVICE, BF16), results, record,
           what, ours)
+    _no_failures(results)
+
+
+def test_e2e_pixel_target_step(record):
+    """The pixel-regression ablation's step (`--target pixels`: the Linear(D, P*P*3) head + MSE in torch, no tokenizer)
+    against the token-target step with the tokens given, i.e. minus the tokenizer (issue 14's target: <= 1.0)."""
+    results: dict = {}
+    what = "MIM target step (tokens given vs pixel regression)"
+    tokens = "beit-fast tokens (engine, eager)"
+    _time(tokens, lambda: _ours(), results, record, what)
+    _time("beit-fast pixels (engine, eager)", lambda: _ours(cfg=CFG.replace(mim_target="pixels")), results, record,
+          what, tokens, ratio="ms_over_token_step")
     _no_failures(results)
 
 

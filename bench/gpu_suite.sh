@@ -2,7 +2,8 @@
 # The GPU suite, run on a lent GPU machine (no network) from the repo root.
 #   SUITE=quick   bash bench/gpu_suite.sh   # <= 7 min on an H100: the kernels' gpu tests (one file at a time) + the
 #                                           # attention, fused CE, masked_embed, gather-LN, tokenizer benches + the e2e
-#                                           # backbone step (ours vs timm-composed eager) + the e2e fine-tuning step
+#                                           # backbone step (ours vs timm-composed eager) + the pixel-target step (vs
+#                                           # the token-target step, tokens given) + the e2e fine-tuning step
 #                                           # (ours on the Triton attention vs timm's beit_base_patch16_224, eager) +
 #                                           # the e2e segmentation step (BEiT-B + UperNet at 512, ours vs transformers'
 #                                           # BeitForSemanticSegmentation with SDPA); nothing compiled by inductor.
@@ -65,7 +66,7 @@ case "$SUITE" in
         echo "== benchmarks (quick): attention, fused CE, masked_embed, gather-LN, tokenizer, e2e backbone," \
             "fine-tuning and segmentation steps"
         bench 330 bench_log.txt bench/bench_attention.py bench/bench_kernels.py bench/bench_tokenizer.py \
-            bench/bench_e2e.py -k "not test_e2e or backbone_step or finetune_step or segment_step"
+            bench/bench_e2e.py -k "not test_e2e or backbone_step or pixel_target_step or finetune_step or segment_step"
         ;;
     kernels|all)
         gpu_tests 240 $(grep -l "mark.gpu" tests/test_*.py)

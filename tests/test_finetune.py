@@ -118,6 +118,8 @@ def test_linear_probe_reports_every_layer(pretrained, tmp_path):
     out = tmp_path / "probe"
     summary = finetune(_ft(out, init=str(pretrained), linear_probe=True, max_steps=3, eval_every=0))
     assert set(summary["probe"]) == {"block1", "block2"}
+    on_disk = json.loads((out / "summary.json").read_text())["probe"]  # the written summary has the values too
+    assert on_disk == summary["probe"] and all(0 <= v <= 1 for v in on_disk.values())
     header = metrics_rows_file(out / "val_metrics.csv")[0]
     assert {"val_top1_block1", "val_top1_block2"} <= set(header)
     # The backbone did not move.

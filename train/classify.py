@@ -291,7 +291,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     def run() -> Tuple[Any, List[str]]:
         model, classes, mc = load_model(Path(a.checkpoint))
-        data = build_classification_data(a.data, num_images=a.num_images, image_size=int(mc["img_size"] * 1.5))
+        data = build_classification_data(a.data, num_images=a.num_images, image_size=int(mc["img_size"] * 1.5),
+                                         num_classes=len(classes) if a.data == "builtin" else None)
         if data.classes != classes:
             raise ValueError(f"the data's classes {data.classes[:5]}... are not the model's {classes[:5]}...")
         device = resolve_device(a.device)

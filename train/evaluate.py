@@ -277,7 +277,7 @@ def plot_confusion(confusion: torch.Tensor, path: Path, class_names: Optional[Se
         raise ValueError(f"plot_confusion: confusion must be a square (C, C) matrix, got {tuple(confusion.shape)}")
     C = int(confusion.shape[0])
     names = _class_names(class_names, C)
-    plt = _pyplot("confusion-matrix")
+    plt = pyplot("confusion-matrix")
     if plt is None:
         return None
     counts = confusion.detach().to("cpu", torch.float64)
@@ -303,10 +303,10 @@ def plot_confusion(confusion: torch.Tensor, path: Path, class_names: Optional[Se
     ax.set_ylabel("true class")
     ax.set_title(title or f"confusion matrix ({C} classes, {int(counts.sum())} images)", fontsize=10)
     fig.tight_layout()
-    return _save_figure(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
-def _pyplot(what: str) -> Any:
+def pyplot(what: str) -> Any:
     """matplotlib.pyplot on the Agg backend (no display needed), or None, with one log line, when it is missing."""
     try:
         import matplotlib
@@ -319,7 +319,7 @@ def _pyplot(what: str) -> Any:
     return plt
 
 
-def _save_figure(plt: Any, fig: Any, path: Path, dpi: int = 110) -> Path:
+def save_figure(plt: Any, fig: Any, path: Path, dpi: int = 110) -> Path:
     """Writes `fig` to `path` atomically (a temporary name, then renamed: a reader never sees half an image) and
     closes it."""
     path = Path(path)
@@ -647,7 +647,7 @@ def plot_segmentation(samples: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.
         if image.dim() != 3 or image.shape[0] != 3 or label.dim() != 2 or tuple(pred.shape) != tuple(label.shape):
             raise ValueError(f"plot_segmentation: sample {i} must be (image (3, h, w), label (H, W), prediction "
                              f"(H, W)), got shapes {tuple(image.shape)}, {tuple(label.shape)}, {tuple(pred.shape)}")
-    plt = _pyplot("segmentation")
+    plt = pyplot("segmentation")
     if plt is None:
         return None
     from matplotlib.colors import hsv_to_rgb
@@ -695,4 +695,4 @@ def plot_segmentation(samples: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.
     height = (2.9 * aspect + 0.45) * rows + top + legend
     fig.set_size_inches(9.0, height)
     fig.subplots_adjust(left=0.01, right=0.99, wspace=0.04, hspace=0.15, top=1 - top / height, bottom=legend / height)
-    return _save_figure(plt, fig, path)
+    return save_figure(plt, fig, path)

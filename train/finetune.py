@@ -86,7 +86,8 @@ class FinetuneConfig(BeitTrainConfig):
     clip_grad: float = 0.0  # max global grad norm (0 disables; unilm's fine-tuning does not clip)
     layer_decay: float = 0.65  # layer-wise lr decay: block i gets decay^(L+1-i) (unilm's assignment)
     no_decay_rel_pos_bias: bool = False  # unilm's --disable_weight_decay_on_rel_pos_bias
-    num_classes: Optional[int] = None  # classes of the head; None: as many as the data has
+    num_classes: Optional[int] = None  # classes of the head; None: as many as the data has. On builtin k in 2..8
+    # also picks the data: the first k shape kinds (an easier task for small budgets)
     new_head: bool = False  # replace an --init head of another class count (intermediate fine-tuning)
     train_fraction: float = 1.0  # fine-tune on this fraction of the labelled train images (stratified)
     data_seed: int = 0  # picks the builtin images and the train_fraction subset (not --seed: runs with different
@@ -179,7 +180,8 @@ def _finetune(cfg: FinetuneConfig, run_dir: RunDir) -> Dict[str, Any]:
     mcfg = cfg.model_config(source)
     layers = cfg.probe_layers(mcfg.depth)
     data = build_classification_data(cfg.data, num_images=cfg.num_images, image_size=int(mcfg.img_size * 1.5),
-                                     train_fraction=cfg.train_fraction, seed=cfg.data_seed)
+                                     train_fraction=cfg.train_fraction, seed=cfg.data_seed,
+                                     num_classes=cfg.num_classes if cfg.data == "builtin" else None)
     num_classes = head_classes(cfg.num_classes, data.num_classes)
     rt = setup_runtime(cfg, mcfg)
     if not rt.is_main:
@@ -298,13 +300,11 @@ class _Loop(TaskLoop):
         fields = {"best_top1": self.stats["best_top1"], "best_step": self.stats["best_step"],
                   "num_classes": self.num_classes, "chance": 1.0 / self.num_classes,
                   "best_model": str(run_dir.out / MODEL_FILE)}
-        if self.layers is not None:  # the final evaluation is in stats["last_eval"] by the time it is read
-            fields["probe"] = {f"block{i + 1}": None for i in self.layers}
-        summary = self.finish(run_dir, step, start_step, last, "val_top1", "val top-1", 1.0 / self.num_classes,
-                              f"BEiT fine-tuning: {run_dir.out.name}", fields)
-        if self.layers is not None:
-            summary["probe"] = {f"block{i + 1}": summary[f"val_top1_block{i + 1}"] for i in self.layers}
-        return summary
+        if self.layers is not None:  # each block's val top-1 of the final evaluation
+            layers = self.layers
+            fields["probe"] = lambda row: {f"block{i + 1}": row.get(f"val_top1_block{i + 1}") for i in layers}
+        return self.finish(run_dir, step, start_step, last, "val_top1", "val top-1", 1.0 / self.num_classes,
+                           f"BEiT fine-tuning: {run_dir.out.name}", fields)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

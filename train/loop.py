@@ -168,7 +168,8 @@ class TaskLoop:
                plot_label: str, plot_ref: Optional[float], title: str, fields: Dict[str, Any]) -> Dict[str, Any]:
         """The end of a run: a final evaluation if the last step has none (e.g. a run resumed before its first),
         metrics.png (train loss and the val column `plot_column`), summary.json = the last evaluation + the common
-        record + the task's `fields`; the engine is closed."""
+        record + the task's `fields` (a callable field is called with the last evaluation's row); the engine is
+        closed."""
         from beit_fast.train.metrics import plot_metrics, read_metrics
 
         if not self.evaluated_at(step):
@@ -181,7 +182,9 @@ class TaskLoop:
                                 [("loss", "train loss", None), (plot_column, plot_label, plot_ref)], title=title,
                                 extra={plot_column: {"step": val.get("step", []), "value": val.get(plot_column, []),
                                                      "label": plot_label}})
-        summary = {**(self.stats["last_eval"] or {}), "step": step, "steps_run": step - start_step, **fields,
+        last_eval = self.stats["last_eval"] or {}
+        fields = {k: v(last_eval) if callable(v) else v for k, v in fields.items()}  # a field may read the last eval
+        summary = {**last_eval, "step": step, "steps_run": step - start_step, **fields,
                    "skipped_steps": self.stats["skipped_steps"], "checkpoint": str(last) if last else None,
                    "metrics": str(out / "metrics.csv"), "plot": str(plot) if plot else None,
                    "engine": self.engine.describe(), "out": str(out), "rank": self.rt.rank}

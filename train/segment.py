@@ -442,7 +442,8 @@ class SegmentLoop(TaskLoop):
 
         background = _all_background_miou(self.data) if self.data.layout == "builtin" else None
         fields = {"best_miou": self.stats["best_miou"], "best_step": self.stats["best_step"],
-                  "num_classes": self.num_classes, "best_model": str(run_dir.out / MODEL_FILE)}
+                  "num_classes": self.num_classes, "best_model": str(run_dir.out / MODEL_FILE),
+                  "all_background_miou": background}
         summary = self.finish(run_dir, step, start_step, last, "val_miou", "val mIoU", background,
                               f"BEiT segmentation: {run_dir.out.name}", fields)
         if self.rt.is_main and self.cfg.plot and getattr(self, "last_samples", None):
