@@ -16,7 +16,7 @@ DEMO_FT_STEPS ?= 400
 DEMO_FT = --data builtin --max-steps $(DEMO_FT_STEPS) --batch-size 32 --num-images 2048 --eval-every 200 --seed 0 \
 	--lr 1e-3 --lr-batch 32 --mixup 0 --cutmix 0 --auto-augment none --reprob 0 --crop-scale 1 --overwrite
 
-.PHONY: install test demo bench bench-smoke gpu-wheels info clean
+.PHONY: install test demo study bench bench-smoke gpu-wheels info clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,13 @@ demo: install
 	@$(PY) -c "import json; s = {k: json.load(open('$(DEMO_OUT)/' + k + '/summary.json')) for k in ('finetune', 'scratch')}; \
 		print('val top-1 after $(DEMO_FT_STEPS) fine-tuning steps: from the demo pretraining %.4f | from scratch %.4f (chance %.4f)' \
 		% (s['finetune']['val_top1'], s['scratch']['val_top1'], s['finetune']['chance']))"
+
+# The paper's ablation table (Table 4) at the --quick budget: 7 variants x 3 seeds, pretrained, fine-tuned, probed,
+# segmented, on builtin (~13 min on 2 CPU cores; README "Ablation study"). STUDY_ARGS adds or overrides options.
+STUDY_OUT ?= runs/study
+STUDY_ARGS ?=
+study: install
+	$(VENV)/bin/beit-fast study --quick --out $(STUDY_OUT) $(STUDY_ARGS)
 
 bench: install
 	$(PY) -m pytest bench -q -s --benchmark-columns=median,ops,rounds

@@ -63,6 +63,13 @@ def test_builtin_split_is_fixed_disjoint_and_not_the_pretraining_images():
     pre = build_dataset("builtin", num_images=296, size=24, seed=0)
     pre_images = {pre.sample(i)[0].tobytes() for i in range(296)}
     assert not pre_images & {d.val.dataset.sample(i)[0].tobytes() for i in d.val.indices}
+    # num_classes k: the first k shape kinds only (an easier task), labels in range; outside 2..8 refused.
+    four = build_classification_data("builtin", num_images=40, image_size=24, num_classes=4)
+    assert four.classes == list(SHAPE_CLASSES[:4]) and set(four.train.labels) <= {0, 1, 2, 3}
+    assert len(set(four.train.labels)) == 4
+    for bad in (1, 9):
+        with pytest.raises(ValueError, match="2 to 8 classes"):
+            build_classification_data("builtin", num_images=40, image_size=24, num_classes=bad)
 
 
 def test_train_fraction_is_stratified_fixed_nested_and_cheap(monkeypatch):

@@ -162,6 +162,37 @@ def test_study_end_to_end_in_worker_processes(tmp_path, capsys):
     assert study_main(["--variants", "nope", "--out", str(out)]) == 2
 
 
+def test_a_signal_stops_the_study_and_the_rerun_resumes_the_cell(tmp_path):
+    """SIGTERM to the study: passed on to the running cell, which writes its checkpoint; exit 143; the same command
+    again resumes that cell from its checkpoint and finishes the study."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "s"
+    args = ["--out", str(out), "--seeds", "1", "--variants", "beit", "--tokenizer", "random", "--pretrain-steps", "40",
+            "--pretrain-batch", "4", "--finetune-steps", "1", "--linear-probe", "false", "--segmentation", "false",
+            "--attention", "false", "--num-images", "32", "--workers", "1", "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "beit_fast.cli", "study", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = out / "pretrain" / "beit" / "seed0" / "log.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and "step 10/40" in log.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "rerun the same command" in err.strip().splitlines()[-1]
+    assert json.loads((log.parent / "cell.json").read_text())["status"] == "running"
+    assert list((log.parent / "checkpoints").glob("step_*.pt"))
+    assert study_main(args) == 0
+    assert "resumed from" in log.read_text() and (out / "finetune" / "beit" / "seed0" / "summary.json").is_file()
+
+
 # -- attention maps ------------------------------------------------------------------------------------------------
 def test_patch_labels_take_the_majority():
     seg = torch.zeros(1, 4, 4, dtype=torch.long)

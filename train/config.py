@@ -95,8 +95,9 @@ def coerce(where: str, name: str, value: Any, tp: Any, from_cli: bool) -> Any:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             parsed = value
-        if _accepts(tp, list) and isinstance(parsed, str) and "," in parsed:
-            parsed = [yaml.safe_load(v) for v in parsed.split(",")]  # --ratio-range 0.5,2.0
+        if _accepts(tp, list) and not isinstance(parsed, (list, dict)) and parsed is not None:
+            # --ratio-range 0.5,2.0; one item alone is a list of one (--variants beit)
+            parsed = [yaml.safe_load(v) for v in parsed.split(",")] if isinstance(parsed, str) else [parsed]
         # a list only where the field is one (--ratio-range [0.5,2.0]); a mapping never (model keys go one by one)
         value = value if isinstance(parsed, dict) or (isinstance(parsed, list) and not _accepts(tp, list)) else parsed
     if isinstance(value, str) and _accepts(tp, float) and not _accepts(tp, str):

@@ -31,7 +31,9 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,11 +257,22 @@ def plan_cells(cfg: StudyConfig) -> List[Cell]:
 
 
 # -- running cells ---------------------------------------------------------------------------------------------------
+class StudyStopped(Exception):
+    """SIGINT / SIGTERM reached the study: the running cells were told to checkpoint and stop."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 def _worker_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # Out of the terminal's process group: a Ctrl-C reaches the study alone, which passes it on to each running cell
+    # exactly once (a second signal would make a cell exit before its checkpoint).
+    os.setpgrp()
 
 
 def run_cell(command: str, argv: List[str], log_path: str) -> Tuple[int, float]:
@@ -362,7 +375,9 @@ def execute(cfg: StudyConfig, cells: List[Cell], on_done: Callable[[], None],
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                   initargs=(cfg.thread_count(),)) if runner is run_cell and todo else None
     running: Dict[Any, Cell] = {}
+    stop = _StopOnSignal(pool)
     try:
+        stop.install()
         while todo or running:
             blocked = [c for c in todo if any(n in failed for n in c.needs)]
             for c in blocked:
@@ -406,9 +421,42 @@ def execute(cfg: StudyConfig, cells: List[Cell], on_done: Callable[[], None],
                          "done" if c.name in done else "failed", seconds, _clock(elapsed), _clock(eta))
                 on_done()
     finally:
-        if pool is not None:
+        if pool is not None:  # after a signal: the cells write their checkpoint and stop (their records say running)
             pool.shutdown(wait=True, cancel_futures=True)
+        stop.restore()
     return failed
+
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM in the study: passed on to the worker processes (each running cell then finishes its step,
+    writes a checkpoint and exits), then `StudyStopped`; a second signal exits at once."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool, self.previous, self.seen = pool, {}, False
+
+    def _forward(self, signum: int) -> None:
+        for proc in list(getattr(self.pool, "_processes", {}).values()) if self.pool is not None else []:
+            try:
+                os.kill(proc.pid, signum)
+            except OSError:
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._forward(signum)
+        if self.seen:
+            os._exit(128 + signum)
+        self.seen = True
+        raise StudyStopped(signum)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
 
 
 def _clock(seconds: float) -> str:
@@ -612,7 +660,7 @@ def study(cfg: StudyConfig, runner: Callable[[str, List[str], str], Tuple[int, f
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`beit-fast study`: 0 every cell done; 1 some cell failed (the others ran; rerun to retry them); 2 bad input;
-    130 interrupted (rerun the same command to continue)."""
+    128 + N stopped by signal N (SIGINT 130, SIGTERM 143; rerun the same command to continue)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(StudyConfig.help_text(__doc__ or ""))
@@ -625,10 +673,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         result, code = cli_call("beit-fast study", go)
-    except KeyboardInterrupt:
-        print("beit-fast study: interrupted; rerun the same command to continue (finished cells are kept)",
-              file=sys.stderr)
-        return 130
+    except StudyStopped as exc:
+        print(f"beit-fast study: {exc}: the running cells wrote a checkpoint; rerun the same command to continue "
+              "(finished cells are kept)", file=sys.stderr)
+        return 128 + exc.signum
     if code:
         return code
     print((Path(result["paths"]["md"])).read_text())
