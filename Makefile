@@ -51,7 +51,7 @@ demo: install
 		% (s['finetune']['val_top1'], s['scratch']['val_top1'], s['finetune']['chance']))"
 
 # The paper's ablation table (Table 4) at the --quick budget: 7 variants x 3 seeds, pretrained, fine-tuned, probed,
-# segmented, on builtin (~13 min on 2 CPU cores; README "Ablation study"). STUDY_ARGS adds or overrides options.
+# segmented, on builtin (~11 min on 2 CPU cores; README "Ablation study"). STUDY_ARGS adds or overrides options.
 STUDY_OUT ?= runs/study
 STUDY_ARGS ?=
 study: install

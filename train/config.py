@@ -252,7 +252,8 @@ class ConfigBase:
                  + "".join(f", a bare --{k} means {v}" for k, v in cls.BARE_VALUES.items()) + "):"]
         comments = cls.field_comments()
         for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else "{}"
+            default = f.default if f.default is not dataclasses.MISSING else \
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "{}"
             lines.append(f"  --{f.name.replace('_', '-')}  (default {default!r})  {comments.get(f.name, '')}".rstrip())
         if cls.PRESETS:
             lines.append(f"  presets: {', '.join(sorted(cls.PRESETS))}")

@@ -83,6 +83,8 @@ METRICS = [  # (key, column title, source)
     ("pt_loss", "pretraining loss", "pretrain"),
     ("pt_acc", "pretraining mlm_acc", "pretrain"),
 ]
+# Each plotted metric's no-learning level (a dashed line): chance, all-background, the shapes' share of the image.
+FLOORS = {"top1": "chance", "probe": "chance", "miou": "all_background", "attn_own": "attn_area"}
 # --quick: a budget that finishes on 2 CPU cores in under 20 minutes on builtin (measured: README).
 QUICK: Dict[str, Any] = dict(tokenizer_steps=150, pretrain_steps=60, pretrain_batch=32, finetune_steps=100,
                              linprobe_steps=60, segment_steps=100, num_images=1024, seg_images=512)
@@ -525,13 +527,14 @@ def _fmt(values: List[Tuple[int, float]], seeds: int) -> str:
 
 
 def orderings(cfg: StudyConfig, table: Dict[str, Dict[str, List[Tuple[int, float]]]]) -> List[str]:
-    """One line per paper ordering and downstream metric: reproduced beyond the spread (the means differ by more than
-    the two standard deviations together), the same direction within the spread, or reversed."""
+    """One line per paper ordering and downstream metric (top-1, linear probe, mIoU): reproduced beyond the spread
+    (the means differ by more than the two standard deviations together), the same direction within the spread, or
+    reversed."""
     lines = []
     for better, worse, claim in ORDERINGS:
         if better not in table or worse not in table:
             continue
-        for key, title in (("top1", "top-1"), ("miou", "mIoU")):
+        for key, title in (("top1", "top-1"), ("probe", "linear probe"), ("miou", "mIoU")):
             a, b = table[better].get(key, []), table[worse].get(key, [])
             if len(a) < 2 or len(b) < 2:
                 continue
@@ -569,9 +572,10 @@ def write_reports(cfg: StudyConfig, cells: List[Cell], plot: bool = False, comma
     floors = [f"{title} {vals[0][1]:.3f}" for key, title in (("chance", "chance top-1"),
                                                              ("all_background", "all-background mIoU"))
               for vals in [[x for v in cfg.variants for x in table[v].get(key, [])]] if vals]
-    md += ["", "Budget: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in (
-        "preset", "classes", "num_images", "pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_batch",
-        "linprobe_steps", "segment_steps", "segment_batch", "seg_images", "tokenizer", "tokenizer_steps")) + ".",
+    keys = ["preset", "classes", "num_images", "pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_batch"]
+    keys += ["linprobe_steps"] * cfg.linear_probe + ["segment_steps", "segment_batch", "seg_images"] * cfg.segmentation
+    keys += ["tokenizer"] + ["tokenizer_steps"] * (cfg.tokenizer == "train")
+    md += ["", "Budget: " + ", ".join(f"{k} {getattr(cfg, k)}" for k in keys) + ".",
            "Paper: BEiT-B, 300 epochs of ImageNet-1k (Table 4; the 2x row is its 800-epoch run), ImageNet top-1 and "
            "ADE20K mIoU."]
     if floors:
@@ -628,10 +632,13 @@ def _plot(cfg: StudyConfig, table: Dict[str, Dict[str, List[Tuple[int, float]]]]
             stds.append(mean_std(vals)[1] if vals else 0.0)
             names.append(v)
         ax.bar(range(len(names)), means, yerr=stds, capsize=3, color=[f"C{i}" for i in range(len(names))])
+        floor = [x for v in cfg.variants for _, x in table[v].get(FLOORS.get(key, ""), [])]
+        if floor:  # what no learning scores (chance, all-background, the shapes' area)
+            ax.axhline(sum(floor) / len(floor), color="black", linestyle="--", linewidth=0.8)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)
-    fig.suptitle(f"BEiT ablation study: mean +- std over {cfg.seeds} seeds", fontsize=9)
+    fig.suptitle(f"BEiT ablation study: mean +- std over {cfg.seeds} seeds (dashed: no learning)", fontsize=9)
     fig.tight_layout()
     return save_figure(plt, fig, path)
 
