@@ -183,6 +183,7 @@ def test_bad_input_is_one_line_and_writes_nothing(pretrained, tmp_path):
         (["--num-classes", "3"], "out of range"),
         (["--init", str(tmp_path / "nope.pth")], "not found"),
         (["--train-fraction", "0"], "train_fraction"),
+        (["--builtin-classes", "9"], "builtin_classes"),
     ]
     for extra, words in cases:
         r = _cli("finetune", *ARGS, "--max-steps", "1", "--out", str(out), *extra)

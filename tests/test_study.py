@@ -11,7 +11,7 @@ from beit_fast import BeitConfig
 from beit_fast.model import BeitModel
 from beit_fast.train.attention_maps import default_queries, own_shape_attention, patch_labels
 from beit_fast.train.attention_maps import main as maps_main
-from beit_fast.train.study import StudyConfig, VARIANTS, mean_std, plan_cells, study
+from beit_fast.train.study import StudyConfig, VARIANTS, mean_std, plan_cells, study, tokenizer_preset
 from beit_fast.train.study import main as study_main
 from helpers import pretrain_config
 
@@ -54,6 +54,10 @@ def test_plan_has_every_variant_switch_and_budget(tmp_path):
 def test_quick_puts_its_budget_under_explicit_options(tmp_path):
     cfg = StudyConfig.from_args(["--quick", "--finetune-steps", "7", "--out", str(tmp_path)])
     assert cfg.quick and cfg.finetune_steps == 7 and cfg.pretrain_steps == 60
+    assert StudyConfig.from_args(["--quick=on"]).pretrain_steps == 60
+    assert StudyConfig.from_args(["--quick", "--quick", "false"]).pretrain_steps == StudyConfig().pretrain_steps
+    assert tokenizer_preset("tiny") == "small" and tokenizer_preset("base") == "dalle"
+    assert plan_cells(StudyConfig(preset="base"))[0].argv[:2] == ["--preset", "dalle"]
     with pytest.raises(ValueError, match="variants"):
         StudyConfig.from_args(["--variants", "beit,nope"])
 
@@ -63,33 +67,54 @@ VALUES = {"beit": 0.5, "random_masking": 0.45, "pixels": 0.4, "pixels_random": 0
           "beit_2x": 0.55, "scratch": 0.2}
 
 
+def _cell_name(log_path):
+    d = Path(log_path).parent
+    return "/".join(d.parts[-3:]) if d.name.startswith("seed") else d.name
+
+
+def fake_run(command, argv, log_path):
+    """Writes what `command` would (summary.json / maps.json / tokenizer.pt) with known values."""
+    d, name = Path(log_path).parent, _cell_name(log_path)
+    if command == "train-tokenizer":
+        (d / "tokenizer.pt").write_bytes(b"x")
+        return 0, 0.0
+    stage, variant, seed = name.split("/")
+    v = VALUES[variant] + 0.01 * int(seed[4:])
+    summary = {"pretrain": {"final_loss": 5 - v, "final_mlm_acc": v / 2}, "finetune": {"val_top1": v},
+               "linprobe": {"probe": {"block1": v / 4, "block2": v / 3}},
+               "segment": {"val_miou": v / 2}}.get(stage)
+    if stage == "attention":
+        (d / "maps.json").write_text(json.dumps({"score": {"own_shape_mass": v, "area": 0.2},
+                                                 "random_init": {"own_shape_mass": 0.19}}))
+    else:
+        (d / "summary.json").write_text(json.dumps(summary))
+    return 0, 0.0
+
+
 class FakeRunner:
-    """Writes what each command would (summary.json / maps.json / tokenizer.pt) with known values; records calls."""
+    """`fake_run`, recording the cells it ran; the cells in `fail` exit 1 instead."""
 
     def __init__(self, fail=()):
         self.calls, self.fail = [], set(fail)
 
     def __call__(self, command, argv, log_path):
-        d = Path(log_path).parent
-        name = "/".join(d.parts[-3:]) if d.name.startswith("seed") else d.name
+        name = _cell_name(log_path)
         self.calls.append(name)
         if name in self.fail:
             Path(log_path).write_text("beit-fast x: error: it broke\n")
             return 1, 0.0
-        if command == "train-tokenizer":
-            (d / "tokenizer.pt").write_bytes(b"x")
-            return 0, 0.0
-        stage, variant, seed = name.split("/")
-        v = VALUES[variant] + 0.01 * int(seed[4:])
-        summary = {"pretrain": {"final_loss": 5 - v, "final_mlm_acc": v / 2}, "finetune": {"val_top1": v},
-                   "linprobe": {"probe": {"block1": v / 4, "block2": v / 3}},
-                   "segment": {"val_miou": v / 2}}.get(stage)
-        if stage == "attention":
-            (d / "maps.json").write_text(json.dumps({"score": {"own_shape_mass": v, "area": 0.2},
-                                                     "random_init": {"own_shape_mass": 0.19}}))
-        else:
-            (d / "summary.json").write_text(json.dumps(summary))
-        return 0, 0.0
+        return fake_run(command, argv, log_path)
+
+
+def crash_once(command, argv, log_path):
+    """In a worker process: the first finetune/beit/seed0 kills its worker (as an out-of-memory kill would)."""
+    import os
+
+    marker = Path(log_path).parents[3] / "crash-once"
+    if _cell_name(log_path) == "finetune/beit/seed0" and marker.exists():
+        marker.unlink()
+        os._exit(1)
+    return fake_run(command, argv, log_path)
 
 
 def test_study_resume_skips_finished_cells_and_reports(tmp_path):
@@ -127,6 +152,21 @@ def test_study_resume_skips_finished_cells_and_reports(tmp_path):
     cfg2 = StudyConfig(out=str(tmp_path / "s"), seeds=3, linprobe_steps=5)
     study(cfg2, runner)
     assert sorted(runner.calls) == sorted(c.name for c in cells if c.stage == "linprobe")
+    # Another pretraining budget: the pretrainings and everything downstream of them are redone (they read the new
+    # checkpoints), from-scratch cells and the tokenizer are not.
+    runner.calls.clear()
+    study(StudyConfig(out=str(tmp_path / "s"), seeds=3, linprobe_steps=5, pretrain_steps=7), runner)
+    assert sorted(runner.calls) == sorted(c.name for c in cells if c.variant not in (None, "scratch"))
+
+
+def test_a_dead_worker_requeues_its_cell(tmp_path):
+    cfg = StudyConfig(out=str(tmp_path / "s"), seeds=1, variants=["beit"], segmentation=False, workers=2, threads=1)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "crash-once").write_text("")
+    result = study(cfg, crash_once, in_process=False)
+    assert result["failed"] == [] and not (tmp_path / "s" / "crash-once").exists()
+    assert "a worker process died" in (tmp_path / "s" / "finetune" / "beit" / "seed0" / "log.txt").read_text()
+    assert json.loads((tmp_path / "s" / "finetune" / "beit" / "seed0" / "cell.json").read_text())["status"] == "done"
 
 
 def test_a_failed_cell_skips_what_needs_it(tmp_path):

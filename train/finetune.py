@@ -86,8 +86,9 @@ class FinetuneConfig(BeitTrainConfig):
     clip_grad: float = 0.0  # max global grad norm (0 disables; unilm's fine-tuning does not clip)
     layer_decay: float = 0.65  # layer-wise lr decay: block i gets decay^(L+1-i) (unilm's assignment)
     no_decay_rel_pos_bias: bool = False  # unilm's --disable_weight_decay_on_rel_pos_bias
-    num_classes: Optional[int] = None  # classes of the head; None: as many as the data has. On builtin k in 2..8
-    # also picks the data: the first k shape kinds (an easier task for small budgets)
+    num_classes: Optional[int] = None  # classes of the head; None: as many as the data has
+    builtin_classes: Optional[int] = None  # builtin data: only the first k shape kinds (2..8; an easier task for
+    # small budgets); None: all 8
     new_head: bool = False  # replace an --init head of another class count (intermediate fine-tuning)
     train_fraction: float = 1.0  # fine-tune on this fraction of the labelled train images (stratified)
     data_seed: int = 0  # picks the builtin images and the train_fraction subset (not --seed: runs with different
@@ -119,6 +120,8 @@ class FinetuneConfig(BeitTrainConfig):
             self.bad("train_fraction", "must be in (0, 1]")
         if self.num_classes is not None and self.num_classes <= 0:
             self.bad("num_classes", "must be positive (or omitted: from the data)")
+        if self.builtin_classes is not None and not 2 <= self.builtin_classes <= 8:
+            self.bad("builtin_classes", "the builtin data has 2 to 8 shape kinds")
         if not 0.0 <= self.ema_decay < 1.0:
             self.bad("ema_decay", "must be in [0, 1)")
         if self.ema and self.deepspeed and self.zero_stage == 3:
@@ -181,7 +184,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: RunDir) -> Dict[str, Any]:
     layers = cfg.probe_layers(mcfg.depth)
     data = build_classification_data(cfg.data, num_images=cfg.num_images, image_size=int(mcfg.img_size * 1.5),
                                      train_fraction=cfg.train_fraction, seed=cfg.data_seed,
-                                     num_classes=cfg.num_classes if cfg.data == "builtin" else None)
+                                     num_classes=cfg.builtin_classes if cfg.data == "builtin" else None)
     num_classes = head_classes(cfg.num_classes, data.num_classes)
     rt = setup_runtime(cfg, mcfg)
     if not rt.is_main:

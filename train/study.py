@@ -11,10 +11,11 @@ tokenizer trained first (`beit-fast train-tokenizer`; `--tokenizer random` or a 
 Every cell is one of those commands in its own run directory under `out/` (`pretrain/VARIANT/seedS`,
 `finetune/...`, `linprobe/...`, `segment/...`, `attention/...`), run in `--workers` processes at once (cells whose
 inputs are ready, seed 0 first); each cell's output goes to its `log.txt`. A finished cell is not rerun: rerunning
-the same command after an interruption continues where it stopped (an interrupted cell resumes from its own last
-checkpoint). `study.md` (the paper's Table 4 layout: rows = variants, columns = mean +- std over the seeds, the
-paper's numbers beside, and which of its orderings reproduce), `study.csv` (one row per variant and metric, and per
-seed) and `study.png` (bars with the spread) are rewritten as cells finish.
+the same command after an interruption continues where it stopped (an interrupted training cell resumes from its
+own last checkpoint; a cell whose settings or inputs changed is redone). `study.md` (the paper's Table 4 layout:
+rows = variants, columns = mean +- std over the seeds, the paper's numbers beside, and which of its orderings
+reproduce) and `study.csv` (one row per variant and metric, and per seed) are rewritten as cells finish, `study.png`
+(bars with the spread) at the end.
 
 `--quick`: a budget that finishes on 2 CPU cores in under 20 minutes on builtin (every other key still applies).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -30,11 +32,13 @@ import math
 import multiprocessing
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
@@ -145,22 +149,32 @@ class StudyConfig(ConfigBase):
                 self.bad(name, "must be a positive number")
         if self.tokenizer not in ("train", "random") and not Path(self.tokenizer).is_file():
             self.bad("tokenizer", '"train", "random" or the path of a tokenizer file')
+        if self.tokenizer == "train" and any(VARIANTS[v].pretrain is not None and
+                                             VARIANTS[v].pretrain.get("target", "tokens") == "tokens"
+                                             for v in self.variants):
+            try:
+                tokenizer_preset(self.preset)
+            except ValueError as exc:
+                self.bad("tokenizer", str(exc))
         if not self.out.strip():
             self.bad("out", "must not be empty")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             self.bad("device", 'must be "auto", "cpu", "cuda" or "cuda:N"')
         for name in ("pretrain_args", "finetune_args", "segment_args"):
             try:
-                parse_options(getattr(self, name).split())
+                parse_options(shlex.split(getattr(self, name)))
             except ValueError as exc:
                 self.bad(name, f"not --key value options ({exc})")
 
     @classmethod
     def from_args(cls, args: List[str]) -> "StudyConfig":
         """As every config; `--quick` puts QUICK's values under the options given (which win)."""
+        from beit_fast.train.config import coerce
+
         pairs = parse_options(list(args), flags={"quick": "true", "linear_probe": "true", "segmentation": "true",
                                                  "attention": "true"})
-        if any(k == "quick" and str(v).strip().lower() in ("true", "1", "yes") for k, v in pairs):
+        quick = [v for k, v in pairs if k == "quick"]
+        if quick and coerce("--", "quick", quick[-1], bool, True):  # the last --quick wins, as for every key
             args = [f"--{k}={v}" for k, v in QUICK.items()] + list(args)
         return super().from_args(args)  # type: ignore[return-value]
 
@@ -176,6 +190,20 @@ class StudyConfig(ConfigBase):
         return self.threads or max(1, (os.cpu_count() or 1) // self.worker_count())
 
 
+def tokenizer_preset(preset: str) -> str:
+    """The `beit-fast train-tokenizer` preset whose grid and vocabulary fit the `preset` network's; ValueError when
+    none does (then --tokenizer FILE or random)."""
+    from beit_fast import BeitConfig
+
+    mc = BeitConfig.from_preset(preset)
+    fits = {(8, 512): "small", (14, 8192): "dalle"}
+    key = (mc.img_size // mc.patch_size, mc.vocab_size)
+    if key not in fits:
+        raise ValueError(f"--tokenizer train makes a small (8x8 grid, 512 codes) or dalle (14x14, 8192) dVAE; the "
+                         f"{preset} network needs {key[0]}x{key[0]} of {key[1]}: pass --tokenizer FILE or random")
+    return fits[key]
+
+
 @dataclass
 class Cell:
     name: str  # its directory under out/, e.g. "finetune/beit/seed0"
@@ -185,6 +213,7 @@ class Cell:
     variant: Optional[str] = None
     seed: Optional[int] = None
     stage: str = ""  # tokenizer | pretrain | finetune | linprobe | segment | attention
+    fingerprint: str = ""  # its command and argv and the fingerprints of the cells it needs (plan_cells sets it)
     RESULT: ClassVar[Dict[str, str]] = {"attention": "maps.json", "tokenizer": "tokenizer.pt"}
 
     def result_file(self, out: Path) -> Path:
@@ -202,8 +231,9 @@ def plan_cells(cfg: StudyConfig) -> List[Cell]:
     if cfg.tokenizer == "train" and tokens:
         tok_path = str(out / "tokenizer" / "tokenizer.pt")
         cells.append(Cell("tokenizer", "train-tokenizer",
-                          ["--preset", "small", "--data", cfg.data, "--num-images", str(cfg.num_images),
-                           "--max-steps", str(cfg.tokenizer_steps), "--seed", "0", "--device", cfg.device,
+                          ["--preset", tokenizer_preset(cfg.preset), "--data", cfg.data,
+                           "--num-images", str(cfg.num_images), "--max-steps", str(cfg.tokenizer_steps),
+                           "--seed", "0", "--device", cfg.device,
                            "--out", str(out / "tokenizer")], [], stage="tokenizer"))
     for seed in range(cfg.seeds):
         for v in cfg.variants:
@@ -222,11 +252,12 @@ def plan_cells(cfg: StudyConfig) -> List[Cell]:
                 if switches["target"] == "tokens":
                     argv += ["--tokenizer", tok_path]
                     pre_needs = ["tokenizer"] if cfg.tokenizer == "train" else []
-                cells.append(Cell(f"pretrain/{s}", "pretrain", argv + cfg.pretrain_args.split(), pre_needs, v, seed,
-                                  "pretrain"))
+                cells.append(Cell(f"pretrain/{s}", "pretrain", argv + shlex.split(cfg.pretrain_args), pre_needs, v,
+                                  seed, "pretrain"))
                 init, needs = str(out / "pretrain" / s), [f"pretrain/{s}"]
             net = ["--preset", "auto"] if spec.pretrain is not None else ["--preset", cfg.preset]
-            cls_classes = ["--num-classes", str(cfg.classes)] if cfg.data == "builtin" and cfg.classes != 8 else []
+            cls_classes = ["--builtin-classes", str(cfg.classes)] if cfg.data == "builtin" and cfg.classes != 8 \
+                else []
             seg_classes = ["--num-classes", str(cfg.classes + 1)] if cfg.seg_data == "builtin" and cfg.classes != 8 \
                 else []
             cls_common = ["--init", init, *net, "--data", cfg.data, "--num-images", str(cfg.num_images), *cls_classes,
@@ -236,7 +267,7 @@ def plan_cells(cfg: StudyConfig) -> List[Cell]:
                               cls_common + ["--max-steps", str(cfg.finetune_steps), "--lr", str(cfg.finetune_lr),
                                             "--mixup", "0", "--cutmix", "0", "--auto-augment", "none", "--reprob",
                                             "0", "--crop-scale", "1", "--out", str(out / "finetune" / s)]
-                              + cfg.finetune_args.split(), needs, v, seed, "finetune"))
+                              + shlex.split(cfg.finetune_args), needs, v, seed, "finetune"))
             if cfg.linear_probe:
                 cells.append(Cell(f"linprobe/{s}", "finetune",
                                   cls_common + ["--linear-probe", "true", "--max-steps", str(cfg.linprobe_steps),
@@ -250,11 +281,16 @@ def plan_cells(cfg: StudyConfig) -> List[Cell]:
                                    "--lr", str(cfg.segment_lr), "--lr-batch", str(cfg.segment_batch),
                                    "--photometric", "false", "--ratio-range", "1.0,1.0", "--seed", str(seed),
                                    "--eval-every", "0", "--out", str(out / "segment" / s),
-                                   *common] + cfg.segment_args.split(), needs, v, seed, "segment"))
+                                   *common] + shlex.split(cfg.segment_args), needs, v, seed, "segment"))
             if cfg.attention:
                 cells.append(Cell(f"attention/{s}", "attention-maps",
                                   [init, "--preset", cfg.preset, "--seed", str(seed), "--num-images", "1",
                                    "--out", str(out / "attention" / s / "maps.png")], needs, v, seed, "attention"))
+    prints: Dict[str, str] = {}
+    for c in cells:  # a cell comes after the cells it needs
+        c.fingerprint = hashlib.sha256(json.dumps([c.command, c.argv, [prints[n] for n in c.needs]]).encode()
+                                       ).hexdigest()[:16]
+        prints[c.name] = c.fingerprint
     return cells
 
 
@@ -272,9 +308,13 @@ def _worker_init(threads: int) -> None:
 
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    # Out of the terminal's process group: a Ctrl-C reaches the study alone, which passes it on to each running cell
-    # exactly once (a second signal would make a cell exit before its checkpoint).
+    # Out of the terminal's process group: a Ctrl-C reaches the study alone, which passes it on to each worker exactly
+    # once (a second signal would make a cell exit before its checkpoint). Between cells, and in a cell whose command
+    # installs no handler (a tokenizer, attention maps: short), the signal is ignored: the cell finishes; a training
+    # command's own handler (RunDir) makes it finish its step, write a checkpoint and exit.
     os.setpgrp()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def run_cell(command: str, argv: List[str], log_path: str) -> Tuple[int, float]:
@@ -318,17 +358,19 @@ def _record_path(out: Path, cell: Cell) -> Path:
 
 
 def cell_done(out: Path, cell: Cell) -> bool:
-    """Finished with these exact settings: its record says so and its result file exists."""
+    """Finished with these exact settings and inputs (its fingerprint: a cell is redone when what it needs was) and
+    its result file exists."""
     try:
         rec = json.loads(_record_path(out, cell).read_text())
     except (OSError, ValueError):
         return False
-    return rec.get("argv") == cell.argv and rec.get("status") == "done" and cell.result_file(out).is_file()
+    return rec.get("fingerprint") == cell.fingerprint and rec.get("status") == "done" and \
+        cell.result_file(out).is_file()
 
 
 def _prepare(out: Path, cell: Cell) -> None:
-    """Before a cell runs: a directory left by a cell with other settings is removed (a cell interrupted with these
-    settings is kept: its command resumes from its last checkpoint); the record says "running"."""
+    """Before a cell runs: a directory left by a cell with other settings or inputs is removed (a cell interrupted
+    with these is kept: its command resumes from its last checkpoint); the record says "running"."""
     from beit_fast.train.run import atomic_save_json
 
     d = out / cell.name
@@ -337,19 +379,20 @@ def _prepare(out: Path, cell: Cell) -> None:
         rec = json.loads(rec_path.read_text())
     except (OSError, ValueError):
         rec = None
-    if d.exists() and (rec is None or rec.get("argv") != cell.argv):
+    if d.exists() and (rec is None or rec.get("fingerprint") != cell.fingerprint):
         log.info("%s: its settings changed (or it has no record): started afresh", cell.name)
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_save_json({"argv": cell.argv, "command": cell.command, "status": "running"}, rec_path, indent=1)
+    atomic_save_json({"argv": cell.argv, "command": cell.command, "fingerprint": cell.fingerprint,
+                      "status": "running"}, rec_path, indent=1)
 
 
 def _finish(out: Path, cell: Cell, code: int, seconds: float) -> None:
     from beit_fast.train.run import atomic_save_json
 
     status = "done" if code == 0 and cell.result_file(out).is_file() else "failed"
-    atomic_save_json({"argv": cell.argv, "command": cell.command, "status": status, "exit": code,
-                      "seconds": round(seconds, 1)}, _record_path(out, cell), indent=1)
+    atomic_save_json({"argv": cell.argv, "command": cell.command, "fingerprint": cell.fingerprint, "status": status,
+                      "exit": code, "seconds": round(seconds, 1)}, _record_path(out, cell), indent=1)
 
 
 def _last_error(path: Path) -> str:
@@ -362,21 +405,30 @@ def _last_error(path: Path) -> str:
 
 
 def execute(cfg: StudyConfig, cells: List[Cell], on_done: Callable[[], None],
-            runner: Callable[[str, List[str], str], Tuple[int, float]] = run_cell) -> List[str]:
-    """Run every cell not yet done, `cfg.worker_count()` at a time, a cell once all it needs is done (seed order
+            runner: Callable[[str, List[str], str], Tuple[int, float]] = run_cell,
+            in_process: Optional[bool] = None) -> List[str]:
+    """Run every cell not yet done, `cfg.worker_count()` at a time in worker processes (`in_process`: in this one,
+    one at a time; default: only for a runner other than `run_cell`), a cell once all it needs is done (seed order
     first). Returns the names of the cells that failed (and of those that needed them)."""
     out = Path(cfg.out)
     done = {c.name for c in cells if cell_done(out, c)}
     todo = [c for c in cells if c.name not in done]
+    order = {c.name: i for i, c in enumerate(cells)}
     failed: List[str] = []
     if done:
         log.info("study: %d of %d cells already done (not rerun)", len(done), len(cells))
     workers = cfg.worker_count()
     start, finished, total = time.time(), 0, len(todo)
     ctx = multiprocessing.get_context("spawn")
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                  initargs=(cfg.thread_count(),)) if runner is run_cell and todo else None
+
+    def new_pool() -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                      initargs=(cfg.thread_count(),))
+
+    in_process = runner is not run_cell if in_process is None else in_process
+    pool = new_pool() if not in_process and todo else None
     running: Dict[Any, Cell] = {}
+    crashes: Dict[str, int] = {}  # cells that were running when a worker process died
     stop = _StopOnSignal(pool)
     try:
         stop.install()
@@ -402,13 +454,23 @@ def execute(cfg: StudyConfig, cells: List[Cell], on_done: Callable[[], None],
             if not running:
                 break
             finished_now, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+            broken = False
             for fut in finished_now:
                 c = running.pop(fut)
                 try:
                     code, seconds = fut.result()
-                except Exception as exc:  # the worker process died (killed, out of memory)
+                except BrokenProcessPool as exc:  # a worker died (killed, out of memory): every cell
+                    # running then is lost; each goes back in the queue (resuming from its checkpoint) unless it was
+                    # running at two such deaths already
+                    broken = True
+                    crashes[c.name] = crashes.get(c.name, 0) + 1
+                    with (out / c.name / "log.txt").open("a") as f:
+                        f.write(f"a worker process died while this cell ran ({exc})\n")
+                    if crashes[c.name] < 3:
+                        todo.insert(0, c)
+                        log.warning("study: a worker died while %s ran: it goes back in the queue", c.name)
+                        continue
                     code, seconds = 1, 0.0
-                    (out / c.name / "log.txt").open("a").write(f"worker died: {type(exc).__name__}: {exc}\n")
                 _finish(out, c, code, seconds)
                 finished += 1
                 if cell_done(out, c):
@@ -422,6 +484,13 @@ def execute(cfg: StudyConfig, cells: List[Cell], on_done: Callable[[], None],
                 log.info("study: [%d/%d] %s %s in %.0f s | elapsed %s, about %s left", finished, total, c.name,
                          "done" if c.name in done else "failed", seconds, _clock(elapsed), _clock(eta))
                 on_done()
+            if broken and pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = stop.pool = new_pool()
+                for fut, c in list(running.items()):  # lost with the pool: back in the queue, first
+                    running.pop(fut)
+                    todo.insert(0, c)
+                todo.sort(key=lambda c: order[c.name])
     finally:
         if pool is not None:  # after a signal: the cells write their checkpoint and stop (their records say running)
             pool.shutdown(wait=True, cancel_futures=True)
@@ -580,6 +649,9 @@ def write_reports(cfg: StudyConfig, cells: List[Cell], plot: bool = False, comma
            "ADE20K mIoU."]
     if floors:
         md.append("What no learning scores: " + ", ".join(floors) + ".")
+    if any(table[v].get("pt_loss") for v in cfg.variants):
+        md.append("Pretraining loss: cross-entropy over the scored patches for token targets (all_tokens: every "
+                  "patch), pixel MSE for pixel targets - not comparable across the two.")
     if area:
         md.append(f"Attention on own shape: the share of a shape patch's last-layer attention on patches of its own "
                   f"class (builtin images); content-blind attention would give the shapes' area, "
@@ -645,7 +717,7 @@ def _plot(cfg: StudyConfig, table: Dict[str, Dict[str, List[Tuple[int, float]]]]
 
 # -- the command -----------------------------------------------------------------------------------------------------
 def study(cfg: StudyConfig, runner: Callable[[str, List[str], str], Tuple[int, float]] = run_cell,
-          command: str = "beit-fast study") -> Dict[str, Any]:
+          command: str = "beit-fast study", in_process: Optional[bool] = None) -> Dict[str, Any]:
     """Run (or continue) the study; returns {"failed": [...], "paths": {...}, "cells": n}."""
     from beit_fast.train.run import RunLock, atomic_save_json
 
@@ -658,7 +730,7 @@ def study(cfg: StudyConfig, runner: Callable[[str, List[str], str], Tuple[int, f
         cells = plan_cells(cfg)
         log.info("study: %d variants x %d seeds, %d cells, %d at a time (%d threads each) in %s", len(cfg.variants),
                  cfg.seeds, len(cells), cfg.worker_count(), cfg.thread_count(), out)
-        failed = execute(cfg, cells, lambda: write_reports(cfg, cells, command=command), runner)
+        failed = execute(cfg, cells, lambda: write_reports(cfg, cells, command=command), runner, in_process)
         paths = write_reports(cfg, cells, plot=True, command=command)
     finally:
         lock.release()
