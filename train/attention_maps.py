@@ -106,9 +106,12 @@ def normalise(images: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def score_model(model: BeitModel, layer: int = -1, num_images: int = 32, batch: int = 16) -> Dict[str, float]:
-    """`own_shape_attention` of `model`'s layer on `num_images` builtin images at its resolution."""
-    images, segs, _ = builtin_probe(model.config.img_size, num_images)
+def score_model(model: BeitModel, layer: int = -1, num_images: int = 32, batch: int = 16,
+                probe: Optional[Tuple[torch.Tensor, torch.Tensor, np.ndarray]] = None) -> Dict[str, float]:
+    """`own_shape_attention` of `model`'s layer on `num_images` builtin images at its resolution (`probe`: those
+    images, `builtin_probe`'s output, when the caller has them already)."""
+    images, segs, _ = probe if probe is not None else builtin_probe(model.config.img_size, num_images)
+    num_images = images.shape[0]
     labels = patch_labels(segs, model.config.patch_size)
     parts = []
     for i in range(0, num_images, batch):
@@ -216,8 +219,12 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
     layer = a.layer - 1 if a.layer > 0 else a.layer
     grid = cfg.img_size // cfg.patch_size
     queries = _parse_queries(a.queries, grid)
+    # The score's images are rendered once, for both models; the PNG's builtin images are their first ones.
+    probe = builtin_probe(cfg.img_size, a.score_images) if a.score else None
     if a.images:
         raw = _load_images(a.images, cfg.img_size)
+    elif probe is not None and a.num_images <= a.score_images:
+        raw = probe[2][:a.num_images]
     else:
         _, _, raw = builtin_probe(cfg.img_size, a.num_images)
     attn = model.attention_maps(normalise(raw), layer)
@@ -227,10 +234,10 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
     result: Dict[str, Any] = {"checkpoint": a.checkpoint, "what": what, "layer": layer % depth + 1,
                               "png": str(png) if png else None}
     if a.score:
-        result["score"] = score_model(model, layer, a.score_images)
+        result["score"] = score_model(model, layer, probe=probe)
         torch.manual_seed(a.seed)
         random_model = BeitModel(cfg).eval()
-        result["random_init"] = score_model(random_model, layer, a.score_images)
+        result["random_init"] = score_model(random_model, layer, probe=probe)
         from beit_fast.train.run import atomic_save_json
 
         atomic_save_json(result, Path(a.json) if a.json else out.with_suffix(".json"), indent=1)

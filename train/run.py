@@ -110,18 +110,23 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     return None
 
 
-def atomic_save_json(obj: Any, path: Path, indent: Optional[int] = None) -> None:
-    """JSON to a temporary name, fsync, rename (the manifest: its presence marks a checkpoint complete)."""
+def atomic_write_text(path: Path, text: str) -> None:
+    """Text to a temporary name, fsync, rename: a reader sees the old file or the new one, never half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent, allow_nan=False)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_save_json(obj: Any, path: Path, indent: Optional[int] = None) -> None:
+    """JSON, written atomically (the manifest: its presence marks a checkpoint complete)."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False))
 
 
 class RunDirectoryBusy(ValueError):

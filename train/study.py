@@ -36,7 +36,6 @@ import shlex
 import shutil
 import signal
 import sys
-import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 from beit_fast.config import parse_options
 from beit_fast.train.config import ConfigBase
+from beit_fast.train.run import SignalStop, atomic_write_text
 
 log = logging.getLogger("beit_fast.study")
 
@@ -57,6 +57,11 @@ class Variant:
     pretrain: Optional[Dict[str, str]]  # the pretraining switches (None: no pretraining, from scratch)
     steps: float = 1.0  # pretraining budget, a multiple of --pretrain-steps
     paper: Tuple[Optional[float], Optional[float]] = (None, None)  # the paper's (ImageNet top-1, ADE20K mIoU)
+
+    @property
+    def token_target(self) -> bool:
+        """Pretrains on visual tokens (needs the tokenizer)."""
+        return self.pretrain is not None and self.pretrain.get("target", "tokens") == "tokens"
 
 
 # The paper's Table 4 (BEiT-B, 300 epochs; SPEC section 7) and the from-scratch baseline.
@@ -149,9 +154,7 @@ class StudyConfig(ConfigBase):
                 self.bad(name, "must be a positive number")
         if self.tokenizer not in ("train", "random") and not Path(self.tokenizer).is_file():
             self.bad("tokenizer", '"train", "random" or the path of a tokenizer file')
-        if self.tokenizer == "train" and any(VARIANTS[v].pretrain is not None and
-                                             VARIANTS[v].pretrain.get("target", "tokens") == "tokens"
-                                             for v in self.variants):
+        if self.tokenizer == "train" and any(VARIANTS[v].token_target for v in self.variants):
             try:
                 tokenizer_preset(self.preset)
             except ValueError as exc:
@@ -225,10 +228,10 @@ def plan_cells(cfg: StudyConfig) -> List[Cell]:
     out = Path(cfg.out)
     cells: List[Cell] = []
     common = ["--num-workers", "0", "--device", cfg.device, "--resume", "auto", "--tensorboard", "false"]
-    tokens = [v for v in cfg.variants if VARIANTS[v].pretrain is not None and
-              VARIANTS[v].pretrain.get("target", "tokens") == "tokens"]
+    cls_classes = ["--builtin-classes", str(cfg.classes)] if cfg.data == "builtin" and cfg.classes != 8 else []
+    seg_classes = ["--num-classes", str(cfg.classes + 1)] if cfg.seg_data == "builtin" and cfg.classes != 8 else []
     tok_path = cfg.tokenizer
-    if cfg.tokenizer == "train" and tokens:
+    if cfg.tokenizer == "train" and any(VARIANTS[v].token_target for v in cfg.variants):
         tok_path = str(out / "tokenizer" / "tokenizer.pt")
         cells.append(Cell("tokenizer", "train-tokenizer",
                           ["--preset", tokenizer_preset(cfg.preset), "--data", cfg.data,
@@ -249,17 +252,13 @@ def plan_cells(cfg: StudyConfig) -> List[Cell]:
                 for key, value in switches.items():
                     argv += [f"--{key.replace('_', '-')}", value]
                 pre_needs = []
-                if switches["target"] == "tokens":
+                if spec.token_target:
                     argv += ["--tokenizer", tok_path]
                     pre_needs = ["tokenizer"] if cfg.tokenizer == "train" else []
                 cells.append(Cell(f"pretrain/{s}", "pretrain", argv + shlex.split(cfg.pretrain_args), pre_needs, v,
                                   seed, "pretrain"))
                 init, needs = str(out / "pretrain" / s), [f"pretrain/{s}"]
             net = ["--preset", "auto"] if spec.pretrain is not None else ["--preset", cfg.preset]
-            cls_classes = ["--builtin-classes", str(cfg.classes)] if cfg.data == "builtin" and cfg.classes != 8 \
-                else []
-            seg_classes = ["--num-classes", str(cfg.classes + 1)] if cfg.seg_data == "builtin" and cfg.classes != 8 \
-                else []
             cls_common = ["--init", init, *net, "--data", cfg.data, "--num-images", str(cfg.num_images), *cls_classes,
                           "--batch-size", str(cfg.finetune_batch), "--lr-batch", str(cfg.finetune_batch),
                           "--seed", str(seed), "--eval-every", "0", *common]
@@ -307,7 +306,6 @@ def _worker_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     # Out of the terminal's process group: a Ctrl-C reaches the study alone, which passes it on to each worker exactly
     # once (a second signal would make a cell exit before its checkpoint). Between cells, and in a cell whose command
     # installs no handler (a tokenizer, attention maps: short), the signal is ignored: the cell finishes; a training
@@ -360,10 +358,7 @@ def _record_path(out: Path, cell: Cell) -> Path:
 def cell_done(out: Path, cell: Cell) -> bool:
     """Finished with these exact settings and inputs (its fingerprint: a cell is redone when what it needs was) and
     its result file exists."""
-    try:
-        rec = json.loads(_record_path(out, cell).read_text())
-    except (OSError, ValueError):
-        return False
+    rec = _read_json(_record_path(out, cell)) or {}
     return rec.get("fingerprint") == cell.fingerprint and rec.get("status") == "done" and \
         cell.result_file(out).is_file()
 
@@ -371,28 +366,27 @@ def cell_done(out: Path, cell: Cell) -> bool:
 def _prepare(out: Path, cell: Cell) -> None:
     """Before a cell runs: a directory left by a cell with other settings or inputs is removed (a cell interrupted
     with these is kept: its command resumes from its last checkpoint); the record says "running"."""
-    from beit_fast.train.run import atomic_save_json
-
     d = out / cell.name
-    rec_path = _record_path(out, cell)
-    try:
-        rec = json.loads(rec_path.read_text())
-    except (OSError, ValueError):
-        rec = None
+    rec = _read_json(_record_path(out, cell))
     if d.exists() and (rec is None or rec.get("fingerprint") != cell.fingerprint):
         log.info("%s: its settings changed (or it has no record): started afresh", cell.name)
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_save_json({"argv": cell.argv, "command": cell.command, "fingerprint": cell.fingerprint,
-                      "status": "running"}, rec_path, indent=1)
+    _write_record(out, cell, status="running")
 
 
-def _finish(out: Path, cell: Cell, code: int, seconds: float) -> None:
+def _finish(out: Path, cell: Cell, code: int, seconds: float) -> bool:
+    """The record after a cell ran; True when it is done (exit 0 and its result file written)."""
+    done = code == 0 and cell.result_file(out).is_file()
+    _write_record(out, cell, status="done" if done else "failed", exit=code, seconds=round(seconds, 1))
+    return done
+
+
+def _write_record(out: Path, cell: Cell, **fields: Any) -> None:
     from beit_fast.train.run import atomic_save_json
 
-    status = "done" if code == 0 and cell.result_file(out).is_file() else "failed"
-    atomic_save_json({"argv": cell.argv, "command": cell.command, "fingerprint": cell.fingerprint, "status": status,
-                      "exit": code, "seconds": round(seconds, 1)}, _record_path(out, cell), indent=1)
+    atomic_save_json({"argv": cell.argv, "command": cell.command, "fingerprint": cell.fingerprint, **fields},
+                     _record_path(out, cell), indent=1)
 
 
 def _last_error(path: Path) -> str:
@@ -471,9 +465,8 @@ def execute(cfg: StudyConfig, cells: List[Cell], on_done: Callable[[], None],
                         log.warning("study: a worker died while %s ran: it goes back in the queue", c.name)
                         continue
                     code, seconds = 1, 0.0
-                _finish(out, c, code, seconds)
                 finished += 1
-                if cell_done(out, c):
+                if _finish(out, c, code, seconds):
                     done.add(c.name)
                 else:
                     failed.append(c.name)
@@ -498,12 +491,14 @@ def execute(cfg: StudyConfig, cells: List[Cell], on_done: Callable[[], None],
     return failed
 
 
-class _StopOnSignal:
+class _StopOnSignal(SignalStop):
     """SIGINT / SIGTERM in the study: passed on to the worker processes (each running cell then finishes its step,
-    writes a checkpoint and exits), then `StudyStopped`; a second signal exits at once."""
+    writes a checkpoint and exits), then `StudyStopped`; a second signal exits at once. Installed and restored as
+    the training runs' `SignalStop`."""
 
     def __init__(self, pool: Any) -> None:
-        self.pool, self.previous, self.seen = pool, {}, False
+        super().__init__("beit-fast study")
+        self.pool = pool
 
     def _forward(self, signum: int) -> None:
         for proc in list(getattr(self.pool, "_processes", {}).values()) if self.pool is not None else []:
@@ -514,20 +509,10 @@ class _StopOnSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self._forward(signum)
-        if self.seen:
+        if self.requested is not None:
             os._exit(128 + signum)
-        self.seen = True
+        self.requested = signum
         raise StudyStopped(signum)
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous.clear()
 
 
 def _clock(seconds: float) -> str:
@@ -659,7 +644,7 @@ def write_reports(cfg: StudyConfig, cells: List[Cell], plot: bool = False, comma
     lines = orderings(cfg, table)
     if lines:
         md += ["", "## The paper's orderings at this scale", "", *lines]
-    _write_text(out / "study.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "study.md", "\n".join(md) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["variant", "metric", "mean", "std", "n", "values_by_seed", "paper"])
@@ -672,7 +657,7 @@ def write_reports(cfg: StudyConfig, cells: List[Cell], plot: bool = False, comma
             paper = {"top1": VARIANTS[v].paper[0], "miou": VARIANTS[v].paper[1]}.get(key)
             w.writerow([v, key, f"{mean:.6g}", f"{std:.6g}", len(vals), ";".join(f"{s}:{x:.6g}" for s, x in vals),
                         "" if paper is None else paper])
-    _write_text(out / "study.csv", buf.getvalue())
+    atomic_write_text(out / "study.csv", buf.getvalue())
     paths = {"md": out / "study.md", "csv": out / "study.csv"}
     if plot:
         png = _plot(cfg, table, [(k, t) for k, t in shown if k in ("top1", "probe", "miou", "attn_own")],
@@ -680,12 +665,6 @@ def write_reports(cfg: StudyConfig, cells: List[Cell], plot: bool = False, comma
         if png:
             paths["png"] = png
     return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _plot(cfg: StudyConfig, table: Dict[str, Dict[str, List[Tuple[int, float]]]], shown: List[Tuple[str, str]],
@@ -697,12 +676,9 @@ def _plot(cfg: StudyConfig, table: Dict[str, Dict[str, List[Tuple[int, float]]]]
         return None
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6), squeeze=False)
     for ax, (key, title) in zip(axes[0], shown):
-        means, stds, names = [], [], []
-        for v in cfg.variants:
-            vals = [x for _, x in table[v].get(key, [])]
-            means.append(mean_std(vals)[0] if vals else 0.0)
-            stds.append(mean_std(vals)[1] if vals else 0.0)
-            names.append(v)
+        names = list(cfg.variants)
+        spread = [mean_std([x for _, x in table[v][key]]) if table[v].get(key) else (0.0, 0.0) for v in names]
+        means, stds = [m for m, _ in spread], [d for _, d in spread]
         ax.bar(range(len(names)), means, yerr=stds, capsize=3, color=[f"C{i}" for i in range(len(names))])
         floor = [x for v in cfg.variants for _, x in table[v].get(FLOORS.get(key, ""), [])]
         if floor:  # what no learning scores (chance, all-background, the shapes' area)
