@@ -337,7 +337,8 @@ def test_attention_maps_equal_transformers_attentions(tmp_path, shared):
     torch.save(hf.state_dict(), tmp_path / "hf.pth")
     from beit_fast.train.attention_maps import load_backbone
 
-    model, _ = load_backbone(str(tmp_path / "hf.pth"))
+    model, _, norm = load_backbone(str(tmp_path / "hf.pth"))
+    assert norm == ((0.5,) * 3, (0.5,) * 3)  # BEiT's input normalisation, not a segmenter's
     x = torch.randn(2, 3, 32, 32, generator=g)
     with torch.no_grad():
         theirs = hf.beit(pixel_values=x, output_attentions=True).attentions

@@ -25,29 +25,33 @@ import torch
 
 from beit_fast import BeitConfig
 from beit_fast.model import BeitModel
+from beit_fast.seg_data import IMAGENET_MEAN_255, IMAGENET_STD_255
 
 __all__ = ["load_backbone", "patch_labels", "own_shape_attention", "builtin_probe", "score_model", "plot_maps",
            "default_queries", "main"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+Norm = Tuple[Tuple[float, ...], Tuple[float, ...]]  # (mean, std) per channel, in 0-1 units
+BEIT_NORM: Norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # what BEiT pretraining and classification read (this
+# engine's data pipeline, unilm, timm and transformers' BEiT processors)
+SEGMENTATION_NORM: Norm = (tuple(m / 255 for m in IMAGENET_MEAN_255), tuple(s / 255 for s in IMAGENET_STD_255))
 SCORE_SEED = 31_337  # the builtin images the score is measured on: fixed, so every checkpoint sees the same ones
 
 
-def load_backbone(ckpt: str, preset: str = "tiny", seed: int = 0) -> Tuple[BeitModel, str]:
+def load_backbone(ckpt: str, preset: str = "tiny", seed: int = 0) -> Tuple[BeitModel, str, Norm]:
     """The BEiT backbone (eval mode, fp32, CPU) of any checkpoint `beit-fast segment --init` reads, or a random
-    initialisation of `preset` for "none"; and a description for the report."""
+    initialisation of `preset` for "none"; a description for the report; the input normalisation it was trained
+    with (mmseg's ImageNet mean / std for a segmentation model, BEiT's 0.5 / 0.5 otherwise)."""
     from beit_fast.checkpoint import CheckpointError, load_into
     from beit_fast.segmentation import detect_segmentation_layout, segmentation_backbone_state
     from beit_fast.train.segment import read_seg_init
 
     if ckpt == "none":
         torch.manual_seed(seed)
-        return BeitModel(BeitConfig.from_preset(preset)).eval(), f"random init of {preset} (seed {seed})"
+        return BeitModel(BeitConfig.from_preset(preset)).eval(), f"random init of {preset} (seed {seed})", BEIT_NORM
     init = read_seg_init(ckpt)
-    sd = init.state_dict
+    sd, norm = init.state_dict, BEIT_NORM
     if detect_segmentation_layout(sd) != "backbone":
-        sd = segmentation_backbone_state(sd)
+        sd, norm = segmentation_backbone_state(sd), SEGMENTATION_NORM
     # The relative position layout the weights have (a shared table, one per block, or none), whatever the record
     shared = "rel_pos_bias.relative_position_bias_table" in sd
     per_layer = "blocks.0.attn.relative_position_bias_table" in sd
@@ -59,7 +63,7 @@ def load_backbone(ckpt: str, preset: str = "tiny", seed: int = 0) -> Tuple[BeitM
     if missing:
         raise CheckpointError(f"{ckpt}: not a BEiT backbone (missing {', '.join(missing[:4])}"
                               f"{', ...' if len(missing) > 4 else ''})")
-    return model.eval(), init.what
+    return model.eval(), init.what, norm
 
 
 def patch_labels(seg: torch.Tensor, patch: int) -> torch.Tensor:
@@ -89,29 +93,29 @@ def own_shape_attention(attn: torch.Tensor, labels: torch.Tensor, background: in
     return {"own_shape_mass": m, "area": a, "lift": m / a, "queries": n}
 
 
-def builtin_probe(img_size: int, num_images: int = 32) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Builtin images at `img_size` (normalised (B, 3, S, S)), their per-pixel labels (B, S, S; 0 background) and
-    the raw uint8 images, from a fixed stream (`SCORE_SEED`)."""
+def builtin_probe(img_size: int, num_images: int = 32) -> Tuple[np.ndarray, torch.Tensor]:
+    """Builtin images at `img_size` (uint8 (B, S, S, 3)) and their per-pixel labels (B, S, S; 0 background), from a
+    fixed stream (`SCORE_SEED`)."""
     from beit_fast.data import BuiltinShapes
 
     base = BuiltinShapes(num_images, img_size, seed=SCORE_SEED)
     raw, segs = zip(*[(img, seg) for img, _, seg in (base.sample(i) for i in range(num_images))])
-    images = np.stack(raw)
-    return normalise(images), torch.from_numpy(np.stack(segs).astype(np.int64)), images
+    return np.stack(raw), torch.from_numpy(np.stack(segs).astype(np.int64))
 
 
-def normalise(images: np.ndarray) -> torch.Tensor:
+def normalise(images: np.ndarray, norm: Norm = BEIT_NORM) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W), (x / 255 - mean) / std."""
     x = torch.from_numpy(images).float().div(255).permute(0, 3, 1, 2)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
     return (x - mean) / std
 
 
-def score_model(model: BeitModel, layer: int = -1, num_images: int = 32, batch: int = 16,
-                probe: Optional[Tuple[torch.Tensor, torch.Tensor, np.ndarray]] = None) -> Dict[str, float]:
-    """`own_shape_attention` of `model`'s layer on `num_images` builtin images at its resolution (`probe`: those
-    images, `builtin_probe`'s output, when the caller has them already)."""
-    images, segs, _ = probe if probe is not None else builtin_probe(model.config.img_size, num_images)
-    num_images = images.shape[0]
+def score_model(model: BeitModel, layer: int = -1, norm: Norm = BEIT_NORM, num_images: int = 32, batch: int = 16,
+                probe: Optional[Tuple[np.ndarray, torch.Tensor]] = None) -> Dict[str, float]:
+    """`own_shape_attention` of `model`'s layer on `num_images` builtin images at its resolution, normalised with
+    `norm` (`probe`: those images, `builtin_probe`'s output, when the caller has them already)."""
+    raw, segs = probe if probe is not None else builtin_probe(model.config.img_size, num_images)
+    images, num_images = normalise(raw, norm), raw.shape[0]
     labels = patch_labels(segs, model.config.patch_size)
     parts = []
     for i in range(0, num_images, batch):
@@ -211,7 +215,7 @@ def _parse_queries(text: Optional[str], grid: int) -> List[int]:
 
 
 def run(a: argparse.Namespace) -> Dict[str, Any]:
-    model, what = load_backbone(a.checkpoint, a.preset, a.seed)
+    model, what, norm = load_backbone(a.checkpoint, a.preset, a.seed)
     cfg = model.config
     depth = cfg.depth
     if a.layer == 0 or not -depth <= a.layer <= depth:
@@ -224,20 +228,20 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
     if a.images:
         raw = _load_images(a.images, cfg.img_size)
     elif probe is not None and a.num_images <= a.score_images:
-        raw = probe[2][:a.num_images]
+        raw = probe[0][:a.num_images]
     else:
-        _, _, raw = builtin_probe(cfg.img_size, a.num_images)
-    attn = model.attention_maps(normalise(raw), layer)
+        raw, _ = builtin_probe(cfg.img_size, a.num_images)
+    attn = model.attention_maps(normalise(raw, norm), layer)
     out = Path(a.out)
     png = plot_maps(raw, attn, queries, grid, out,
                     f"{what}: block {layer % depth + 1} of {depth}, {cfg.num_heads} heads")
     result: Dict[str, Any] = {"checkpoint": a.checkpoint, "what": what, "layer": layer % depth + 1,
                               "png": str(png) if png else None}
     if a.score:
-        result["score"] = score_model(model, layer, probe=probe)
+        result["score"] = score_model(model, layer, norm, probe=probe)
         torch.manual_seed(a.seed)
         random_model = BeitModel(cfg).eval()
-        result["random_init"] = score_model(random_model, layer, probe=probe)
+        result["random_init"] = score_model(random_model, layer, norm, probe=probe)
         from beit_fast.train.run import atomic_save_json
 
         atomic_save_json(result, Path(a.json) if a.json else out.with_suffix(".json"), indent=1)
