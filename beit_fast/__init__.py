@@ -1,6 +1,15 @@
 """beit-fast: a performance-first engine for BEiT masked-image-modeling pretraining."""
 
 from .config import PRESETS, BeitConfig
+from .dropin import (
+    PatchReport,
+    patch,
+    patch_report,
+    patch_timm_models,
+    patch_transformers_models,
+    unpatch,
+    unpatch_models,
+)
 from .masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from .model import BeitForImageClassification, BeitForMaskedImageModeling, BeitModel, MaskedImageModelingOutput
 from .segmentation import BeitForSemanticSegmentation
@@ -17,5 +26,12 @@ __all__ = [
     "MaskedImageModelingOutput",
     "BlockwiseMaskGenerator",
     "RandomMaskGenerator",
+    "patch",
+    "patch_report",
+    "patch_timm_models",
+    "patch_transformers_models",
+    "unpatch",
+    "unpatch_models",
+    "PatchReport",
     "__version__",
 ]

@@ -39,6 +39,7 @@ __all__ = [
     "AttentionCase",
     "RelPosBias",
     "RelativePositionBias",
+    "attention_heads",
     "attention_probs",
     "attention_qkv",
     "available_backends",
@@ -90,12 +91,19 @@ class RelativePositionBias(nn.Module):
 class RelPosBias(NamedTuple):
     """table (T, H) and index (N, N): bias[h, i, j] = table[index[i, j], h]. Built once per forward and shared by
     the layers that use the same table: `dense` is that gather as (H, N, N) for the SDPA / xformers / math backends,
-    `padded` the Triton kernel's (H, P, P) layout (`beit_fast.kernels.relpos_attention.relpos_bias_padded`)."""
+    `padded` the Triton kernel's (H, P, P) layout (`beit_fast.kernels.relpos_attention.relpos_bias_padded`).
+    A bias that arrives already dense (a library's attention mask, `beit_fast.dropin`) has no table:
+    `RelPosBias.from_dense(bias)`."""
 
-    table: torch.Tensor
-    index: torch.Tensor
+    table: Optional[torch.Tensor]
+    index: Optional[torch.Tensor]
     dense: Optional[torch.Tensor] = None
     padded: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor) -> "RelPosBias":
+        """A dense (H, N, N) bias (or (1, H, N, N)) without its table."""
+        return cls(None, None, dense=dense.reshape(dense.shape[-3:]))
 
     def materialise(self) -> torch.Tensor:
         if self.dense is not None:
@@ -108,8 +116,10 @@ class RelPosBias(NamedTuple):
         if backend == "triton":
             if self.padded is not None:
                 return self
-            from beit_fast.kernels.relpos_attention import relpos_bias_padded
+            from beit_fast.kernels.relpos_attention import pad_bias, relpos_bias_padded
 
+            if self.table is None:
+                return self._replace(padded=pad_bias(self.dense))
             return self._replace(padded=relpos_bias_padded(self.table, self.index))
         return self if self.dense is not None else self._replace(dense=self.materialise())
 
@@ -125,29 +135,40 @@ class AttentionCase:
     dropout_p: float = 0.0
 
 
-def attention_probs(qkv: torch.Tensor, num_heads: int, bias: Optional[RelPosBias], scale: float) -> torch.Tensor:
-    """The attention matrix softmax(q k^T * scale + bias) of the packed projection: (B, N, 3*D) -> (B, H, N, N)
-    (the `math` backend's; self-attention maps read it)."""
+def _heads(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The packed projection (B, N, 3*D) as three (B, H, N, Dh) views (no copy)."""
     B, N, _ = qkv.shape
-    q, k, _ = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _merge(out: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, Dh) -> (B, N, H*Dh), heads merged."""
+    B, H, N, Dh = out.shape
+    return out.transpose(1, 2).reshape(B, N, H * Dh)
+
+
+def _probs(q: torch.Tensor, k: torch.Tensor, bias: Optional[RelPosBias], scale: float) -> torch.Tensor:
     attn = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         attn = attn + bias.materialise()
     return attn.softmax(dim=-1)
 
 
-def _math(qkv, num_heads, bias, scale, dropout_p, training):
-    B, N, three_d = qkv.shape
-    v = qkv.reshape(B, N, 3, num_heads, -1)[:, :, 2].transpose(1, 2)
-    attn = attention_probs(qkv, num_heads, bias, scale)
+def attention_probs(qkv: torch.Tensor, num_heads: int, bias: Optional[RelPosBias], scale: float) -> torch.Tensor:
+    """The attention matrix softmax(q k^T * scale + bias) of the packed projection: (B, N, 3*D) -> (B, H, N, N)
+    (the `math` backend's; self-attention maps read it)."""
+    q, k, _ = _heads(qkv, num_heads)
+    return _probs(q, k, bias, scale)
+
+
+def _math(q, k, v, bias, scale, dropout_p, training):
+    attn = _probs(q, k, bias, scale)
     if dropout_p > 0 and training:
         attn = F.dropout(attn, p=dropout_p)
-    return (attn @ v).transpose(1, 2).reshape(B, N, three_d // 3)
+    return _merge(attn @ v)
 
 
-def _sdpa(qkv, num_heads, bias, scale, dropout_p, training):
-    B, N, three_d = qkv.shape
-    q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+def _sdpa(q, k, v, bias, scale, dropout_p, training):
     mask = bias.materialise().to(q.dtype).unsqueeze(0) if bias is not None else None
     ctx = contextlib.nullcontext()
     if q.is_cuda and mask is not None and mask.requires_grad and torch.is_grad_enabled():
@@ -157,32 +178,31 @@ def _sdpa(qkv, num_heads, bias, scale, dropout_p, training):
     with ctx:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0,
                                              scale=scale)
-    return out.transpose(1, 2).reshape(B, N, three_d // 3)
+    return _merge(out)
 
 
-def _triton(qkv, num_heads, bias, scale, dropout_p, training):
-    from beit_fast.kernels.relpos_attention import relpos_attention_qkv
+def _triton(q, k, v, bias, scale, dropout_p, training):
+    from beit_fast.kernels.relpos_attention import relpos_attention
 
-    if bias is None:
-        return relpos_attention_qkv(qkv, num_heads, scale=scale)
-    return relpos_attention_qkv(qkv, num_heads, scale=scale, padded_bias=bias.for_backend("triton").padded)
+    padded = bias.for_backend("triton").padded if bias is not None else None
+    return _merge(relpos_attention(q, k, v, scale=scale, padded_bias=padded))  # a view: the kernel writes (B, N, H, Dh)
 
 
-def _xformers(qkv, num_heads, bias, scale, dropout_p, training):
+def _xformers(q, k, v, bias, scale, dropout_p, training):
     import xformers.ops as xops
 
-    B, N, three_d = qkv.shape
-    q, k, v = qkv.reshape(B, N, 3, num_heads, -1).unbind(2)  # (B, N, H, Dh): xformers' layout
+    B, H, N, Dh = q.shape
     attn_bias = None
     if bias is not None:
         # xformers wants the bias' last dim padded to a multiple of 8 (then sliced back).
         pad = (N + 7) // 8 * 8
-        full = q.new_zeros((B, num_heads, N, pad))
+        full = q.new_zeros((B, H, N, pad))
         full[..., :N] = bias.materialise().to(q.dtype)
         attn_bias = full[..., :N]
-    out = xops.memory_efficient_attention(q, k, v, attn_bias=attn_bias, p=dropout_p if training else 0.0,
-                                          scale=scale)
-    return out.reshape(B, N, three_d // 3)
+    # (B, N, H, Dh): xformers' layout
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=attn_bias,
+                                          p=dropout_p if training else 0.0, scale=scale)
+    return out.reshape(B, N, H * Dh)
 
 
 def _reasons_math(case: AttentionCase, auto: bool) -> List[str]:
@@ -280,6 +300,21 @@ def available_backends(device_type: str = "cpu", dtype: torch.dtype = torch.floa
     return {name: not_supported_reasons(name, case, auto=True) for name in AUTO_ORDER}
 
 
+def attention_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[RelPosBias],
+    scale: float,
+    backend: str,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Run a RESOLVED backend (see `select_backend`) on q, k, v (B, H, N, Dh), any strides with a contiguous last dim
+    (views of separate q / k / v projections, as transformers makes them): -> (B, N, H*Dh), heads merged."""
+    return _IMPLS[backend](q, k, v, bias, scale, dropout_p, training)
+
+
 def attention_qkv(
     qkv: torch.Tensor,
     num_heads: int,
@@ -290,4 +325,9 @@ def attention_qkv(
     training: bool = False,
 ) -> torch.Tensor:
     """Run a RESOLVED backend (see `select_backend`) on the packed projection: (B, N, 3*D) -> (B, N, D)."""
-    return _IMPLS[backend](qkv, num_heads, bias, scale, dropout_p, training)
+    if backend == "triton":  # the packed kernel: its backward writes d(qkv) as one buffer, no split copies
+        from beit_fast.kernels.relpos_attention import relpos_attention_qkv
+
+        padded = bias.for_backend("triton").padded if bias is not None else None
+        return relpos_attention_qkv(qkv, num_heads, scale=scale, padded_bias=padded)
+    return attention_heads(*_heads(qkv, num_heads), bias, scale, backend, dropout_p, training)

@@ -6,11 +6,13 @@
 #                                           # the token-target step, tokens given) + the e2e fine-tuning step
 #                                           # (ours on the Triton attention vs timm's beit_base_patch16_224, eager) +
 #                                           # the e2e segmentation step (BEiT-B + UperNet at 512, ours vs transformers'
-#                                           # BeitForSemanticSegmentation with SDPA); nothing compiled by inductor.
+#                                           # BeitForSemanticSegmentation with SDPA) + the drop-in steps (timm
+#                                           # beit_base_patch16_224 and transformers' MIM model, unpatched vs
+#                                           # beit_fast.patch); nothing compiled by inductor.
 #                                           # Run it once before a kernel change and once after (bench/results/).
 #   SUITE=kernels bash bench/gpu_suite.sh   # every gpu test + the kernel benches with all peers (torch.compile too)
 #   SUITE=e2e     bash bench/gpu_suite.sh   # the whole pretraining step against every peer (~7 min) + the
-#                                           # fine-tuning and segmentation steps
+#                                           # fine-tuning, segmentation and drop-in steps
 #   bash bench/gpu_suite.sh                 # kernels + e2e (SUITE=all; over 10 minutes: for a machine of your own)
 # 1. installs this checkout offline (pip --no-deps --no-build-isolation -e .), plus any wheels carried in .whl/
 #    (`make gpu-wheels`: Liger, cut_cross_entropy, dall_e, DeepSpeed and its pure-Python dependencies);
@@ -64,9 +66,10 @@ case "$SUITE" in
         gpu_tests 100 $KERNEL_TESTS
         # one pytest session, so one results table (rows are written as they come: a time-out keeps them)
         echo "== benchmarks (quick): attention, fused CE, masked_embed, gather-LN, tokenizer, e2e backbone," \
-            "fine-tuning and segmentation steps"
-        bench 330 bench_log.txt bench/bench_attention.py bench/bench_kernels.py bench/bench_tokenizer.py \
-            bench/bench_e2e.py -k "not test_e2e or backbone_step or pixel_target_step or finetune_step or segment_step"
+            "fine-tuning, segmentation and drop-in steps"
+        bench 420 bench_log.txt bench/bench_attention.py bench/bench_kernels.py bench/bench_tokenizer.py \
+            bench/bench_e2e.py bench/bench_dropin.py \
+            -k "not test_e2e or backbone_step or pixel_target_step or finetune_step or segment_step or test_dropin"
         ;;
     kernels|all)
         gpu_tests 240 $(grep -l "mark.gpu" tests/test_*.py)
@@ -77,7 +80,7 @@ case "$SUITE" in
     e2e|all)
         echo "== end-to-end benchmarks"
         [ "$SUITE" = all ] && export BENCH_OUT="$OUT/e2e"  # its own table: a second session would overwrite the first
-        bench 420 bench_e2e_log.txt bench/bench_e2e.py
+        bench 540 bench_e2e_log.txt bench/bench_e2e.py bench/bench_dropin.py
         ;;
 esac
 echo "== summary ($(( $(date +%s) - start )) s; suite $SUITE; gpu tests rc=$tests_rc, benchmarks rc=$bench_rc)"
