@@ -221,6 +221,8 @@ def _reasons_triton(case: AttentionCase, auto: bool) -> List[str]:
     reasons = list(triton_reasons(case.device_type))
     if case.device_type == "cpu" and interpreting() and auto:
         reasons.append("on the CPU the Triton interpreter is for tests; ask for attn_backend='triton' by name")
+    if case.device_type == "cpu" and interpreting() and case.dtype == torch.bfloat16:
+        reasons.append("bf16 dots give wrong results in the Triton interpreter (fp32 / fp16 only there)")
     if case.head_dim > 128:
         reasons.append(f"head_dim {case.head_dim} > 128")
     if case.dtype not in (torch.float16, torch.bfloat16, torch.float32):

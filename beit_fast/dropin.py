@@ -138,13 +138,23 @@ class _TimmAttention(_Patched):
         bias = None
         if table is not None:
             bias = RelPosBias(table, self.relative_position_index)
-            if shared_rel_pos_bias is not None:  # one dense sum (timm adds them one after the other: fp32 rounding)
-                bias = RelPosBias.from_dense(bias.materialise() + shared_rel_pos_bias.reshape(bias.materialise().shape))
+            if shared_rel_pos_bias is not None:
+                dense = bias.materialise()
+                if backend == "math":  # timm's eager order: the two biases added to the scores one after the other
+                    return self.proj_drop(self.proj(self._beit_fast_two_biases(qkv, dense, shared_rel_pos_bias)))
+                bias = RelPosBias.from_dense(dense + shared_rel_pos_bias.reshape(dense.shape))  # one sum: the kernels'
             bias = bias.for_backend(backend)
         elif shared_rel_pos_bias is not None:
             bias = RelPosBias.from_dense(shared_rel_pos_bias)
         x = attention_qkv(qkv, self.num_heads, bias, self.scale, backend, self.attn_drop.p, self.training)
         return self.proj_drop(self.proj(x))
+
+    def _beit_fast_two_biases(self, qkv: torch.Tensor, own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        B, N, _ = qkv.shape
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1) + own
+        attn = self.attn_drop((attn + shared).softmax(dim=-1))
+        return (attn @ v).transpose(1, 2).reshape(B, N, -1)
 
 
 def _hf_attentions_collected() -> bool:
@@ -167,9 +177,11 @@ class _HFAttention(_Patched):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
         mask = attention_mask
-        usable = mask is None or (mask.is_floating_point() and mask.dim() == 4 and mask.shape[0] == 1)
+        # the relative position bias (1, H, N, N); a per-image or per-head-broadcast mask takes the library's path
+        usable = mask is None or (mask.is_floating_point() and mask.dim() == 4 and mask.shape[0] == 1
+                                  and mask.shape[1] == self.num_attention_heads)
         backend = None
-        if usable and not _hf_attentions_collected():
+        if usable and not kwargs.get("output_attentions") and not _hf_attentions_collected():
             backend = self._beit_fast_backend(hidden_states, self.head_dim, _wants_grad(mask), self.attention_dropout)
         if backend is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
@@ -253,7 +265,7 @@ class _HFMaskedImageModeling(_Patched):
     def forward(self, *args, **kwargs):
         a = _arguments(self, args, kwargs)
         labels, mask = a.get("labels"), a.get("bool_masked_pos")
-        if not self._beit_fast_masked_head(labels, mask):
+        if not self._beit_fast_masked_head(labels, mask, a.get("return_dict")):
             return super().forward(*args, **kwargs)
         from beit_fast.kernels import check_deferred
         from beit_fast.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -261,9 +273,9 @@ class _HFMaskedImageModeling(_Patched):
 
         check_deferred()  # the previous step's device-side checks (one sync, only when some are pending)
         rows = masked_row_index(mask)  # (M,) rows of the (B*(N+1), D) hidden states, mask order (one sync)
-        if tuple(labels.shape) != (rows.shape[0],) or bool((labels == -100).any()):
-            return super().forward(*args, **kwargs)  # the library's own error, or its ignore_index
-        return_dict = a.pop("return_dict", None)
+        if rows.numel() == 0 or tuple(labels.shape) != (rows.shape[0],) or bool((labels == -100).any()):
+            return super().forward(*args, **kwargs)  # the library's own error, NaN, or its ignore_index
+        a.pop("return_dict", None)
         a.pop("labels")
         out = self.beit(**a, return_dict=True)
         x = out.last_hidden_state.contiguous()
@@ -272,14 +284,15 @@ class _HFMaskedImageModeling(_Patched):
         loss, _ = fused_linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias, labels)
         from transformers.modeling_outputs import MaskedLMOutput
 
-        result = MaskedLMOutput(loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None),
-                                attentions=getattr(out, "attentions", None))
+        return MaskedLMOutput(loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None),
+                              attentions=getattr(out, "attentions", None))
+
+    def _beit_fast_masked_head(self, labels, mask, return_dict) -> bool:
+        if not (self.beit_fast_mim_head and self.training and labels is not None and mask is not None):
+            return False
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
-        return result if return_dict else result.to_tuple()
-
-    def _beit_fast_masked_head(self, labels, mask) -> bool:
-        if not (self.beit_fast_mim_head and self.training and labels is not None and mask is not None):
+        if not return_dict:  # a tuple without the logits would shift every later position: the reference head
             return False
         if not torch.is_tensor(mask) or mask.dtype != torch.bool or mask.dim() != 2:
             return False
@@ -404,9 +417,11 @@ def patch(model: nn.Module, attention: Union[bool, str] = True, mim_head: bool =
             report.skipped.append(("", why))
             warnings.warn(f"beit_fast.patch: {why}", stacklevel=2)
     known, helpers = _known(), _helpers()
+    recognised = 0
     for name, module in model.named_modules():
         orig = getattr(type(module), "_beit_fast_orig", type(module))
         if orig in known:
+            recognised += 1
             mixin, what = known[orig]
             wanted = mim_head if mixin is _HFMaskedImageModeling else bool(backend)
             if not wanted:
@@ -427,7 +442,7 @@ def patch(model: nn.Module, attention: Union[bool, str] = True, mim_head: bool =
         elif _looks_like_attention(module):
             report.skipped.append((name, f"{type(module).__module__}.{type(module).__qualname__} is not a recognised "
                                          "timm / transformers BEiT module"))
-    if not report.replaced:
+    if not recognised:
         report.skipped.append(("", f"no timm / transformers BEiT module recognised in {type(model).__name__}"))
     setattr(model, _REPORT_ATTR, report)
     log.info("%s", report)
