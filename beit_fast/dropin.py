@@ -14,14 +14,15 @@ What is replaced:
   the library's own attention code running, exactly as before the patch; a backend named explicitly ("triton",
   "xformers", "sdpa", "math") runs that backend or raises with the reasons it cannot. "math" is the library's own
   eager attention order (timm's non-fused branch, transformers' eager attention), so a patched model on "math" gives
-  the unpatched eager model's outputs bit for bit.
+  the unpatched eager model's outputs bit for bit (the kernels take timm's per-layer table + shared bias as one sum).
 - `BeitForMaskedImageModeling` (mim_head=True): in training, with `labels` and `bool_masked_pos` given, the head
   runs on the masked rows only - `gather_masked_layer_norm` + `fused_linear_cross_entropy`, where the Triton kernels
   run - and returns the same loss; transformers computes the 8192-way head on all N rows, then keeps the masked ones.
-  That output's `logits` is None (the point is not to make them; Liger's `skip_logits` does the same); in eval, or
-  without labels, or where the kernels cannot run, or when a label is -100 (ignored), the reference head runs.
-- Attention probabilities requested (`output_attentions=True`, or transformers >= 5 collecting them, or a head
-  mask, or a per-image attention mask) take the library's own path for that call.
+  That output's `logits` is None (the point is not to make them; Liger's `skip_logits` does the same); in eval,
+  without labels, where the kernels cannot run, when a label is -100 (ignored), when nothing is masked, or with
+  `return_dict=False` (a tuple without the logits would shift every later position), the reference head runs.
+- Attention probabilities requested (`output_attentions=True`, or transformers >= 5 collecting them), a head mask,
+  or a user's attention mask (per image, or broadcast over the heads) take the library's own path for that call.
 
 Kept: every parameter and buffer object, every `state_dict()` key and tensor, `isinstance` (the patched module's
 class is a subclass of the library's, named as it was), `save_pretrained` / `load_checkpoint` / `deepcopy` / pickling
