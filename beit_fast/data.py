@@ -267,16 +267,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         img, label, _ = self.load(index)
         return img, label
 
-    def load(self, index: int) -> Tuple[Image.Image, int, bool]:
+    def load(self, index: int, prepare: Callable[[Image.Image], Any] = to_rgb) -> Tuple[Any, int, bool]:
         """(RGB image, label, own_bad): the image of file `index`, or if that file cannot be used the next one
-        that can (own_bad is then True). Raises `DataError` when no file of the folder can be used."""
+        that can (own_bad is then True). Raises `DataError` when no file of the folder can be used.
+
+        `prepare(opened image) -> result` replaces `to_rgb` (the fast path decodes, drafted, inside it); whatever it
+        raises makes the file unusable, as a decoding error does."""
         n = len(self.samples)
         for attempt in range(n):
             i = (index + attempt) % n
             path, label = self.samples[i]
             try:
                 with Image.open(path) as im:
-                    return to_rgb(im), label, attempt > 0
+                    return prepare(im), label, attempt > 0
             except Exception as exc:  # PIL raises several types for truncated / corrupt files
                 if i not in self.bad_files:
                     self.bad_files[i] = _reason(exc)
@@ -406,8 +409,19 @@ def _draw_mask(mask_generator, seed: int) -> torch.Tensor:
     return torch.from_numpy(mask_generator().reshape(-1).copy())
 
 
+def _seeded(seed: int, fn: Callable, x: Any) -> Any:
+    """fn(x) with torch's and Python's generators seeded by `seed`, the caller's generator states untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        return fn(x)
+
+
 class MIMDataset(torch.utils.data.Dataset):
     """(epoch, index) -> (patch view, tokenizer view, bool mask (N,), label); deterministic in (seed, epoch, index).
+    With the fast path's transform (`beit_fast.views.FastTwoViewTransform`) with `device_augment` the views are uint8
+    and a last item, the (8,) augmentation parameters, follows: `beit_fast.views.augment_views` makes the float views
+    on the device.
 
     With `return_skipped=True` a fifth item, an int, reports this sample's own file: `index` if the base dataset
     could not use it (an `ImageFolderDataset` replaced it by the next readable file), else -1; -1 always for a base
@@ -426,18 +440,22 @@ class MIMDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
         s = sample_seed(self.seed, epoch, index)
+        fast = getattr(self.transform, "takes_file", False)  # the fast path decodes inside its transform
         if isinstance(self.base, ImageFolderDataset):
-            img, label, own_bad = self.base.load(index)
+            if fast:  # every attempt (a bad file is replaced by the next) starts from the sample's seed
+                views, label, own_bad = self.base.load(index, functools.partial(_seeded, s, self.transform))
+            else:
+                img, label, own_bad = self.base.load(index)
         else:
             (img, label), own_bad = self.base[index], False
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            random.seed(s)
-            patches, tok_view = self.transform(img)
+        if not (fast and isinstance(self.base, ImageFolderDataset)):
+            views = _seeded(s, self.transform, img)
         mask = _draw_mask(self.mask_generator, s)
-        if self.return_skipped:
-            return patches, tok_view, mask, label, index if own_bad else -1
-        return patches, tok_view, mask, label
+        extra = (index if own_bad else -1,) if self.return_skipped else ()
+        if fast and getattr(self.transform, "device_augment", False):
+            # (patch u8, tokenizer u8, mask, label[, skipped], aug): beit_fast.views.augment_views finishes them
+            return (views[0], views[1], mask, label) + extra + (views[2],)
+        return (views[0], views[1], mask, label) + extra
 
 
 class SyntheticMIMDataset(torch.utils.data.Dataset):

@@ -133,11 +133,12 @@ class TaskLoop:
     def run(self, loader: Any, signals: Any, start_step: int, last: Optional[Path]) -> Tuple[int, Optional[Path]]:
         """Train from `start_step` to cfg.max_steps (or a signal); returns (last step, last checkpoint)."""
         cfg, rt = self.cfg, self.rt
-        self.signals, self.data_iter = signals, iter(loader)
         self.reporter = StepReporter(
             self.out, list(self.loss_columns), ["skipped_steps"], start_step=start_step, max_steps=cfg.max_steps,
             log_every=cfg.log_every, batch_size=cfg.batch_size, world=rt.world, device=rt.device,
-            flops_per_image=self.flops_per_image(), tensorboard=cfg.tensorboard, tag=self.tag, enabled=rt.is_main)
+            flops_per_image=self.flops_per_image(), tensorboard=cfg.tensorboard, tag=self.tag, enabled=rt.is_main,
+            num_workers=cfg.num_workers)
+        self.signals, self.data_iter = signals, self.reporter.timed(iter(loader))
         if rt.is_main:
             self.val_writer = MetricsWriter(self.out, list(self.val_columns), start_step, False, "val",
                                             "val_metrics.csv")

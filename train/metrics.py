@@ -1,12 +1,15 @@
 """Run metrics, task-neutral: `metrics.csv` (always), TensorBoard event files (when `tensorboard` imports), a PNG
 plot of the columns the caller names at the end (when `matplotlib` imports), and `StepReporter`: one metrics row per
-step and the progress bar / log line (step | the task's values | lr | ms | img/s | MFU | memory). The caller gives
-the columns, the TensorBoard tag, the plotted panels and the FLOPs per image for MFU. Only the main process
-writes."""
+step and the progress bar / log line (step | the task's values | lr | ms | img/s | data wait | MFU | memory). The
+caller gives the columns, the TensorBoard tag, the plotted panels and the FLOPs per image for MFU. Only the main
+process writes. `StepReporter.timed(iterator)` wraps the data iterator so each row also says which fraction of its
+step was spent waiting for data (`data_wait`), with a warning, once, naming a `--num-workers` when the input pipeline
+is the bottleneck."""
 
 from __future__ import annotations
 
 import csv
+import math
 import logging
 import os
 import sys
@@ -18,7 +21,42 @@ import torch
 
 log = logging.getLogger("beit_fast.pretrain")
 
-__all__ = ["MetricsWriter", "Progress", "StepReporter", "plot_metrics", "read_metrics", "peak_flops"]
+__all__ = ["MetricsWriter", "Progress", "StepReporter", "DataWait", "plot_metrics", "read_metrics", "peak_flops"]
+
+DATA_BOUND = 0.2  # waiting for data this share of the step time (over a log interval) or more: warn, once
+
+
+class DataWait:
+    """An iterator that counts the seconds its `next()` waited (for a data loader: for the workers' batches)."""
+
+    def __init__(self, iterator: Any) -> None:
+        self.iterator, self.waited = iterator, 0.0
+
+    def __iter__(self) -> "DataWait":
+        return self
+
+    def __next__(self) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.waited += time.perf_counter() - t0
+
+    def take(self) -> float:
+        """The seconds waited since the last take()."""
+        waited, self.waited = self.waited, 0.0
+        return waited
+
+    def __getattr__(self, name: str) -> Any:  # the loader iterator's own (close_loader's _shutdown_workers)
+        return getattr(self.__dict__["iterator"], name)
+
+
+def suggested_workers(num_workers: int, wait_fraction: float) -> int:
+    """Workers that would feed a step now spending `wait_fraction` of its time waiting: the loader delivers at
+    (1 - f) of the rate the step could take, so scale today's workers (at least one) by 1 / (1 - f), up to the
+    machine's cores."""
+    need = math.ceil(max(1, num_workers) / max(1e-3, 1.0 - wait_fraction) - 1e-9)
+    return max(num_workers + 1, min(need, os.cpu_count() or need))
 
 
 class MetricsWriter:
@@ -157,11 +195,12 @@ class StepReporter:
     and the caller's counters), and every `log_every` steps the progress bar's postfix or one log line. The time of a
     row is its own step's (`restart()` after a skipped one)."""
 
-    TIMING = ["lr", "grad_norm", "ms_per_step", "img_per_s", "mfu", "mem_gb"]
+    TIMING = ["lr", "grad_norm", "ms_per_step", "img_per_s", "data_wait", "mfu", "mem_gb"]
 
     def __init__(self, out: Path, values: Sequence[Tuple[str, str]], counters: Sequence[str], *, start_step: int,
                  max_steps: int, log_every: int, batch_size: int, world: int, device: torch.device,
-                 flops_per_image: Optional[float], tensorboard: bool, tag: str, enabled: bool) -> None:
+                 flops_per_image: Optional[float], tensorboard: bool, tag: str, enabled: bool,
+                 num_workers: Optional[int] = None) -> None:
         """`values`: (column, short name for the bar) of the task's per-step values, logged as `name value`."""
         self.values, self.counters = list(values), list(counters)
         self.columns = ["step"] + [c for c, _ in self.values] + self.TIMING + self.counters
@@ -171,21 +210,35 @@ class StepReporter:
         peak = peak_flops(device)
         self.flops = flops_per_image * batch_size / (peak * world) if peak and flops_per_image else None
         self.t_last = time.perf_counter()
+        self.data: Optional[DataWait] = None
+        self.num_workers, self.warned = num_workers, False
+        self.window = [0.0, 0.0]  # seconds waited, seconds of steps, since the last log line
+
+    def timed(self, iterator: Any) -> DataWait:
+        """`iterator` wrapped so that each row reports the share of its step spent waiting in it."""
+        self.data = DataWait(iterator)
+        return self.data
 
     def restart(self) -> None:
         self.t_last = time.perf_counter()
+        if self.data is not None:
+            self.data.take()  # a skipped step's wait is not the next row's
 
     def report(self, step: int, values: Sequence[float], lr: float, grad_norm: float,
                counters: Dict[str, Any]) -> None:
         now = time.perf_counter()
         dt, self.t_last = now - self.t_last, now
         ips = self.batch_size / dt
+        wait = min(1.0, self.data.take() / dt) if self.data is not None and dt > 0 else None
+        if wait is not None:
+            self.window[0] += wait * dt
+            self.window[1] += dt
         mfu = self.flops / dt if self.flops else None
         mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         log_now = step % self.log_every == 0 or step == self.max_steps
         if self.writer is not None:
             row = {"step": step, "lr": lr, "grad_norm": grad_norm, "ms_per_step": dt * 1e3, "img_per_s": ips,
-                   "mfu": mfu, "mem_gb": mem, **counters}
+                   "data_wait": wait, "mfu": mfu, "mem_gb": mem, **counters}
             row.update({c: v for (c, _), v in zip(self.values, values)})
             self.writer.write(row)
             if log_now:
@@ -193,15 +246,32 @@ class StepReporter:
         shown = " | ".join(f"{c} {v:.4f}" for (c, _), v in zip(self.values, values))
         mfu_s = f" | MFU {mfu:.1%}" if mfu is not None else ""
         mem_s = f" | mem {mem:.2f} GB" if mem is not None else ""
+        data_s = f" | data {wait:.0%}" if wait is not None else ""
         line = (f"step {step}/{self.max_steps} | {shown} | lr {lr:.3g} | {dt * 1e3:.0f} ms | {ips:.0f} img/s"
-                f"{mfu_s}{mem_s}")
+                f"{data_s}{mfu_s}{mem_s}")
         postfix = {short: f"{v:.3f}" for (_, short), v in zip(self.values, values)}
         postfix.update({"lr": f"{lr:.2g}", "img/s": f"{ips:.0f}"})
         if mfu is not None:
             postfix["MFU"] = f"{mfu:.1%}"
         if mem is not None:
             postfix["mem"] = f"{mem:.1f}G"
+        if wait is not None:
+            postfix["data"] = f"{wait:.0%}"
         self.progress.update(line, postfix, log_now)
+        if log_now and self.window[1] > 0:
+            self._check_input_bound(self.window[0] / self.window[1])
+            self.window = [0.0, 0.0]
+
+    def _check_input_bound(self, fraction: float) -> None:
+        if fraction < DATA_BOUND or self.warned or self.writer is None:
+            return
+        self.warned = True
+        hint = ""
+        if self.num_workers is not None:
+            hint = (f"; with {self.num_workers} data-loader workers, try --num-workers "
+                    f"{suggested_workers(self.num_workers, fraction)}")
+        log.warning("the input pipeline is the bottleneck: %.0f%% of the step time waits for data%s", fraction * 100,
+                    hint)
 
     def flush(self) -> None:
         if self.writer is not None:

@@ -41,6 +41,7 @@ from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.checkpoint import CheckpointError, atomic_save
 from beit_fast.config import MIM_LOSS_ON, MIM_TARGETS, first_line, one_line
 from beit_fast.data import ImageFolderDataset, MIMDataset, SyntheticMIMDataset, TwoViewTransform, build_dataset
+from beit_fast.views import FastTwoViewTransform, augment_views
 from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from beit_fast.tokenizer import RandomConvTokenizer
 from beit_fast.train.config import BeitTrainConfig, type_ok
@@ -77,6 +78,8 @@ __all__ = ["PretrainConfig", "TrainingStopped", "StoppedBySignal", "pretrain", "
 @dataclass
 class PretrainConfig(BeitTrainConfig):
     data: str = "builtin"  # "builtin" (procedural shapes), "synthetic" (random views, no decoding) or an image folder
+    data_backend: str = "cpu"  # the two-view pipeline: "cpu" (draft decoding, crop first, uint8 resizes on the
+    # workers; jitter, flip and normalisation batched on the device) or "pil" (all per image in Pillow, the reference)
     out: str = "runs/pretrain"  # run directory: config.json, metrics.csv, checkpoints/
     lr: float = 1.5e-3  # peak learning rate (SPEC: 1.5e-3 at batch 2048)
     masking: str = "block"  # "block" (BEiT) or "random" (ablation)
@@ -91,6 +94,8 @@ class PretrainConfig(BeitTrainConfig):
         super().validate()
         if self.masking not in ("block", "random"):
             self.bad("masking", 'must be "block" or "random"')
+        if self.data_backend not in DATA_BACKENDS:
+            self.bad("data_backend", f"must be one of {DATA_BACKENDS}")
         if self.target not in MIM_TARGETS:
             self.bad("target", f"must be one of {MIM_TARGETS}")
         if self.loss_on not in MIM_LOSS_ON:
@@ -110,6 +115,7 @@ class PretrainConfig(BeitTrainConfig):
 
 
 RESUME_MAY_DIFFER: FrozenSet[str] = PretrainConfig.RESUME_MAY_DIFFER
+DATA_BACKENDS = ("cpu", "pil")
 config_from_args = PretrainConfig.from_args
 SUMMARY_OUTPUTS = ("summary.json", "metrics.png")
 
@@ -193,13 +199,19 @@ def _base_data(cfg: PretrainConfig, mcfg: BeitConfig) -> Optional[torch.utils.da
     return base
 
 
-def _mim_data(cfg: PretrainConfig, mcfg: BeitConfig, tok_size: int, base: Optional[torch.utils.data.Dataset]):
-    """The MIM dataset: masks are drawn in the data-loader workers, from (seed, epoch, index)."""
+def _mim_data(cfg: PretrainConfig, mcfg: BeitConfig, tok_size: int, base: Optional[torch.utils.data.Dataset],
+              device: torch.device):
+    """The MIM dataset: masks are drawn in the data-loader workers, from (seed, epoch, index). The fast path jitters
+    on the device when it is a GPU (uint8 views over PCIe), in the workers otherwise."""
     mask_gen = build_mask_generator(mcfg, cfg.masking)
     if base is None:
         return SyntheticMIMDataset(cfg.num_images, mcfg.img_size, tok_size, mask_gen, seed=cfg.seed,
                                    return_skipped=True)
-    return MIMDataset(base, TwoViewTransform(mcfg.img_size, tok_size), mask_gen, seed=cfg.seed, return_skipped=True)
+    if cfg.data_backend == "cpu":
+        transform: Any = FastTwoViewTransform(mcfg.img_size, tok_size, device_augment=device.type == "cuda")
+    else:
+        transform = TwoViewTransform(mcfg.img_size, tok_size)
+    return MIMDataset(base, transform, mask_gen, seed=cfg.seed, return_skipped=True)
 
 
 def pretrain(cfg: PretrainConfig) -> Dict[str, Any]:
@@ -269,7 +281,8 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
         start_run_directory(out, plan, start_step, SUMMARY_OUTPUTS)
     engine.barrier()
     # the pixel target reads the first view; the second (tokenizer) view is still made, at the random tokenizer's size
-    dataset = _mim_data(cfg, mcfg, tokenizer.image_size if tokenizer is not None else mcfg.img_size // 2, base)
+    dataset = _mim_data(cfg, mcfg, tokenizer.image_size if tokenizer is not None else mcfg.img_size // 2, base,
+                        rt.device)
     loop = _Loop(cfg, mcfg, rt, engine, tokenizer, stats, start_step, len(dataset) // cfg.batch_size)
     step, last_ckpt = loop.run(train_loader(dataset, cfg, rt, start_step), run_dir.signals, plan.path)
     return _summary(cfg, mcfg, rt, run_dir, engine, loop, step, start_step, last_ckpt, targets)
@@ -294,16 +307,18 @@ class _Loop:
             world=rt.world, device=rt.device, flops_per_image=mcfg.train_flops_per_image(
                 mcfg.num_masking_patches if mcfg.mim_loss_on == "masked" else mcfg.num_patches,
                 mcfg.vocab_size if mcfg.mim_target == "tokens" else mcfg.patch_size**2 * mcfg.in_chans),
-            tensorboard=cfg.tensorboard, tag="pretrain", enabled=rt.is_main)
+            tensorboard=cfg.tensorboard, tag="pretrain", enabled=rt.is_main, num_workers=cfg.num_workers)
 
     def next_batch(self) -> Any:
-        patches, tok_view, mask, _, skipped = next(self.data_iter)
+        patches, tok_view, mask, _, skipped, *aug = next(self.data_iter)  # aug: the fast path's parameters
         self.new_bad.update(i for i in skipped.tolist() if i >= 0 and i not in self.bad_files)
-        return patches, tok_view, mask
+        return (patches, tok_view, mask) + tuple(aug)
 
     def loss(self, batch: Any):
         dev = self.rt.device
-        patches, tok_view, mask = (t.to(dev, non_blocking=True) for t in batch)
+        patches, tok_view, mask, *aug = (t.to(dev, non_blocking=True) for t in batch)
+        if aug:  # uint8 views from the fast path: jitter, flip, normalise here, batched
+            patches, tok_view = augment_views(patches, tok_view, aug[0])
         tokens = None
         if self.tokenizer is not None:  # the pixel target needs none
             with torch.no_grad():
@@ -351,7 +366,7 @@ class _Loop:
         return {"step": step, "config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(), "stats": self.stats}
 
     def run(self, loader: Any, signals: Any, last_ckpt: Optional[Path]):
-        self.signals, self.data_iter = signals, iter(loader)
+        self.signals, self.data_iter = signals, self.reporter.timed(iter(loader))
         ckpt = Checkpointer(Path(self.cfg.out), self.engine, self.cfg.keep_last, self.rt.is_main, self.stats,
                             self.meta, self.reporter.flush)
         self.engine.model.train()

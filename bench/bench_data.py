@@ -1,0 +1,227 @@
+"""The input pipeline, per worker core (issue 16): img/s of one thread for each path, side by side in one run.
+
+    python bench/bench_data.py [--data DIR] [--seconds 3] [--out bench/results/data]
+
+Paths, each on the same files, one thread (a data-loader worker is one process, one thread):
+- `decode`: open + decode to RGB (what any path pays at least);
+- `pil` (today's, `--data-backend pil`): decode + `TwoViewTransform` (jitter, flip, crop, Pillow bicubic 224 and
+  Lanczos 112, to float, normalise);
+- `cpu` (`--data-backend cpu`, the worker's part): `FastTwoViewTransform` - draft decode, crop, two uint8
+  antialiased resizes, the augmentation parameters; its ratio to `pil` is the number the issue's target names;
+- `augment`: `augment_views` (jitter, flip, normalise), batched 64 at a time on this CPU, per image - the work the
+  `cpu` path moves to the training device (on a GPU it costs the step a fraction of a millisecond per batch).
+Files: JPEGs it writes (q90, 500x375 and 1280x960, 1/f-spectrum colour texture with edges and noise, the statistics
+of photographs rather than flat colour), and the images of `--data DIR` if given. Also reported: the fast views'
+difference from the `pil` views on the same files and seeds (max and mean absolute error in 8-bit levels).
+
+Collected by pytest too (`test_bench_data`, a short run that records the rows and checks the error bounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from beit_fast.data import TwoViewTransform, to_rgb  # noqa: E402
+from beit_fast.views import FastTwoViewTransform, augment_views, resize_library  # noqa: E402
+
+SIZES = ((500, 375), (1280, 960))
+IMG, TOK = 224, 112
+BATCH = 64
+
+
+def textured_jpeg(width: int, height: int, seed: int, quality: int = 90) -> bytes:
+    """A photograph-like JPEG: 1/f amplitude spectrum per channel (correlated colour), a few sharp-edged discs and
+    bars, mild sensor noise."""
+    g = np.random.default_rng(seed)
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    f = np.sqrt(fx**2 + fy**2)
+    f[0, 0] = 1.0
+    base = None
+    img = np.empty((height, width, 3), np.float32)
+    for c in range(3):
+        spectrum = (g.normal(size=f.shape) + 1j * g.normal(size=f.shape)) / f
+        field = np.fft.irfft2(spectrum, s=(height, width))
+        base = field if base is None else 0.6 * base + 0.4 * field  # channels correlated, as in photographs
+        img[..., c] = base
+    img = (img - img.mean()) / (img.std() + 1e-6) * 45 + 120
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(6):  # sharp edges
+        cy, cx, r = g.uniform(0, height), g.uniform(0, width), g.uniform(0.03, 0.15) * min(width, height)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = g.uniform(0, 255, 3)
+    img += g.normal(0, 3, img.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_images(folder: Path, count: int) -> Dict[str, List[Path]]:
+    sets = {}
+    for w, h in SIZES:
+        paths = []
+        for i in range(count):
+            p = folder / f"{w}x{h}_{i:03d}.jpg"
+            if not p.exists():
+                p.write_bytes(textured_jpeg(w, h, seed=1000 * w + i))
+            paths.append(p)
+        sets[f"{w}x{h} q90"] = paths
+    return sets
+
+
+def folder_images(root: Path, count: int) -> List[Path]:
+    exts = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts and p.is_file())
+    if not found:
+        raise SystemExit(f"bench_data: no images under {root}")
+    return found[:count]
+
+
+def img_per_s(fn: Callable[[bytes], object], blobs: List[bytes], seconds: float) -> float:
+    fn(blobs[0])  # imports, first-call set-up
+    n, t0 = 0, time.perf_counter()
+    while True:
+        for b in blobs:
+            fn(b)
+            n += 1
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
+            return n / dt
+
+
+def _decode(b: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(b)) as im:
+        return to_rgb(im)
+
+
+def view_errors(blobs: List[bytes]) -> Dict[str, float]:
+    """Max / mean |fast - pil| in 8-bit levels of both views, same files, same seeds (same boxes, flips, jitter)."""
+    pil, fast = TwoViewTransform(IMG, TOK), FastTwoViewTransform(IMG, TOK)
+    errs: Dict[str, List[float]] = {"patch_max": [], "patch_mean": [], "tok_max": [], "tok_mean": []}
+    for i, b in enumerate(blobs):
+        torch.manual_seed(i)
+        p0, t0 = pil(_decode(b))
+        torch.manual_seed(i)
+        with Image.open(io.BytesIO(b)) as im:
+            p8, t8, aug = fast(im)
+        p1, t1 = augment_views(p8[None], t8[None], aug[None])
+        ep, et = (p1[0] - p0).abs() * 127.5, (t1[0] - t0).abs() * 255  # patch view is normalised by 0.5 / 0.5
+        errs["patch_max"].append(float(ep.max()))
+        errs["patch_mean"].append(float(ep.mean()))
+        errs["tok_max"].append(float(et.max()))
+        errs["tok_mean"].append(float(et.mean()))
+    return {k: (max(v) if k.endswith("max") else float(np.mean(v))) for k, v in errs.items()}
+
+
+def augment_per_image_ms(blobs: List[bytes]) -> float:
+    fast = FastTwoViewTransform(IMG, TOK)
+    items = []
+    for i in range(BATCH):
+        torch.manual_seed(i)
+        with Image.open(io.BytesIO(blobs[i % len(blobs)])) as im:
+            items.append(fast(im))
+    p, t, a = (torch.stack(x) for x in zip(*items))
+    augment_views(p, t, a)
+    t0, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        augment_views(p, t, a)
+    return (time.perf_counter() - t0) / reps / BATCH * 1e3
+
+
+def run(sets: Dict[str, List[Path]], seconds: float) -> List[Dict[str, object]]:
+    torch.set_num_threads(1)
+    pil, fast = TwoViewTransform(IMG, TOK), FastTwoViewTransform(IMG, TOK)
+
+    def fast_worker(b: bytes):
+        with Image.open(io.BytesIO(b)) as im:
+            return fast(im)
+
+    rows = []
+    for name, paths in sets.items():
+        blobs = [p.read_bytes() for p in paths]
+        rates = {"decode": img_per_s(_decode, blobs, seconds),
+                 "pil": img_per_s(lambda b: pil(_decode(b)), blobs, seconds),
+                 "cpu": img_per_s(fast_worker, blobs, seconds)}
+        row: Dict[str, object] = {"images": name, "files": len(blobs),
+                                  "kb_per_file": sum(map(len, blobs)) / len(blobs) / 1024}
+        row.update({f"{k}_img_s": v for k, v in rates.items()})
+        row["cpu_vs_pil"] = rates["cpu"] / rates["pil"]
+        row["augment_ms_per_img_cpu"] = augment_per_image_ms(blobs)
+        row.update(view_errors(blobs))
+        rows.append(row)
+    return rows
+
+
+def machine() -> Dict[str, str]:
+    import PIL
+
+    return {"date": date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
+            "cores": str(os.cpu_count()), "python": platform.python_version(), "torch": torch.__version__,
+            "pillow": PIL.__version__, "resize": resize_library()}
+
+
+def markdown(rows: List[Dict[str, object]], env: Dict[str, str]) -> str:
+    lines = [f"# Input pipeline, one worker core ({env['date']})", "",
+             ", ".join(f"{k} {v}" for k, v in env.items() if k != "date"), "",
+             "| images | KB/file | decode img/s | pil img/s | cpu img/s | cpu / pil | augment ms/img (CPU) "
+             "| patch err max / mean | tok err max / mean |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['images']} ({r['files']} files) | {r['kb_per_file']:.0f} | {r['decode_img_s']:.0f} "
+                     f"| {r['pil_img_s']:.0f} | {r['cpu_img_s']:.0f} | {r['cpu_vs_pil']:.2f}x "
+                     f"| {r['augment_ms_per_img_cpu']:.3f} | {r['patch_max']:.0f} / {r['patch_mean']:.2f} "
+                     f"| {r['tok_max']:.0f} / {r['tok_mean']:.2f} |")
+    lines += ["", "Errors: |cpu - pil| of the final views in 8-bit levels, same files and seeds (same boxes, flips, "
+              "jitter factors)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", help="also time the images of this folder (the first --count)")
+    ap.add_argument("--count", type=int, default=24, help="images per set (default 24)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per path and set (default 3)")
+    ap.add_argument("--out", default="bench/results/data", help="folder for the JSON + Markdown (default %(default)s)")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = write_images(Path(tmp), args.count)
+        if args.data:
+            sets[f"--data {args.data}"] = folder_images(Path(args.data), args.count)
+        rows = run(sets, args.seconds)
+    env = machine()
+    text = markdown(rows, env)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{env['date']}-{platform.node() or 'host'}"
+    (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(f"written: {out / stem}.json, .md")
+    return 0
+
+
+def test_bench_data(record, tmp_path):
+    """A short run: every path times, and the fast views stay within the documented error bounds."""
+    rows = run(write_images(tmp_path, 4), seconds=0.3)
+    for r in rows:
+        record(bench=f"input pipeline {r['images']}", impl="cpu vs pil (one core)", ms=1e3 / r["cpu_img_s"],
+               img_per_s=r["cpu_img_s"], note=f"{r['cpu_vs_pil']:.2f}x pil; decode {r['decode_img_s']:.0f} img/s")
+        assert r["patch_mean"] < 3 and r["tok_mean"] < 3, r
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
