@@ -99,6 +99,9 @@ def info(argv: Optional[List[str]] = None) -> int:
         print("  cannot run: " + "; ".join(reasons) + " -> fused_kernels='auto' uses the torch reference path")
     else:
         print("  can run" + (" (through the Triton CPU interpreter: correct, slow)" if interpreting() else ""))
+    from beit_fast.views import resize_library
+
+    print(f"input pipeline (--data-backend cpu | pil): {resize_library()}")
     return 0
 
 

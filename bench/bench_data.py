@@ -12,7 +12,8 @@ Paths, each on the same files, one thread (a data-loader worker is one process, 
   `cpu` path moves to the training device (on a GPU it costs the step a fraction of a millisecond per batch).
 Files: JPEGs it writes (q90, 500x375 and 1280x960, 1/f-spectrum colour texture with edges and noise, the statistics
 of photographs rather than flat colour), and the images of `--data DIR` if given. Also reported: the fast views'
-difference from the `pil` views on the same files and seeds (max and mean absolute error in 8-bit levels).
+difference from the `pil` views on the same files and seeds (max and mean absolute error in 8-bit levels), and with
+`--tokenizer FILE` the share of visual tokens a trained tokenizer gives the same on both paths' tokenizer views.
 
 Collected by pytest too (`test_bench_data`, a short run that records the rows and checks the error bounds).
 """
@@ -143,6 +144,33 @@ def augment_per_image_ms(blobs: List[bytes]) -> float:
     return (time.perf_counter() - t0) / reps / BATCH * 1e3
 
 
+def token_agreement(tokenizer_file: str, count: int = 256) -> Dict[str, object]:
+    """Share of visual tokens a trained tokenizer gives the same on the `cpu` path's tokenizer view (torch's
+    antialiased bicubic) as on the `pil` path's (Pillow's Lanczos), same builtin images and seeds; for scale, the
+    agreement of the `pil` path with itself under a one-pixel shift of the crop box."""
+    from beit_fast.data import BuiltinShapes
+    from beit_fast.tokenizer import DalleTokenizer
+
+    tok = DalleTokenizer.from_files(tokenizer_file, fast=False)
+    size = tok.image_size
+    pil, fast = TwoViewTransform(2 * size, size), FastTwoViewTransform(2 * size, size)
+    data = BuiltinShapes(num_images=count, size=3 * size, seed=7)
+    views_pil, views_fast, views_shift = [], [], []
+    for i in range(count):
+        img = data[i][0]
+        torch.manual_seed(i)
+        views_pil.append(pil(img)[1])
+        torch.manual_seed(i)
+        views_fast.append(augment_views(*(x[None] for x in fast(img)))[1][0])
+        torch.manual_seed(i)
+        views_shift.append(pil(img.transform(img.size, Image.AFFINE, (1, 0, 1, 0, 1, 0)))[1])
+    with torch.no_grad():
+        a, b, c = (tok.tokenize(torch.stack(v)) for v in (views_pil, views_fast, views_shift))
+    return {"tokenizer": tokenizer_file, "view": size, "images": count,
+            "agreement_cpu_vs_pil": float((a == b).float().mean()),
+            "agreement_pil_shift_1px": float((a == c).float().mean())}
+
+
 def run(sets: Dict[str, List[Path]], seconds: float) -> List[Dict[str, object]]:
     torch.set_num_threads(1)
     pil, fast = TwoViewTransform(IMG, TOK), FastTwoViewTransform(IMG, TOK)
@@ -196,6 +224,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--count", type=int, default=24, help="images per set (default 24)")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds per path and set (default 3)")
     ap.add_argument("--out", default="bench/results/data", help="folder for the JSON + Markdown (default %(default)s)")
+    ap.add_argument("--tokenizer", help="a trained tokenizer file: also measure token agreement of the two paths' "
+                                        "tokenizer views (builtin images at its input size)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         sets = write_images(Path(tmp), args.count)
@@ -204,11 +234,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows = run(sets, args.seconds)
     env = machine()
     text = markdown(rows, env)
+    agreement = token_agreement(args.tokenizer) if args.tokenizer else None
+    if agreement:
+        text += (f"\nToken agreement ({agreement['tokenizer']}, {agreement['images']} builtin images, "
+                 f"{agreement['view']}px tokenizer view): cpu vs pil {agreement['agreement_cpu_vs_pil']:.3f}; "
+                 f"for scale, pil vs pil with the image shifted by one pixel "
+                 f"{agreement['agreement_pil_shift_1px']:.3f}.\n")
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{env['date']}-{platform.node() or 'host'}"
-    (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": rows, "tokens": agreement}, indent=1) + "\n")
     (out / f"{stem}.md").write_text(text)
     print(f"written: {out / stem}.json, .md")
     return 0
