@@ -26,7 +26,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pillow", "pyyaml", "tqdm", "timm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "timm", "transformers", "dall-e", "safetensors", "matplotlib",
-                 "tensorboard", "scipy"],
+                 "tensorboard", "scipy", "webdataset"],
+        "shards": ["webdataset"],  # --data given as WebDataset tar shards (beit_fast.shards)
         "xformers": ["xformers"],
         # DeepSpeed builds from an sdist that imports torch: install it with --no-build-isolation (the Makefile
         # does), or pip builds it against a freshly downloaded torch. 0.19.8: unmanaged gradient accumulation.

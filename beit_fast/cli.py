@@ -26,6 +26,7 @@ commands:
   mask-bench  masks per second of the blockwise mask generator on one core
   train-tokenizer  train a DALL-E-style dVAE tokenizer (beit-fast train-tokenizer --help)
   tokenize    write a token cache of a dataset with fixed views (beit-fast tokenize --help)
+  make-shards  write an image folder as WebDataset tar shards, for --data (beit-fast make-shards --help)
 """
 # command -> "module:function"; each function takes the remaining arguments and returns the exit status
 COMMANDS = {
@@ -42,6 +43,7 @@ COMMANDS = {
     "mask-bench": "beit_fast.cli:mask_bench",
     "train-tokenizer": "beit_fast.train.train_tokenizer:main",
     "tokenize": "beit_fast.cli:tokenize",
+    "make-shards": "beit_fast.cli:make_shards",
 }
 
 
@@ -102,6 +104,28 @@ def info(argv: Optional[List[str]] = None) -> int:
     from beit_fast.views import resize_library
 
     print(f"input pipeline (--data-backend cpu | pil): {resize_library()}")
+    return 0
+
+
+def make_shards(argv: List[str]) -> int:
+    p = _OneLineParser(prog="beit-fast make-shards",
+                       description="Write the images of DIR (class subfolders or flat) as WebDataset tar shards "
+                                   "(KEY.jpg + KEY.cls), plus shards.json; --data then takes the directory or pattern.")
+    p.add_argument("dir", help="the image folder")
+    p.add_argument("--out", required=True, help="shard file pattern with a %%d field, e.g. shards/in1k-%%06d.tar")
+    p.add_argument("--max-count", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--max-size", type=float, default=1.0, help="GB per shard at most (default 1)")
+    try:
+        a = p.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    from beit_fast.shards import make_shards as write
+
+    try:
+        shards, samples = write(a.dir, a.out, max_count=a.max_count, max_bytes=int(a.max_size * 2**30))
+    except (ValueError, OSError, TypeError) as exc:
+        return _error(p.prog, one_line(str(exc)) or type(exc).__name__)
+    print(f"{samples} images -> {shards} shard(s) {a.out} (index: shards.json beside them)")
     return 0
 
 

@@ -450,9 +450,16 @@ class MIMDataset(torch.utils.data.Dataset):
             (img, label), own_bad = self.base[index], False
         if not (fast and isinstance(self.base, ImageFolderDataset)):
             views = _seeded(s, self.transform, img)
-        mask = _draw_mask(self.mask_generator, s)
-        extra = (index if own_bad else -1,) if self.return_skipped else ()
-        if fast and getattr(self.transform, "device_augment", False):
+        return self._pack(views, _draw_mask(self.mask_generator, s), label, index if own_bad else -1)
+
+    def make(self, seed: int, im: Image.Image, label: int, skipped: int = -1) -> tuple:
+        """One sample from an opened image (a shard member: `beit_fast.shards.ShardStream`) with its sample seed."""
+        views = _seeded(seed, self.transform, im if getattr(self.transform, "takes_file", False) else to_rgb(im))
+        return self._pack(views, _draw_mask(self.mask_generator, seed), label, skipped)
+
+    def _pack(self, views: tuple, mask: torch.Tensor, label: int, skipped: int) -> tuple:
+        extra = (skipped,) if self.return_skipped else ()
+        if getattr(self.transform, "device_augment", False):
             # (patch u8, tokenizer u8, mask, label[, skipped], aug): beit_fast.views.augment_views finishes them
             return (views[0], views[1], mask, label) + extra + (views[2],)
         return (views[0], views[1], mask, label) + extra

@@ -32,7 +32,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Optional, Union
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.checkpoint import CheckpointError, atomic_save
 from beit_fast.config import MIM_LOSS_ON, MIM_TARGETS, first_line, one_line
 from beit_fast.data import ImageFolderDataset, MIMDataset, SyntheticMIMDataset, TwoViewTransform, build_dataset
+from beit_fast.shards import ShardStream, count_samples, is_shard_spec, shard_list
 from beit_fast.views import FastTwoViewTransform, augment_views
 from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from beit_fast.tokenizer import RandomConvTokenizer
@@ -66,6 +67,7 @@ from beit_fast.train.runtime import (
     setup_runtime,
     start_distributed,
     train_loader,
+    worker_init,
 )
 from beit_fast.train.step import BadSteps, StoppedBySignal, TrainingStopped, run_step, train_steps
 
@@ -77,7 +79,8 @@ __all__ = ["PretrainConfig", "TrainingStopped", "StoppedBySignal", "pretrain", "
 
 @dataclass
 class PretrainConfig(BeitTrainConfig):
-    data: str = "builtin"  # "builtin" (procedural shapes), "synthetic" (random views, no decoding) or an image folder
+    data: str = "builtin"  # "builtin" (procedural shapes), "synthetic" (random views, no decoding), an image folder,
+    # or WebDataset tar shards: a .tar, a brace pattern (shard-{000000..000099}.tar) or a folder of them (make-shards)
     data_backend: str = "cpu"  # the two-view pipeline: "cpu" (draft decoding, crop first, uint8 resizes on the
     # workers; jitter, flip and normalisation batched on the device) or "pil" (all per image in Pillow, the reference)
     out: str = "runs/pretrain"  # run directory: config.json, metrics.csv, checkpoints/
@@ -191,6 +194,12 @@ def _base_data(cfg: PretrainConfig, mcfg: BeitConfig) -> Optional[torch.utils.da
         if cfg.num_images < cfg.batch_size:
             raise ValueError(f"num_images={cfg.num_images} is fewer than batch_size={cfg.batch_size}")
         return None
+    if is_shard_spec(cfg.data):  # WebDataset tar shards: streamed (beit_fast.shards)
+        shards = shard_list(cfg.data)
+        n = count_samples(shards)
+        if n is not None and n < cfg.batch_size:
+            raise ValueError(f"the shards hold {n} images, fewer than batch_size={cfg.batch_size}")
+        return shards
     base = build_dataset(cfg.data, num_images=cfg.num_images, size=int(mcfg.img_size * 1.5), seed=cfg.seed)
     if len(base) < cfg.batch_size:
         raise ValueError(f"dataset has {len(base)} images, fewer than batch_size={cfg.batch_size}")
@@ -207,6 +216,8 @@ def _mim_data(cfg: PretrainConfig, mcfg: BeitConfig, tok_size: int, base: Option
     if base is None:
         return SyntheticMIMDataset(cfg.num_images, mcfg.img_size, tok_size, mask_gen, seed=cfg.seed,
                                    return_skipped=True)
+    if isinstance(base, list):  # shards: the per-sample function only (ShardStream reads the images)
+        base = None
     if cfg.data_backend == "cpu":
         transform: Any = FastTwoViewTransform(mcfg.img_size, tok_size, device_augment=device.type == "cuda")
     else:
@@ -266,8 +277,9 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
     stats: Dict[str, Any] = {"skipped_steps": 0, "skipped_images": 0, "bad_in_row": 0, "recent_acc": [],
                              "token_hist": torch.zeros(mcfg.vocab_size, dtype=torch.long), "bad_files": [],
                              "suspect_steps": []}
-    start_step = 0
+    start_step, ckpt_layout = 0, None
     if plan.ckpt is not None:
+        ckpt_layout = (plan.ckpt["config"].get("num_workers"), plan.ckpt["engine"].get("world_size", 1))
         engine.load(plan.path, plan.ckpt)
         start_step, stats = plan.ckpt["step"], {**stats, **plan.ckpt["stats"]}
         if not rt.is_main:
@@ -283,9 +295,32 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
     # the pixel target reads the first view; the second (tokenizer) view is still made, at the random tokenizer's size
     dataset = _mim_data(cfg, mcfg, tokenizer.image_size if tokenizer is not None else mcfg.img_size // 2, base,
                         rt.device)
-    loop = _Loop(cfg, mcfg, rt, engine, tokenizer, stats, start_step, len(dataset) // cfg.batch_size)
-    step, last_ckpt = loop.run(train_loader(dataset, cfg, rt, start_step), run_dir.signals, plan.path)
+    if isinstance(base, list):  # a stream: no epochs of the loop's own (unreadable samples merge at checkpoints)
+        loader, steps_per_epoch = _shard_loader(cfg, rt, base, dataset, start_step, ckpt_layout), 0
+    else:
+        loader, steps_per_epoch = train_loader(dataset, cfg, rt, start_step), len(dataset) // cfg.batch_size
+    loop = _Loop(cfg, mcfg, rt, engine, tokenizer, stats, start_step, steps_per_epoch)
+    step, last_ckpt = loop.run(loader, run_dir.signals, plan.path)
     return _summary(cfg, mcfg, rt, run_dir, engine, loop, step, start_step, last_ckpt, targets)
+
+
+def _shard_loader(cfg: PretrainConfig, rt: Any, shards: List[str], dataset: MIMDataset, start_step: int,
+                  ckpt_layout: Optional[Tuple[Any, int]]) -> torch.utils.data.DataLoader:
+    """This rank's micro-batches of the shard stream, fast-forwarded to `start_step` (beit_fast.shards: exact when
+    the world size and num_workers are the checkpoint's (`ckpt_layout`), approximate otherwise - said here)."""
+    micro = cfg.batch_size // (rt.world * cfg.grad_accum_steps)
+    if start_step and ckpt_layout is not None:
+        before = ckpt_layout
+        if before != (cfg.num_workers, rt.world):
+            log.warning("resuming a shard stream with num_workers=%s on %s process(es) where the checkpoint had %s on "
+                        "%s: the stream restarts at the same sample counts, which is approximate (samples of the "
+                        "interrupted epoch may repeat or be missed)", cfg.num_workers, rt.world, *before)
+    stream = ShardStream(shards, dataset.make, cfg.seed, micro, rt.rank, rt.world,
+                         start_micro_batch=start_step * cfg.grad_accum_steps)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=micro, num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
+        worker_init_fn=worker_init)
 
 
 class _Loop:
