@@ -459,6 +459,9 @@ class MIMDataset(torch.utils.data.Dataset):
 
     def _pack(self, views: tuple, mask: torch.Tensor, label: int, skipped: int) -> tuple:
         extra = (skipped,) if self.return_skipped else ()
+        if getattr(self.transform, "resize_on_device", False):
+            # (crop u8, aug, mask, label[, skipped]): beit_fast.views.collate_crops batches them
+            return (views[0], views[1], mask, label) + extra
         if getattr(self.transform, "device_augment", False):
             # (patch u8, tokenizer u8, mask, label[, skipped], aug): beit_fast.views.augment_views finishes them
             return (views[0], views[1], mask, label) + extra + (views[2],)

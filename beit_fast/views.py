@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageStat
 
-__all__ = ["FastTwoViewTransform", "augment_views", "draft_factor", "resized_crop_params", "resize_library",
-           "AUG_FIELDS"]
+__all__ = ["FastTwoViewTransform", "augment_views", "collate_crops", "draft_factor", "resize_crops",
+           "resized_crop_params", "resize_library", "AUG_FIELDS"]
 
 AUG_FIELDS = ("brightness", "contrast", "saturation", "op0", "op1", "op2", "flip", "grey_mean")
 _GREY = (0.299, 0.587, 0.114)  # Pillow's convert("L") weights (ITU-R 601-2), what the pil path's contrast uses
@@ -75,12 +75,14 @@ class FastTwoViewTransform:
         hflip: float = 0.5,
         draft: bool = True,
         device_augment: bool = True,
+        resize_on_device: bool = False,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
     ) -> None:
         from torchvision import transforms as T
 
-        self.device_augment = device_augment
+        self.device_augment = device_augment or resize_on_device
+        self.resize_on_device = resize_on_device
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self.img_size = img_size
@@ -118,12 +120,14 @@ class FastTwoViewTransform:
         grey = float(np.dot(ImageStat.Stat(sub).mean[:3], _GREY)) / 255.0
         box = (math.floor(left / k), math.floor(top / k), min(math.ceil((left + w) / k), rgb.size[0]),
                min(math.ceil((top + h) / k), rgb.size[1]))
+        aug = jitter + [float(flip), grey]
+        if self.resize_on_device:  # the gpu backend: the crop itself, (h, w, 3) uint8; resize_crops makes the views
+            return torch.from_numpy(np.array(rgb.crop(box))), torch.tensor(aug, dtype=torch.float32)
         with warnings.catch_warnings():  # a read-only view of the crop's bytes: nothing writes to it
             warnings.simplefilter("ignore")
             crop = torch.from_numpy(np.asarray(rgb.crop(box))).permute(2, 0, 1).unsqueeze(0)  # (1, 3, h, w)
         patch = F.interpolate(crop, size=(self.img_size,) * 2, mode="bicubic", antialias=True)[0].contiguous()
         tok = F.interpolate(crop, size=(self.tokenizer_size,) * 2, mode="bicubic", antialias=True)[0].contiguous()
-        aug = jitter + [float(flip), grey]
         if self.device_augment:
             return patch, tok, torch.tensor(aug, dtype=torch.float32)
         return self.finish(patch, tok, aug)
@@ -168,6 +172,36 @@ class FastTwoViewTransform:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
             views.append(TF.to_tensor(im))
         return (views[0] - self.mean) / self.std, views[1]
+
+
+def collate_crops(batch: Sequence[tuple]) -> tuple:
+    """The gpu backend's collate: samples (crop (h, w, 3) uint8, aug, mask, label[, skipped]) as `MIMDataset` packs
+    them -> (every crop in one flat uint8 buffer (one pinned copy, one transfer), their sizes (B, 2) int64, then the
+    rest collated as usual, aug last)."""
+    from torch.utils.data import default_collate
+
+    crops = [b[0] for b in batch]
+    flat = torch.cat([c.reshape(-1) for c in crops])
+    sizes = torch.tensor([tuple(c.shape[:2]) for c in crops], dtype=torch.int64)
+    rest = default_collate([b[2:] for b in batch])
+    aug = default_collate([b[1] for b in batch])
+    return (flat, sizes, *rest, aug)
+
+
+def resize_crops(flat: torch.Tensor, sizes: torch.Tensor, img_size: int, tokenizer_size: int
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Device side of the gpu backend: each crop of the flat buffer (on the device; `sizes` stays on the host, so
+    nothing syncs) resized to both views, antialiased bicubic in float, rounded to uint8 as the cpu backend's
+    worker rounds: (B, 3, S, S), (B, 3, S/2, S/2) uint8, for `augment_views`."""
+    patches, toks, offset = [], [], 0
+    for h, w in sizes.tolist():
+        n = h * w * 3
+        crop = flat[offset:offset + n].view(1, h, w, 3).permute(0, 3, 1, 2).float()
+        offset += n
+        patches.append(F.interpolate(crop, size=(img_size,) * 2, mode="bicubic", antialias=True))
+        toks.append(F.interpolate(crop, size=(tokenizer_size,) * 2, mode="bicubic", antialias=True))
+    as_u8 = lambda xs: torch.cat(xs).round_().clamp_(0, 255).to(torch.uint8)  # noqa: E731
+    return as_u8(patches), as_u8(toks)
 
 
 def resized_crop_params(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],

@@ -8,6 +8,8 @@ Paths, each on the same files, one thread (a data-loader worker is one process, 
   Lanczos 112, to float, normalise);
 - `cpu` (`--data-backend cpu`, the worker's part): `FastTwoViewTransform` - draft decode, crop, two uint8
   antialiased resizes, the augmentation parameters; its ratio to `pil` is the number the issue's target names;
+- `gpu` (`--data-backend gpu`, the worker's part): draft decode and the crop only, the resizes moved to the device
+  too; with the cores this path would need for 6000 img/s;
 - `augment`: `augment_views` (jitter, flip, normalise), batched 64 at a time on this CPU, per image - the work the
   `cpu` path moves to the training device (on a GPU it costs the step a fraction of a millisecond per batch).
 Files: JPEGs it writes (q90, 500x375 and 1280x960, 1/f-spectrum colour texture with edges and noise, the statistics
@@ -175,20 +177,29 @@ def run(sets: Dict[str, List[Path]], seconds: float) -> List[Dict[str, object]]:
     torch.set_num_threads(1)
     pil, fast = TwoViewTransform(IMG, TOK), FastTwoViewTransform(IMG, TOK)
 
+    crops = FastTwoViewTransform(IMG, TOK, resize_on_device=True)
+
     def fast_worker(b: bytes):
         with Image.open(io.BytesIO(b)) as im:
             return fast(im)
+
+    def gpu_worker(b: bytes):
+        with Image.open(io.BytesIO(b)) as im:
+            return crops(im)
 
     rows = []
     for name, paths in sets.items():
         blobs = [p.read_bytes() for p in paths]
         rates = {"decode": img_per_s(_decode, blobs, seconds),
                  "pil": img_per_s(lambda b: pil(_decode(b)), blobs, seconds),
-                 "cpu": img_per_s(fast_worker, blobs, seconds)}
+                 "cpu": img_per_s(fast_worker, blobs, seconds),
+                 "gpu_worker": img_per_s(gpu_worker, blobs, seconds)}
         row: Dict[str, object] = {"images": name, "files": len(blobs),
                                   "kb_per_file": sum(map(len, blobs)) / len(blobs) / 1024}
         row.update({f"{k}_img_s": v for k, v in rates.items()})
         row["cpu_vs_pil"] = rates["cpu"] / rates["pil"]
+        row["gpu_worker_vs_pil"] = rates["gpu_worker"] / rates["pil"]
+        row["cores_for_6000_img_s_gpu"] = 6000 / rates["gpu_worker"]
         row["augment_ms_per_img_cpu"] = augment_per_image_ms(blobs)
         row.update(view_errors(blobs))
         rows.append(row)
@@ -206,11 +217,13 @@ def machine() -> Dict[str, str]:
 def markdown(rows: List[Dict[str, object]], env: Dict[str, str]) -> str:
     lines = [f"# Input pipeline, one worker core ({env['date']})", "",
              ", ".join(f"{k} {v}" for k, v in env.items() if k != "date"), "",
-             "| images | KB/file | decode img/s | pil img/s | cpu img/s | cpu / pil | augment ms/img (CPU) "
-             "| patch err max / mean | tok err max / mean |", "|---|---|---|---|---|---|---|---|---|"]
+             "| images | KB/file | decode img/s | pil img/s | cpu img/s | cpu / pil | gpu backend, worker img/s "
+             "(cores for 6000 img/s) | augment ms/img (CPU) | patch err max / mean | tok err max / mean |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['images']} ({r['files']} files) | {r['kb_per_file']:.0f} | {r['decode_img_s']:.0f} "
                      f"| {r['pil_img_s']:.0f} | {r['cpu_img_s']:.0f} | {r['cpu_vs_pil']:.2f}x "
+                     f"| {r['gpu_worker_img_s']:.0f} ({r['cores_for_6000_img_s_gpu']:.1f}) "
                      f"| {r['augment_ms_per_img_cpu']:.3f} | {r['patch_max']:.0f} / {r['patch_mean']:.2f} "
                      f"| {r['tok_max']:.0f} / {r['tok_mean']:.2f} |")
     lines += ["", "Errors: |cpu - pil| of the final views in 8-bit levels, same files and seeds (same boxes, flips, "

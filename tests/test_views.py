@@ -19,7 +19,9 @@ from beit_fast.masking import BlockwiseMaskGenerator
 from beit_fast.views import (
     FastTwoViewTransform,
     augment_views,
+    collate_crops,
     draft_factor,
+    resize_crops,
     resized_crop_params,
 )
 from beit_fast.train.metrics import DataWait, StepReporter, suggested_workers
@@ -143,6 +145,29 @@ def test_view_statistics_match_the_pil_path():
     assert torch.allclose(a.std((0, 2, 3)), b.std((0, 2, 3)), rtol=0.03)
 
 
+def test_gpu_backend_views_match_the_cpu_backend():
+    """--data-backend gpu: the workers send the crops (one flat buffer), the device resizes them - the cpu backend's
+    views to within the rounding of float vs uint8 (fixed-point) resampling: two levels at most."""
+    cpu, gpu = FastTwoViewTransform(IMG, TOK), FastTwoViewTransform(IMG, TOK, resize_on_device=True)
+    samples, expected = [], []
+    for seed in range(5):
+        img = photo(300 + 20 * seed, 200, seed)
+        torch.manual_seed(seed)
+        expected.append(cpu(img))
+        torch.manual_seed(seed)
+        crop, aug = gpu(img)
+        assert crop.dtype == torch.uint8 and crop.shape[2] == 3
+        samples.append((crop, aug, torch.zeros(4, dtype=torch.bool), 0, -1))
+    flat, sizes, mask, label, skipped, aug = collate_crops(samples)
+    assert flat.dim() == 1 and sizes.shape == (5, 2) and mask.shape == (5, 4) and aug.shape == (5, 8)
+    p, t = resize_crops(flat, sizes, IMG, TOK)
+    want_p, want_t, want_aug = (torch.stack(x) for x in zip(*expected))
+    assert torch.equal(aug, want_aug)
+    for got, want in ((p, want_p), (t, want_t)):
+        diff = (got.int() - want.int()).abs()
+        assert diff.max() <= 2 and diff.float().mean() < 0.3
+
+
 def test_augment_views_checks_its_inputs():
     p, t = torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="uint8"):
@@ -196,3 +221,19 @@ def test_data_wait_counts_the_waits_and_warns(tmp_path, caplog, monkeypatch):
     assert all(float(r.split(",")[col]) > 0.5 for r in rows[1:])  # the steps did nothing but wait
     warnings = [r for r in caplog.records if "input pipeline is the bottleneck" in r.getMessage()]
     assert len(warnings) == 1 and "--num-workers" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("backend", ["gpu", "pil"], ids=["device-resize", "pil-path"])  # no "gpu" id: the marker
+def test_pretrain_data_backends(tmp_path, backend):
+    """Every --data-backend trains from an image folder (the gpu backend's device is the CPU here: a warning)."""
+    from helpers import metrics_rows, pretrain_config
+
+    from beit_fast.train.pretrain import pretrain
+
+    for i in range(8):
+        photo(120, 90, i).save(tmp_path / f"{i}.jpg", quality=90)
+    out = tmp_path / "run"
+    pretrain(pretrain_config(out, {"depth": 1}, data=str(tmp_path), data_backend=backend, batch_size=4, max_steps=2,
+                             num_images=8))
+    rows = metrics_rows(out)
+    assert len(rows) == 2 and all(float(r["loss"]) > 0 for r in rows)

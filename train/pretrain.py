@@ -42,7 +42,7 @@ from beit_fast.checkpoint import CheckpointError, atomic_save
 from beit_fast.config import MIM_LOSS_ON, MIM_TARGETS, first_line, one_line
 from beit_fast.data import ImageFolderDataset, MIMDataset, SyntheticMIMDataset, TwoViewTransform, build_dataset
 from beit_fast.shards import ShardStream, count_samples, is_shard_spec, shard_list
-from beit_fast.views import FastTwoViewTransform, augment_views
+from beit_fast.views import FastTwoViewTransform, augment_views, collate_crops, resize_crops
 from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from beit_fast.tokenizer import RandomConvTokenizer
 from beit_fast.train.config import BeitTrainConfig, type_ok
@@ -82,7 +82,8 @@ class PretrainConfig(BeitTrainConfig):
     data: str = "builtin"  # "builtin" (procedural shapes), "synthetic" (random views, no decoding), an image folder,
     # or WebDataset tar shards: a .tar, a brace pattern (shard-{000000..000099}.tar) or a folder of them (make-shards)
     data_backend: str = "cpu"  # the two-view pipeline: "cpu" (draft decoding, crop first, uint8 resizes on the
-    # workers; jitter, flip and normalisation batched on the device) or "pil" (all per image in Pillow, the reference)
+    # workers; jitter, flip and normalisation batched on the device), "gpu" (the workers decode and crop; both
+    # resizes too on the device) or "pil" (all per image in Pillow, the reference)
     out: str = "runs/pretrain"  # run directory: config.json, metrics.csv, checkpoints/
     lr: float = 1.5e-3  # peak learning rate (SPEC: 1.5e-3 at batch 2048)
     masking: str = "block"  # "block" (BEiT) or "random" (ablation)
@@ -118,7 +119,7 @@ class PretrainConfig(BeitTrainConfig):
 
 
 RESUME_MAY_DIFFER: FrozenSet[str] = PretrainConfig.RESUME_MAY_DIFFER
-DATA_BACKENDS = ("cpu", "pil")
+DATA_BACKENDS = ("cpu", "gpu", "pil")
 config_from_args = PretrainConfig.from_args
 SUMMARY_OUTPUTS = ("summary.json", "metrics.png")
 
@@ -218,8 +219,13 @@ def _mim_data(cfg: PretrainConfig, mcfg: BeitConfig, tok_size: int, base: Option
                                    return_skipped=True)
     if isinstance(base, list):  # shards: the per-sample function only (ShardStream reads the images)
         base = None
-    if cfg.data_backend == "cpu":
-        transform: Any = FastTwoViewTransform(mcfg.img_size, tok_size, device_augment=device.type == "cuda")
+    if cfg.data_backend == "gpu":
+        if device.type != "cuda":
+            log.warning("--data-backend gpu on %s: the crops are resized and augmented there, on the CPU (slower "
+                        "than --data-backend cpu)", device)
+        transform: Any = FastTwoViewTransform(mcfg.img_size, tok_size, resize_on_device=True)
+    elif cfg.data_backend == "cpu":
+        transform = FastTwoViewTransform(mcfg.img_size, tok_size, device_augment=device.type == "cuda")
     else:
         transform = TwoViewTransform(mcfg.img_size, tok_size)
     return MIMDataset(base, transform, mask_gen, seed=cfg.seed, return_skipped=True)
@@ -295,17 +301,19 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
     # the pixel target reads the first view; the second (tokenizer) view is still made, at the random tokenizer's size
     dataset = _mim_data(cfg, mcfg, tokenizer.image_size if tokenizer is not None else mcfg.img_size // 2, base,
                         rt.device)
+    collate = collate_crops if getattr(getattr(dataset, "transform", None), "resize_on_device", False) else None
     if isinstance(base, list):  # a stream: no epochs of the loop's own (unreadable samples merge at checkpoints)
-        loader, steps_per_epoch = _shard_loader(cfg, rt, base, dataset, start_step, ckpt_layout), 0
+        loader, steps_per_epoch = _shard_loader(cfg, rt, base, dataset, start_step, ckpt_layout, collate), 0
     else:
-        loader, steps_per_epoch = train_loader(dataset, cfg, rt, start_step), len(dataset) // cfg.batch_size
+        loader = train_loader(dataset, cfg, rt, start_step, collate)
+        steps_per_epoch = len(dataset) // cfg.batch_size
     loop = _Loop(cfg, mcfg, rt, engine, tokenizer, stats, start_step, steps_per_epoch)
     step, last_ckpt = loop.run(loader, run_dir.signals, plan.path)
     return _summary(cfg, mcfg, rt, run_dir, engine, loop, step, start_step, last_ckpt, targets)
 
 
 def _shard_loader(cfg: PretrainConfig, rt: Any, shards: List[str], dataset: MIMDataset, start_step: int,
-                  ckpt_layout: Optional[Tuple[Any, int]]) -> torch.utils.data.DataLoader:
+                  ckpt_layout: Optional[Tuple[Any, int]], collate_fn: Any = None) -> torch.utils.data.DataLoader:
     """This rank's micro-batches of the shard stream, fast-forwarded to `start_step` (beit_fast.shards: exact when
     the world size and num_workers are the checkpoint's (`ckpt_layout`), approximate otherwise - said here)."""
     micro = cfg.batch_size // (rt.world * cfg.grad_accum_steps)
@@ -320,7 +328,7 @@ def _shard_loader(cfg: PretrainConfig, rt: Any, shards: List[str], dataset: MIMD
     return torch.utils.data.DataLoader(
         stream, batch_size=micro, num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
         persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
-        worker_init_fn=worker_init)
+        worker_init_fn=worker_init, collate_fn=collate_fn)
 
 
 class _Loop:
@@ -330,6 +338,7 @@ class _Loop:
                  stats: Dict[str, Any], start_step: int, steps_per_epoch: int) -> None:
         self.cfg, self.mcfg, self.rt, self.engine, self.tokenizer = cfg, mcfg, rt, engine, tokenizer
         self.stats, self.start_step, self.steps_per_epoch = stats, start_step, steps_per_epoch
+        self.tok_size = tokenizer.image_size if tokenizer is not None else mcfg.img_size // 2  # the second view's
         self.token_hist = stats["token_hist"].to(rt.device)  # counted on the device: no host sync per batch
         self.recent_acc: deque = deque(stats["recent_acc"], maxlen=20)
         self.last_loss: Optional[float] = None
@@ -351,6 +360,11 @@ class _Loop:
 
     def loss(self, batch: Any):
         dev = self.rt.device
+        if batch[0].dim() == 1:  # the gpu backend: the crops in one flat buffer, their sizes (kept on the host)
+            flat, sizes, mask, aug = batch
+            patches, tok_view = resize_crops(flat.to(dev, non_blocking=True), sizes, self.mcfg.img_size,
+                                             self.tok_size)
+            batch = (patches, tok_view, mask, aug)
         patches, tok_view, mask, *aug = (t.to(dev, non_blocking=True) for t in batch)
         if aug:  # uint8 views from the fast path: jitter, flip, normalise here, batched
             patches, tok_view = augment_views(patches, tok_view, aug[0])

@@ -152,8 +152,8 @@ def is_distributed_error(exc: BaseException) -> bool:
     return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Timed out", "timed out"))
 
 
-def train_loader(dataset: torch.utils.data.Dataset, cfg: Any, rt: Runtime, start_step: int
-                 ) -> torch.utils.data.DataLoader:
+def train_loader(dataset: torch.utils.data.Dataset, cfg: Any, rt: Runtime, start_step: int,
+                 collate_fn: Optional[Any] = None) -> torch.utils.data.DataLoader:
     """This rank's micro-batches of the global step-addressed stream (`StepBatchSampler`: step k's batch is a pure
     function of (seed, k), so a resumed run sees exactly the batches an uninterrupted one would)."""
     from beit_fast.data import MicroBatchSampler, StepBatchSampler
@@ -169,6 +169,7 @@ def train_loader(dataset: torch.utils.data.Dataset, cfg: Any, rt: Runtime, start
         prefetch_factor=4 if cfg.num_workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched by workers
         worker_init_fn=worker_init,
+        collate_fn=collate_fn,
     )
 
 
