@@ -274,3 +274,40 @@ def test_bench_data(record, tmp_path):
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def test_gpu_two_view_batches(record, tmp_path):
+    """The device half of the gpu backend on a GPU: batches of 128 crops (500x375 JPEGs' boxes, made on the CPU
+    beforehand) -> pinned flat buffer -> device -> both resizes + jitter / flip / normalise; img/s of two-view
+    batches (the worker half is `gpu_worker_img_s` per core above)."""
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from beit_fast.views import collate_crops, resize_crops
+
+    blobs = [p.read_bytes() for p in write_images(tmp_path, 16)["500x375 q90"]]
+    crops = FastTwoViewTransform(IMG, TOK, resize_on_device=True)
+    samples = []
+    for i in range(128):
+        torch.manual_seed(i)
+        with Image.open(io.BytesIO(blobs[i % len(blobs)])) as im:
+            crop, aug = crops(im)
+        samples.append((crop, aug, torch.zeros(196, dtype=torch.bool), 0, -1))
+    flat, sizes, _, _, _, aug = collate_crops(samples)
+    flat, aug = flat.pin_memory(), aug.pin_memory()
+
+    def step():
+        p, t = resize_crops(flat.to("cuda", non_blocking=True), sizes, IMG, TOK)
+        return augment_views(p, t, aug.to("cuda", non_blocking=True))
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        step()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) / reps * 1e3
+    record(bench="input pipeline, gpu backend device half (B=128, 500x375 crops)", impl="resize_crops + augment_views",
+           ms=ms, img_per_s=128 / ms * 1e3, note=f"{flat.numel() / 2**20:.1f} MiB uint8 per batch over PCIe")

@@ -8,7 +8,8 @@
 #                                           # the e2e segmentation step (BEiT-B + UperNet at 512, ours vs transformers'
 #                                           # BeitForSemanticSegmentation with SDPA) + the drop-in steps (timm
 #                                           # beit_base_patch16_224 and transformers' MIM model, unpatched vs
-#                                           # beit_fast.patch); nothing compiled by inductor.
+#                                           # beit_fast.patch) + the input pipeline (bench_data.py: per-core
+#                                           # paths, the gpu backend's device half); nothing compiled by inductor.
 #                                           # Run it once before a kernel change and once after (bench/results/).
 #   SUITE=kernels bash bench/gpu_suite.sh   # every gpu test + the kernel benches with all peers (torch.compile too)
 #   SUITE=e2e     bash bench/gpu_suite.sh   # the whole pretraining step against every peer (~7 min) + the
@@ -68,7 +69,7 @@ case "$SUITE" in
         echo "== benchmarks (quick): attention, fused CE, masked_embed, gather-LN, tokenizer, e2e backbone," \
             "fine-tuning, segmentation and drop-in steps"
         bench 420 bench_log.txt bench/bench_attention.py bench/bench_kernels.py bench/bench_tokenizer.py \
-            bench/bench_e2e.py bench/bench_dropin.py \
+            bench/bench_e2e.py bench/bench_dropin.py bench/bench_data.py \
             -k "not test_e2e or backbone_step or pixel_target_step or finetune_step or segment_step or test_dropin"
         ;;
     kernels|all)
