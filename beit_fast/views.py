@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -65,31 +65,18 @@ class FastTwoViewTransform:
 
     takes_file = True
 
-    def __init__(
-        self,
-        img_size: int = 224,
-        tokenizer_size: Optional[int] = None,
-        scale: Tuple[float, float] = (0.08, 1.0),
-        ratio: Tuple[float, float] = (3 / 4, 4 / 3),
-        color_jitter: float = 0.4,
-        hflip: float = 0.5,
-        draft: bool = True,
-        device_augment: bool = True,
-        resize_on_device: bool = False,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
-    ) -> None:
-        from torchvision import transforms as T
+    def __init__(self, *args: Any, draft: bool = True, device_augment: bool = True, resize_on_device: bool = False,
+                 **kwargs: Any) -> None:
+        """`TwoViewTransform`'s parameters (sizes, scale, ratio, color_jitter, hflip, mean, std), plus: `draft` (JPEG
+        DCT-domain downscaling), `device_augment` (return uint8 views + aug for `augment_views`; False: finish on the
+        worker), `resize_on_device` (return the crop only: the gpu backend)."""
+        from beit_fast.data import TwoViewTransform
 
+        TwoViewTransform.__init__(self, *args, **kwargs)  # the same parameters, one definition
+        self.draft = draft
         self.device_augment = device_augment or resize_on_device
         self.resize_on_device = resize_on_device
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-        self.img_size = img_size
-        self.tokenizer_size = tokenizer_size or img_size // 2
-        self.scale, self.ratio, self.hflip, self.draft = scale, ratio, hflip, draft
-        self.jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
-        self._log_ratio = torch.log(torch.tensor(ratio))
+        self._log_ratio = torch.log(torch.tensor(self.ratio))
         self._one = torch.empty(1)  # the draws' scratch tensor (its float32 arithmetic is torchvision's)
 
     def draw(self, im: Image.Image) -> Tuple[List[float], bool, Tuple[int, int, int, int]]:
