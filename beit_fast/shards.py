@@ -20,8 +20,9 @@ restarts at the same number of samples per worker, which is approximate (samples
 seen twice or missed), and the run logs so.
 
 A sample that does not decode (a corrupt member, an image Pillow cannot read or convert) is replaced by the last good
-sample of the same worker (one raw sample -> one output, which keeps resume exact) and reported once, like an
-unreadable file: its id (shard index * 2**24 + position) rides on a later sample's `skipped` field.
+sample of the same worker (a grey image when there is none yet: one raw sample -> one output, which keeps resume
+exact) and reported once, like an unreadable file: its id (shard index * 2**24 + position) rides on the `skipped`
+field of its stand-in or a later sample.
 """
 
 from __future__ import annotations
@@ -201,6 +202,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         return before * self.batch_size
 
     def __iter__(self) -> Iterator[tuple]:
+        from beit_fast.data import sample_seed
+
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = self.samples(worker, num_workers)
@@ -220,10 +223,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if last_good is not None:
                     try:
                         item = self._make(*last_good, bad)
-                    except Exception:
+                    except Exception:  # the sample before a resume point was bad too
                         item = None
-                if item is None:  # nothing good yet: the next good sample stands in
-                    continue
+                if item is None:  # no good sample yet: a grey image stands in, so one raw sample is one output
+                    with Image.new("RGB", (64, 64), (127, 127, 127)) as grey:
+                        item = self.make(sample_seed(self.seed, epoch, sid), grey, -1, bad.popleft())
             yield item
 
     def _make(self, epoch: int, sid: int, raw: Dict[str, Any], bad: deque) -> tuple:

@@ -97,7 +97,7 @@ def test_corrupt_member_replaced_and_reported(tmp_path):
 
     path = tmp_path / "one.tar"
     with tarfile.open(path, "w") as t:
-        for i, blob in enumerate([None, b"not a jpeg", None, None]):
+        for i, blob in enumerate([b"bad first", None, b"not a jpeg", None, None]):
             if blob is None:
                 buf = io.BytesIO()
                 photo(64, 48, i).save(buf, "JPEG")
@@ -106,9 +106,10 @@ def test_corrupt_member_replaced_and_reported(tmp_path):
             info.size = len(blob)
             t.addfile(info, io.BytesIO(blob))
     it = iter(_stream([str(path)], buffer=1))
-    items = [next(it) for _ in range(4)]
-    assert [x[4] for x in items] == [-1, 1, -1, -1]  # the bad sample's id reported once, by its stand-in
-    assert torch.equal(items[1][0], items[0][0])  # replaced by the last good sample
+    items = [next(it) for _ in range(5)]
+    assert [x[4] for x in items] == [0, -1, 2, -1, -1]  # each bad sample's id reported once, by its stand-in
+    assert torch.equal(items[2][0], items[1][0])  # replaced by the last good sample
+    assert items[0][3] == -1 and items[0][0].float().std() < 30  # none before it: a grey stand-in
 
 
 def test_pretrain_on_shards_resumes_exactly(tmp_path, monkeypatch):
