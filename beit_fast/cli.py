@@ -103,7 +103,7 @@ def info(argv: Optional[List[str]] = None) -> int:
         print("  can run" + (" (through the Triton CPU interpreter: correct, slow)" if interpreting() else ""))
     from beit_fast.views import resize_library
 
-    print(f"input pipeline (--data-backend cpu | pil): {resize_library()}")
+    print(f"input pipeline (--data-backend cpu | gpu | pil): {resize_library()}")
     return 0
 
 

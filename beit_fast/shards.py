@@ -187,11 +187,16 @@ class ShardStream(torch.utils.data.IterableDataset):
                                  "--max-count) or lower --num-workers")
             rng = random.Random(((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 1_013 + worker)
             buf: List[Tuple[int, int, Dict[str, Any]]] = []
+            read = 0
             for s in mine:
                 for pos, raw in enumerate(_raw_samples(self.shards[s])):
                     buf.append((epoch, (s << _ID_BITS) | pos, raw))
+                    read += 1
                     if len(buf) >= self.shuffle_buffer:
                         yield buf.pop(rng.randrange(len(buf)))
+            if not read:
+                raise ValueError(f"the shards of rank {self.rank}, worker {worker} hold no samples: "
+                                 f"{[self.shards[s] for s in mine][:3]}")
             while buf:
                 yield buf.pop(rng.randrange(len(buf)))
             epoch += 1

@@ -14,7 +14,9 @@ by construction and bounded (`bench/bench_data.py` measures it; README "Input pi
   the tokenizer view;
 - jitter, flip and normalisation run after the resize, in float, on the device: brightness, contrast and saturation
   in the drawn order with the drawn factors, contrast blending towards the grey mean of the whole (jittered so far)
-  image as Pillow's does (computed on the worker from the decoded image); the `pil` path rounds to uint8 after each
+  image as Pillow's does (computed on the worker from the decoded image; when brightness comes first it is scaled by
+  the factor without Pillow's clipping of bright pixels, which can be ~15 levels off on high-contrast images); the
+  `pil` path rounds to uint8 after each
   Pillow operation and jitters before resizing.
 The flip is exact: the mirrored box on the unflipped image, then the views flipped.
 

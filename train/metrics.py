@@ -213,6 +213,7 @@ class StepReporter:
         self.data: Optional[DataWait] = None
         self.num_workers, self.warned = num_workers, False
         self.window = [0.0, 0.0]  # seconds waited, seconds of steps, since the last log line
+        self.rows_seen = 0
 
     def timed(self, iterator: Any) -> DataWait:
         """`iterator` wrapped so that each row reports the share of its step spent waiting in it."""
@@ -230,9 +231,10 @@ class StepReporter:
         dt, self.t_last = now - self.t_last, now
         ips = self.batch_size / dt
         wait = min(1.0, self.data.take() / dt) if self.data is not None and dt > 0 else None
-        if wait is not None:
+        if wait is not None and self.rows_seen > 0:  # the first row carries the workers' start-up: not counted
             self.window[0] += wait * dt
             self.window[1] += dt
+        self.rows_seen += 1
         mfu = self.flops / dt if self.flops else None
         mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         log_now = step % self.log_every == 0 or step == self.max_steps

@@ -285,7 +285,8 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
                              "suspect_steps": []}
     start_step, ckpt_layout = 0, None
     if plan.ckpt is not None:
-        ckpt_layout = (plan.ckpt["config"].get("num_workers"), plan.ckpt["engine"].get("world_size", 1))
+        ckpt_layout = (plan.ckpt["config"].get("num_workers"), plan.ckpt["engine"].get("world_size", 1),
+                       plan.ckpt["config"].get("grad_accum_steps", 1))
         engine.load(plan.path, plan.ckpt)
         start_step, stats = plan.ckpt["step"], {**stats, **plan.ckpt["stats"]}
         if not rt.is_main:
@@ -313,16 +314,21 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
 
 
 def _shard_loader(cfg: PretrainConfig, rt: Any, shards: List[str], dataset: MIMDataset, start_step: int,
-                  ckpt_layout: Optional[Tuple[Any, int]], collate_fn: Any = None) -> torch.utils.data.DataLoader:
+                  ckpt_layout: Optional[Tuple[Any, int, int]], collate_fn: Any = None) -> torch.utils.data.DataLoader:
     """This rank's micro-batches of the shard stream, fast-forwarded to `start_step` (beit_fast.shards: exact when
     the world size and num_workers are the checkpoint's (`ckpt_layout`), approximate otherwise - said here)."""
     micro = cfg.batch_size // (rt.world * cfg.grad_accum_steps)
+    if len(shards) < rt.world * max(1, cfg.num_workers):
+        raise ValueError(f"{len(shards)} shards cannot feed {rt.world} process(es) x {max(1, cfg.num_workers)} "
+                         "data-loader worker(s): write more, smaller shards (beit-fast make-shards --max-count) or "
+                         "lower --num-workers")
     if start_step and ckpt_layout is not None:
         before = ckpt_layout
-        if before != (cfg.num_workers, rt.world):
-            log.warning("resuming a shard stream with num_workers=%s on %s process(es) where the checkpoint had %s on "
-                        "%s: the stream restarts at the same sample counts, which is approximate (samples of the "
-                        "interrupted epoch may repeat or be missed)", cfg.num_workers, rt.world, *before)
+        if before != (cfg.num_workers, rt.world, cfg.grad_accum_steps):
+            log.warning("resuming a shard stream with num_workers=%s on %s process(es), grad_accum_steps=%s, where the "
+                        "checkpoint had %s on %s, %s: the stream restarts at the same sample counts, which is "
+                        "approximate (samples of the interrupted epoch may repeat or be missed)", cfg.num_workers,
+                        rt.world, cfg.grad_accum_steps, *before)
     stream = ShardStream(shards, dataset.make, cfg.seed, micro, rt.rank, rt.world,
                          start_micro_batch=start_step * cfg.grad_accum_steps)
     return torch.utils.data.DataLoader(
