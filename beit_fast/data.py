@@ -67,7 +67,9 @@ __all__ = [
     "ShardedEvalSampler",
 ]
 
-SHAPE_CLASSES = ("disc", "square", "triangle", "ring", "cross", "stripes_disc", "diamond", "checker_square")
+# Every kind differs from every other in outline (or fill) at EVERY rotation: the rhombus's diagonals are r and 0.55 r,
+# so it is never a rotated square (a square "diamond" differed from "square" only in size, over overlapping ranges).
+SHAPE_CLASSES = ("disc", "square", "triangle", "ring", "cross", "stripes_disc", "rhombus", "checker_square")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -118,8 +120,8 @@ class BuiltinShapes(torch.utils.data.Dataset):
             return (d <= r * r) & (d >= (0.55 * r) ** 2)
         if name == "cross":
             return ((np.abs(u) <= r * 0.3) & (np.abs(v) <= r)) | ((np.abs(v) <= r * 0.3) & (np.abs(u) <= r))
-        if name == "diamond":
-            return np.abs(u) + np.abs(v) <= r
+        if name == "rhombus":
+            return np.abs(u) / r + np.abs(v) / (0.55 * r) <= 1
         raise AssertionError(name)
 
     def sample(self, index: int) -> Tuple[np.ndarray, int, np.ndarray]:
