@@ -391,3 +391,17 @@ def test_gpu_transformers_mim_bf16_error_rule():
     names = [n for n, _ in build().named_parameters()]  # the shared table's path differs across transformers versions
     params = ["lm_head.weight", "layernorm.weight"] + [n for n in names if n.endswith("relative_position_bias_table")]
     _bf16_error_rule(build, lambda m, dt: m(x.to(dt), bool_masked_pos=mask, labels=labels).loss, params)
+
+
+def test_transformers_imports_from_the_repo_root():
+    """transformers >= 5.25 imports Hugging Face's `kernels` distribution; from a clone's root the kernels/ folder
+    (beit_fast.kernels' source) must hand that import over, not shadow it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("from transformers import BeitForMaskedImageModeling, BeitForSemanticSegmentation; "
+            "import beit_fast.kernels as k; assert k.__file__.startswith(%r)" % str(root / "kernels"))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
