@@ -55,6 +55,11 @@ class EvalResult:
     def num_classes(self) -> int:
         return int(self.confusion.shape[0])
 
+    @property
+    def majority_top1(self) -> float:
+        """The top-1 of always answering the most frequent true class: chance (1 / C) on balanced data."""
+        return float(self.confusion.sum(dim=1).max()) / self.count if self.count else math.nan
+
     def per_class_accuracy(self) -> torch.Tensor:
         """(C,) float64: correct / images of each true class; NaN for a class with no validation image."""
         total = self.confusion.sum(dim=1).double()
@@ -430,6 +435,15 @@ class SegEvalResult:
     def macc(self) -> float:
         """Mean per-class accuracy over the classes with a labelled pixel (mmseg's mAcc)."""
         return float(torch.nanmean(self.acc))
+
+    @property
+    def majority_miou(self) -> float:
+        """The mIoU of predicting the most frequent labelled class everywhere (all-background on most data): that
+        class's IoU is its pixel share, every other labelled class scores 0. NaN when no pixel is labelled."""
+        label = self.area_label
+        if not self.pixels:
+            return math.nan
+        return float(label.max() / label.sum()) / int((label > 0).sum())
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-able summary: means, counts, per-class IoU and accuracy (None for NaN); no matrix, no samples."""

@@ -21,7 +21,30 @@ import torch
 
 log = logging.getLogger("beit_fast.pretrain")
 
-__all__ = ["MetricsWriter", "Progress", "StepReporter", "DataWait", "plot_metrics", "read_metrics", "peak_flops"]
+__all__ = ["MetricsWriter", "Progress", "StepReporter", "DataWait", "plot_metrics", "read_metrics", "peak_flops",
+           "no_learning", "accuracy_margin", "MIOU_MARGIN", "TOKEN_ACC_MARGIN", "PERPLEXITY_FLOOR"]
+
+# How far above its no-learning level a final score must be to count as learned (`no_learning`):
+MIOU_MARGIN = 0.02  # val mIoU over the majority-class (all-background) mIoU: 2 points
+TOKEN_ACC_MARGIN = 0.01  # pretraining mlm_acc over the majority-token baseline (~30k scored tokens: noise ~0.003)
+PERPLEXITY_FLOOR = 2.0  # a dVAE codebook whose batch perplexity is below 2 uses about one code
+
+
+def accuracy_margin(level: float, count: int) -> float:
+    """Three standard errors of an accuracy at `level` over `count` samples: what a model with no information
+    (always the majority class) scores within, p +- 3 sqrt(p (1 - p) / n)."""
+    return 3.0 * math.sqrt(level * (1.0 - level) / max(count, 1))
+
+
+def no_learning(what: str, value: Optional[float], level: Optional[float], margin: float,
+                level_name: str) -> Optional[str]:
+    """The one-line verdict for a run whose final `value` is within `margin` of its no-learning `level` (chance,
+    all-background, the majority token), e.g. "val top-1 0.1406 is at chance 0.1250: the model did not learn"; None
+    when it is above (or nothing to judge). Summaries store it as "no_learning", the final line prints it."""
+    if value is None or level is None or not math.isfinite(value) or value > level + margin:
+        return None
+    return f"{what} {value:.4f} is at {level_name} {level:.4f}: the model did not learn"
+
 
 DATA_BOUND = 0.2  # waiting for data this share of the step time (over a log interval) or more: warn, once
 

@@ -46,7 +46,7 @@ from beit_fast.views import FastTwoViewTransform, augment_views, collate_crops, 
 from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 from beit_fast.tokenizer import RandomConvTokenizer
 from beit_fast.train.config import BeitTrainConfig, type_ok
-from beit_fast.train.metrics import StepReporter, plot_metrics
+from beit_fast.train.metrics import TOKEN_ACC_MARGIN, StepReporter, no_learning, plot_metrics
 from beit_fast.train.optim import build_optimizer, warmup_cosine
 from beit_fast.train.run import (
     Checkpointer,
@@ -93,6 +93,8 @@ class PretrainConfig(BeitTrainConfig):
     pixel_norm: bool = True  # pixel target: each patch normalised by its own mean / std (false: the input's pixels)
     tokenizer: str = "random"  # "random" (fixed random conv) or a dVAE file: beit-fast train-tokenizer's
     # tokenizer.pt, a DALL-E encoder.pkl, or an encoder state dict
+    crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction (unilm's --min_crop_scale)
+    color_jitter: float = 0.4  # ColorJitter brightness = contrast = saturation (unilm's --color_jitter; 0: off)
 
     def validate(self) -> None:
         super().validate()
@@ -107,6 +109,9 @@ class PretrainConfig(BeitTrainConfig):
         clash = [k for k in ("mim_target", "mim_loss_on", "pixel_norm") if k in self.model]
         if clash:
             self.bad("model", f"set {clash} with --target / --loss-on / --pixel-norm")
+        if not 0.0 < self.crop_scale <= 1.0:
+            self.bad("crop_scale", "must be in (0, 1]")
+        self.non_negative("color_jitter")
         if self.tokenizer != "random" and not Path(self.tokenizer).is_file():
             self.bad("tokenizer", 'must be "random" or the path of a tokenizer file (beit-fast train-tokenizer '
                                   'writes one)')
@@ -219,15 +224,16 @@ def _mim_data(cfg: PretrainConfig, mcfg: BeitConfig, tok_size: int, base: Option
                                    return_skipped=True)
     if isinstance(base, list):  # shards: the per-sample function only (ShardStream reads the images)
         base = None
+    views = dict(scale=(cfg.crop_scale, 1.0), color_jitter=cfg.color_jitter)
     if cfg.data_backend == "gpu":
         if device.type != "cuda":
             log.warning("--data-backend gpu on %s: the crops are resized and augmented there, on the CPU (slower "
                         "than --data-backend cpu)", device)
-        transform: Any = FastTwoViewTransform(mcfg.img_size, tok_size, resize_on_device=True)
+        transform: Any = FastTwoViewTransform(mcfg.img_size, tok_size, resize_on_device=True, **views)
     elif cfg.data_backend == "cpu":
-        transform = FastTwoViewTransform(mcfg.img_size, tok_size, device_augment=device.type == "cuda")
+        transform = FastTwoViewTransform(mcfg.img_size, tok_size, device_augment=device.type == "cuda", **views)
     else:
-        transform = TwoViewTransform(mcfg.img_size, tok_size)
+        transform = TwoViewTransform(mcfg.img_size, tok_size, **views)
     return MIMDataset(base, transform, mask_gen, seed=cfg.seed, return_skipped=True)
 
 
@@ -471,6 +477,8 @@ def _summary(cfg: PretrainConfig, mcfg: BeitConfig, rt: Any, run_dir: RunDir, en
         "engine": engine.describe(),
         "rank": rt.rank,
     }
+    summary["no_learning"] = no_learning("mlm_acc", summary["final_mlm_acc"], majority, TOKEN_ACC_MARGIN,
+                                         "the majority-token baseline") if summary["chance"] is not None else None
     if rt.is_main:
         run_dir.write_json("summary.json", summary)
     engine.close()
@@ -499,6 +507,8 @@ def _report_paths(summary: Dict[str, Any]) -> None:
     tb = f" (TensorBoard: {summary['tensorboard']})" if summary["tensorboard"] else ""
     print(f"metrics: {summary['metrics']}{tb}")
     print(f"plot: {summary['plot'] or 'none (pip install -e .[plot] for matplotlib)'}")
+    if summary.get("no_learning"):
+        print(f"WARNING: {summary['no_learning']}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

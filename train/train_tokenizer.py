@@ -26,7 +26,7 @@ from beit_fast.checkpoint import atomic_save
 from beit_fast.data import build_dataset
 from beit_fast.tokenizer import LOGIT_LAPLACE_EPS, DalleDecoder, DalleEncoder, map_pixels
 from beit_fast.train.config import TrainConfig
-from beit_fast.train.metrics import MetricsWriter
+from beit_fast.train.metrics import PERPLEXITY_FLOOR, MetricsWriter, no_learning
 from beit_fast.train.run import atomic_save_json
 from beit_fast.train.runtime import resolve_device, run_main
 
@@ -176,7 +176,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Dict[str, Any]:
         hard = F.one_hot(enc(map_pixels(x)).argmax(1), cfg.vocab_size).permute(0, 3, 1, 2).float()
         save_grid(x, decoded_images(dec(hard)), out / "reconstructions.png")
     summary = {**last, "checkpoint": str(ckpt), "grid": str(out / "reconstructions.png"),
-               "metrics": str(out / "metrics.csv")}
+               "metrics": str(out / "metrics.csv"),
+               "no_learning": no_learning("codebook perplexity", last.get("perplexity"), 1.0, PERPLEXITY_FLOOR - 1.0,
+                                          "one live code's perplexity")}
     atomic_save_json(summary, out / "summary.json", indent=2)
     return summary
 
@@ -228,6 +230,8 @@ def _report(summary: Dict[str, Any]) -> None:
           f"dead codes {summary['dead_codes']}")
     print(f"tokenizer: {summary['checkpoint']}")
     print(f"reconstructions: {summary['grid']}")
+    if summary.get("no_learning"):
+        print(f"WARNING: {summary['no_learning']}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
