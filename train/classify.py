@@ -204,11 +204,12 @@ def train_transform(cfg: Any, img_size: int):
 
 
 def eval_loader(val: Any, img_size: int, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0,
-                pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """This rank's shard of `val` (every image once over the ranks, no padding) through the eval transform."""
+                pin_memory: bool = False, crop_pct: Optional[float] = None) -> torch.utils.data.DataLoader:
+    """This rank's shard of `val` (every image once over the ranks, no padding) through the eval transform (center
+    crop `crop_pct`; None: unilm's rule)."""
     from beit_fast.data import ClassificationDataset, ShardedEvalSampler, classification_transform
 
-    ds = ClassificationDataset(val, classification_transform(img_size, False), seed=0)
+    ds = ClassificationDataset(val, classification_transform(img_size, False, crop_pct=crop_pct), seed=0)
     return torch.utils.data.DataLoader(ds, batch_sampler=ShardedEvalSampler(len(ds), batch_size, rank, world),
                                        num_workers=num_workers, pin_memory=pin_memory)
 
@@ -233,6 +234,8 @@ def print_summary(summary: Dict[str, Any]) -> None:
     print(f"best model: {summary['best_model']}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics: {summary['metrics']} | plot: {summary['plot'] or 'none'}")
+    if summary.get("no_learning"):
+        print(f"WARNING: {summary['no_learning']}")
 
 
 def save_model(path: Path, state_dict: Dict[str, torch.Tensor], mcfg: BeitConfig, num_classes: int,
@@ -297,8 +300,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"the data's classes {data.classes[:5]}... are not the model's {classes[:5]}...")
         device = resolve_device(a.device)
         model.to(device).eval()
-        return evaluate(model, eval_loader(data.val, mc["img_size"], a.batch_size), num_classes=len(classes),
-                        device=device, progress=True), classes
+        crop = (mc.get("extra") or {}).get("eval_crop_pct")  # as the run evaluated (its recipe's crop)
+        return evaluate(model, eval_loader(data.val, mc["img_size"], a.batch_size, crop_pct=crop),
+                        num_classes=len(classes), device=device, progress=True), classes
 
     done, code = cli_call("beit-fast evaluate", run)
     if code:

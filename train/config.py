@@ -277,7 +277,7 @@ class TrainConfig(ConfigBase):
     def validate(self) -> None:
         super().validate()
         self.positive("max_steps", "batch_size", "log_every", "num_images")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):  # None: a recipe's, set later
             self.bad("lr", "must be a positive finite number")
         if not 0 <= self.seed < MAX_SEED:
             self.bad("seed", "must be in [0, 2**32)")
@@ -341,7 +341,7 @@ class BeitTrainConfig(TrainConfig):
         for name in ("min_lr", "weight_decay", "beta1", "beta2", "eps", "clip_grad"):
             if not math.isfinite(getattr(self, name)):
                 self.bad(name, "must be a finite number")
-        if self.min_lr < 0 or self.min_lr > self.lr:
+        if self.min_lr < 0 or (self.lr is not None and self.min_lr > self.lr):
             self.bad("lr", f"need lr > 0 and 0 <= min_lr ({self.min_lr}) <= lr")
         self.non_negative("weight_decay")
         for name in ("beta1", "beta2"):

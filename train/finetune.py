@@ -46,7 +46,9 @@ from beit_fast.train.classify import (
 from beit_fast.train.config import BeitTrainConfig
 from beit_fast.train.evaluate import evaluate
 from beit_fast.train.loop import TaskLoop, pad_collective_batches
+from beit_fast.train.metrics import accuracy_margin, no_learning
 from beit_fast.train.optim import build_optimizer, scaled_lr, warmup_cosine
+from beit_fast.train.recipes import RECIPE_NAMES, apply_recipe
 from beit_fast.train.run import (
     RunDir,
     agree_on_resume,
@@ -79,12 +81,16 @@ class FinetuneConfig(BeitTrainConfig):
     init: str = "none"  # a run directory or checkpoint of this engine, a unilm / timm / transformers checkpoint
     # file, or "none" (from scratch: the baseline)
     out: str = "runs/finetune"  # run directory: config.json, metrics.csv, val_metrics.csv, best.pt, checkpoints/
-    lr: float = 4e-3  # peak learning rate at batch lr_batch (the paper: 4e-3 at 1024), scaled linearly to batch_size
-    lr_batch: int = 1024  # the batch size `lr` is quoted for
+    recipe: str = "auto"  # defaults for the keys below left unset: "paper" (BEiT-B ImageNet, SPEC 6), "small" (tiny
+    # networks on small data), "auto": small for networks up to the tiny preset's size, else paper (train/recipes.py)
+    lr: Optional[float] = None  # peak learning rate at batch lr_batch (paper: 4e-3 at 1024; small: 1e-3 at 32), scaled
+    # linearly to batch_size
+    lr_batch: Optional[int] = None  # the batch size `lr` is quoted for (paper 1024, small 32)
     min_lr: float = 1e-6  # end of the cosine (scaled like lr)
     warmup_steps: int = 30  # linear warmup from 0
     clip_grad: float = 0.0  # max global grad norm (0 disables; unilm's fine-tuning does not clip)
-    layer_decay: float = 0.65  # layer-wise lr decay: block i gets decay^(L+1-i) (unilm's assignment)
+    layer_decay: Optional[float] = None  # layer-wise lr decay: block i gets decay^(L+1-i) (unilm's assignment; paper
+    # 0.65, small 1.0)
     no_decay_rel_pos_bias: bool = False  # unilm's --disable_weight_decay_on_rel_pos_bias
     num_classes: Optional[int] = None  # classes of the head; None: as many as the data has
     builtin_classes: Optional[int] = None  # builtin data: only the first k shape kinds (2..8; an easier task for
@@ -94,27 +100,36 @@ class FinetuneConfig(BeitTrainConfig):
     data_seed: int = 0  # picks the builtin images and the train_fraction subset (not --seed: runs with different
     # seeds are scored on the same val images)
     eval_every: int = 100  # steps between val evaluations (0: only at the end)
-    label_smoothing: float = 0.1
-    mixup: float = 0.8  # mixup alpha (0: off)
-    cutmix: float = 1.0  # cutmix alpha (0: off)
+    label_smoothing: Optional[float] = None  # paper 0.1, small 0
+    mixup: Optional[float] = None  # mixup alpha (0: off; paper 0.8, small 0)
+    cutmix: Optional[float] = None  # cutmix alpha (0: off; paper 1.0, small 0)
     mixup_prob: float = 1.0  # probability of mixup or cutmix per batch
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
-    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec ("none": off)
-    reprob: float = 0.25  # random erasing probability
-    crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction (0.08: unilm / timm)
-    color_jitter: float = 0.4
+    auto_augment: Optional[str] = None  # timm RandAugment spec ("none": off; paper rand-m9-mstd0.5-inc1, small none)
+    reprob: Optional[float] = None  # random erasing probability (paper 0.25, small 0)
+    crop_scale: Optional[float] = None  # RandomResizedCrop's smallest area fraction (paper 0.08 as unilm / timm; small
+    # 1: the whole image)
+    color_jitter: Optional[float] = None  # ColorJitter strength, only without RandAugment (paper 0.4, small 0)
+    eval_crop_pct: Optional[float] = None  # evaluation: resize the short side to img_size / crop_pct, center crop;
+    # None: unilm's 0.875 below 384 px, 1.0 from 384 (paper); small 1.0 (the whole image, as trained)
     ema: bool = False  # keep an EMA of the weights (timm ModelEmaV3) and evaluate it too
     ema_decay: float = 0.9999
     linear_probe: bool = False  # frozen backbone, BatchNorm + Linear heads on block features
     probe_layer: Optional[int] = None  # the block (1-based) a linear probe reads; None: every block in one pass
 
     def validate(self) -> None:
+        """Types and ranges; a recipe key still None (before `apply_recipe`) is not checked."""
         super().validate()
-        self.positive("lr_batch")
+        if self.recipe not in RECIPE_NAMES:
+            self.bad("recipe", f"must be one of {', '.join(RECIPE_NAMES)}")
+        if self.lr_batch is not None:
+            self.positive("lr_batch")
         self.non_negative("eval_every", "label_smoothing", "mixup", "cutmix", "reprob", "color_jitter")
-        if not 0.0 < self.crop_scale <= 1.0:
+        if self.crop_scale is not None and not 0.0 < self.crop_scale <= 1.0:
             self.bad("crop_scale", "must be in (0, 1]")
-        if not 0.0 < self.layer_decay <= 1.0:
+        if self.eval_crop_pct is not None and not 0.0 < self.eval_crop_pct <= 1.0:
+            self.bad("eval_crop_pct", "must be in (0, 1] (or omitted)")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
             self.bad("layer_decay", "must be in (0, 1]")
         if not 0.0 < self.train_fraction <= 1.0:
             self.bad("train_fraction", "must be in (0, 1]")
@@ -134,20 +149,35 @@ class FinetuneConfig(BeitTrainConfig):
 
     @property
     def mixing(self) -> bool:
-        return not self.linear_probe and (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+        return not self.linear_probe and ((self.mixup or 0) > 0 or (self.cutmix or 0) > 0) and self.mixup_prob > 0
 
-    def model_config(self, source: Optional[InitSource] = None) -> BeitConfig:
-        """The preset (or, with preset auto, the init checkpoint's network), the fine-tuning layout, then the
-        user's model overrides (an img_size other than the checkpoint's resizes its position tables)."""
+    def network(self, source: Optional[InitSource] = None) -> BeitConfig:
+        """The network before the fine-tuning layout: the preset, or with preset auto the init checkpoint's."""
         if self.preset != "auto":
-            base = BeitConfig.from_preset(self.preset).to_dict()
-        elif source is not None:
-            base = dict(source.model_config or BeitConfig.from_dict(infer_model_config(source.state_dict)).to_dict())
-        else:
-            base = BeitConfig.from_preset("tiny").to_dict()
-        layout = dict(FINETUNE_LAYOUT, drop_path_rate=0.0) if self.linear_probe else FINETUNE_LAYOUT
+            return BeitConfig.from_preset(self.preset)
+        if source is not None:
+            return BeitConfig.from_dict(dict(source.model_config or infer_model_config(source.state_dict),
+                                             num_masking_patches=None))
+        return BeitConfig.from_preset("tiny")
+
+    def resolve(self, source: Optional[InitSource] = None) -> BeitConfig:
+        """Fill the recipe's keys (`train.recipes.apply_recipe`), check them, and return the model config."""
+        layout = apply_recipe(self, "linprobe" if self.linear_probe else "finetune", self.network(source))
+        self.validate()
+        return self.model_config(source, layout)
+
+    def model_config(self, source: Optional[InitSource] = None, recipe: Optional[Dict[str, Any]] = None) -> BeitConfig:
+        """The network (`network`), the fine-tuning layout and the recipe's drop path, then the user's model
+        overrides (an img_size other than the checkpoint's resizes its position tables); the evaluation crop is
+        kept in `extra` (as timm's pretrained_cfg crop_pct) so that `beit-fast evaluate` scores as training did."""
+        base = self.network(source).to_dict()
+        layout = {**FINETUNE_LAYOUT, **(recipe or {})}
+        if self.linear_probe:
+            layout["drop_path_rate"] = 0.0
+        extra = {**base.get("extra", {}), "eval_crop_pct": self.eval_crop_pct}
         try:
-            return BeitConfig.from_dict({**base, "num_masking_patches": None}).replace(**{**layout, **self.model})
+            return BeitConfig.from_dict({**base, "num_masking_patches": None, "extra": extra}).replace(
+                **{**layout, **self.model})
         except TypeError as exc:
             raise ValueError(f"model config {self.model}: {exc}") from None
 
@@ -180,7 +210,7 @@ def _read(path: Path) -> Dict[str, Any]:
 def _finetune(cfg: FinetuneConfig, run_dir: RunDir) -> Dict[str, Any]:
     cfg.validate()
     source = read_init(cfg.init)
-    mcfg = cfg.model_config(source)
+    mcfg = cfg.resolve(source)
     layers = cfg.probe_layers(mcfg.depth)
     data = build_classification_data(cfg.data, num_images=cfg.num_images, image_size=int(mcfg.img_size * 1.5),
                                      train_fraction=cfg.train_fraction, seed=cfg.data_seed,
@@ -261,7 +291,7 @@ class _Loop(TaskLoop):
         rt = self.rt
         micro = max(1, self.cfg.batch_size // (rt.world * self.cfg.grad_accum_steps))
         loader = eval_loader(self.data.val, self.mcfg.img_size, micro, rt.rank, rt.world, self.cfg.num_workers,
-                             pin_memory=rt.device.type == "cuda")
+                             pin_memory=rt.device.type == "cuda", crop_pct=self.cfg.eval_crop_pct)
         return pad_collective_batches(loader, rt.deepspeed and self.cfg.zero_stage == 3)
 
     def validate(self, step: int) -> Any:
@@ -279,7 +309,8 @@ class _Loop(TaskLoop):
         results = results if isinstance(results, list) else [results]
         best = max(results, key=lambda r: r.top1)
         row = {"step": step, "val_loss": best.loss, "val_top1": best.top1, "val_top5": best.top5,
-               "val_top1_ema": ema.top1 if ema is not None else None}
+               "val_top1_ema": ema.top1 if ema is not None else None,
+               "majority_top1": best.majority_top1, "val_images": best.count}  # the no-learning level, not in the csv
         if self.layers is not None:
             row.update({f"val_top1_block{i + 1}": r.top1 for i, r in zip(self.layers, results)})
         self.write_val_row(row)
@@ -299,6 +330,14 @@ class _Loop(TaskLoop):
     def meta_extra(self) -> Dict[str, Any]:
         return {"num_classes": self.num_classes, "classes": self.data.classes, "probe_layers": self.layers}
 
+    def verdict(self, row: Dict[str, Any]) -> Optional[str]:
+        """The final val top-1 (a probe's best block) against always answering the majority class (chance on
+        balanced data), within three standard errors of it: "did not learn"."""
+        level, n = max(1.0 / self.num_classes, row.get("majority_top1") or 0.0), row.get("val_images") or 0
+        name = "chance" if abs(level - 1.0 / self.num_classes) < 1e-12 else "the majority class's share"
+        what = "linear-probe val top-1" if self.layers is not None else "val top-1"
+        return no_learning(what, row.get("val_top1"), level, accuracy_margin(level, n), name) if n else None
+
     def summary(self, run_dir: RunDir, step: int, start_step: int, last: Optional[Path]) -> Dict[str, Any]:
         fields = {"best_top1": self.stats["best_top1"], "best_step": self.stats["best_step"],
                   "num_classes": self.num_classes, "chance": 1.0 / self.num_classes,
@@ -306,6 +345,7 @@ class _Loop(TaskLoop):
         if self.layers is not None:  # each block's val top-1 of the final evaluation
             layers = self.layers
             fields["probe"] = lambda row: {f"block{i + 1}": row.get(f"val_top1_block{i + 1}") for i in layers}
+        fields["no_learning"] = self.verdict
         return self.finish(run_dir, step, start_step, last, "val_top1", "val top-1", 1.0 / self.num_classes,
                            f"BEiT fine-tuning: {run_dir.out.name}", fields)
 

@@ -36,7 +36,9 @@ from beit_fast.segmentation import DECODERS, BeitForSemanticSegmentation, defaul
 from beit_fast.train.config import BeitTrainConfig
 from beit_fast.train.evaluate import evaluate_segmentation
 from beit_fast.train.loop import TaskLoop, pad_collective_batches
+from beit_fast.train.metrics import MIOU_MARGIN, no_learning
 from beit_fast.train.optim import build_optimizer, scaled_lr, warmup_poly
+from beit_fast.train.recipes import RECIPE_NAMES, apply_recipe
 from beit_fast.train.run import RunDir, agree_on_resume, plan_resume, read_checkpoint, start_run_directory
 from beit_fast.train.runtime import build_engine, run_main, seed_all, setup_runtime, start_distributed, train_loader
 
@@ -60,12 +62,16 @@ class SegmentConfig(BeitTrainConfig):
     data: str = "builtin"  # "builtin", an ADE20K folder (images/ + annotations/), or DIR with images/ + labels/
     num_images: int = 1024  # builtin: training images (val: a quarter as many, at least 64)
     batch_size: int = 16  # images per optimizer step over all processes (unilm: 2 per GPU x 8)
-    lr: float = 7e-4  # peak learning rate at batch lr_batch (SPEC: 7e-4 at 16), scaled linearly to batch_size
-    lr_batch: int = 16  # the batch size `lr` is quoted for
+    recipe: str = "auto"  # defaults for the keys below left unset: "paper" (unilm's ADE20K recipe, SPEC 8), "small"
+    # (tiny networks on small data), "auto": small for networks up to the tiny preset's size (train/recipes.py)
+    lr: Optional[float] = None  # peak learning rate at batch lr_batch (paper: 7e-4 at 16; small: 2e-3 at 8), scaled
+    # linearly to batch_size
+    lr_batch: Optional[int] = None  # the batch size `lr` is quoted for (paper 16, small 8)
     min_lr: float = 0.0  # the poly schedule's end
     warmup_steps: Optional[int] = None  # linear warmup; None: 1500 x max_steps / 160000 (unilm's share), at most 1500
     clip_grad: float = 0.0  # max global grad norm (0 disables; unilm's segmentation does not clip)
-    layer_decay: float = 0.65  # layer-wise lr decay (unilm's assignment; the adapter and heads are the top layer)
+    layer_decay: Optional[float] = None  # layer-wise lr decay (unilm's assignment; the adapter and heads are the top
+    # layer; paper 0.65, small 1.0)
     max_steps: int = 2000  # optimizer steps (unilm: 160000)
     decoder: str = "upernet"  # "upernet" (unilm's) or "deconv" (the paper's light decoder)
     out_indices: Optional[List[int]] = None  # the 4 blocks (0-based) feeding the pyramid; None: [3, 5, 7, 11] at 12
@@ -78,9 +84,9 @@ class SegmentConfig(BeitTrainConfig):
     new_head: bool = False  # replace an --init segmentation head of another class count
     data_seed: int = 0  # picks the builtin images (not --seed: runs with different seeds share val)
     scale: Optional[List[int]] = None  # mmseg's img_scale (long, short) for resizing; None: (4 x crop, crop)
-    ratio_range: List[float] = field(default_factory=lambda: [0.5, 2.0])  # random resize ratio of `scale`
+    ratio_range: Optional[List[float]] = None  # random resize ratio of `scale` (paper [0.5, 2.0], small [1.0, 1.0])
     cat_max_ratio: float = 0.75  # re-draw a crop where one class covers more than this share
-    photometric: bool = True  # mmseg's PhotoMetricDistortion
+    photometric: Optional[bool] = None  # mmseg's PhotoMetricDistortion (paper true, small false)
     eval_every: int = 200  # steps between val evaluations (0: only at the end)
     eval_mode: str = "auto"  # "whole", "slide" (windows of the crop), "auto": whole when every val image fits
     eval_stride: Optional[int] = None  # sliding-window stride; None: 2/3 of the crop (341 at 512)
@@ -88,11 +94,14 @@ class SegmentConfig(BeitTrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.positive("lr_batch")
+        if self.recipe not in RECIPE_NAMES:
+            self.bad("recipe", f"must be one of {', '.join(RECIPE_NAMES)}")
+        if self.lr_batch is not None:
+            self.positive("lr_batch")
         self.non_negative("eval_every", "aux_weight")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             self.bad("warmup_steps", "must be >= 0 (or omitted)")
-        if not 0.0 < self.layer_decay <= 1.0:
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
             self.bad("layer_decay", "must be in (0, 1]")
         if self.decoder not in DECODERS:
             self.bad("decoder", f"must be one of {DECODERS}")
@@ -104,7 +113,8 @@ class SegmentConfig(BeitTrainConfig):
             self.bad("ignore_index", "must be in [0, 255] (labels are 8-bit PNGs)")
         if self.scale is not None and (len(self.scale) != 2 or min(self.scale) <= 0):
             self.bad("scale", "must be two positive sizes [long, short]")
-        if len(self.ratio_range) != 2 or not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+        if self.ratio_range is not None and (len(self.ratio_range) != 2
+                                             or not 0 < self.ratio_range[0] <= self.ratio_range[1]):
             self.bad("ratio_range", "must be [low, high] with 0 < low <= high")
         if not 0.0 < self.cat_max_ratio <= 1.0:
             self.bad("cat_max_ratio", "must be in (0, 1]")
@@ -117,18 +127,25 @@ class SegmentConfig(BeitTrainConfig):
         if self.init != "none" and not Path(self.init).exists():
             self.bad("init", "not found (a run directory or checkpoint file, or none)")
 
-    def model_config(self, source: Optional["SegInit"] = None) -> BeitConfig:
-        """The preset (or, with preset auto, the init checkpoint's network), the fine-tuning layout, then the
-        user's model overrides (`--img-size 512`: the crop; position tables resized as unilm does)."""
+    def network(self, source: Optional["SegInit"] = None) -> BeitConfig:
+        """The network before the fine-tuning layout: the preset, or with preset auto the init checkpoint's."""
         if self.preset != "auto":
-            base = BeitConfig.from_preset(self.preset).to_dict()
-        elif source is not None:
-            base = dict(source.model_config)
-        else:
-            base = BeitConfig.from_preset("tiny").to_dict()
+            return BeitConfig.from_preset(self.preset)
+        if source is not None:
+            return BeitConfig.from_dict({**source.model_config, "num_masking_patches": None})
+        return BeitConfig.from_preset("tiny")
+
+    def resolve(self, source: Optional["SegInit"] = None) -> BeitConfig:
+        """Fill the recipe's keys (`train.recipes.apply_recipe`), check them, and return the model config."""
+        layout = apply_recipe(self, "segment", self.network(source))
+        self.validate()
+        return self.model_config(source, layout)
+
+    def model_config(self, source: Optional["SegInit"] = None, recipe: Optional[Dict[str, Any]] = None) -> BeitConfig:
+        """The network (`network`), the fine-tuning layout and the recipe's drop path, then the user's model
+        overrides (`--img-size 512`: the crop; position tables resized as unilm does)."""
         try:
-            return BeitConfig.from_dict({**base, "num_masking_patches": None}).replace(
-                **{**FINETUNE_LAYOUT, **self.model})
+            return self.network(source).replace(**{**FINETUNE_LAYOUT, **(recipe or {}), **self.model})
         except TypeError as exc:
             raise ValueError(f"model config {self.model}: {exc}") from None
 
@@ -272,7 +289,7 @@ def _segment(cfg: SegmentConfig, run_dir: RunDir) -> Dict[str, Any]:
 
     cfg.validate()
     source = read_seg_init(cfg.init)
-    mcfg = cfg.model_config(source)
+    mcfg = cfg.resolve(source)
     data = build_segmentation_data(cfg.data, num_images=cfg.num_images, image_size=mcfg.img_size,
                                    num_classes=cfg.num_classes, ignore_index=cfg.ignore_index,
                                    reduce_zero_label=cfg.reduce_zero_label, seed=cfg.data_seed)
@@ -420,7 +437,8 @@ class SegmentLoop(TaskLoop):
                                        ignore_index=self.data.ignore_index, device=self.rt.device,
                                        reduce_sum=self.engine.reduce_sum, keep=4 if self.rt.is_main else 0)
         model.train()
-        self.write_val_row({"step": step, "val_miou": result.miou, "val_macc": result.macc, "val_aacc": result.aacc})
+        self.write_val_row({"step": step, "val_miou": result.miou, "val_macc": result.macc, "val_aacc": result.aacc,
+                            "majority_miou": result.majority_miou})  # the no-learning level, not in the csv
         improved = self.stats["best_miou"] is None or result.miou > self.stats["best_miou"]
         full = None
         if improved:
@@ -443,7 +461,9 @@ class SegmentLoop(TaskLoop):
         background = _all_background_miou(self.data) if self.data.layout == "builtin" else None
         fields = {"best_miou": self.stats["best_miou"], "best_step": self.stats["best_step"],
                   "num_classes": self.num_classes, "best_model": str(run_dir.out / MODEL_FILE),
-                  "all_background_miou": background}
+                  "all_background_miou": background,
+                  "no_learning": lambda row: no_learning("val mIoU", row.get("val_miou"), row.get("majority_miou"),
+                                                         MIOU_MARGIN, "the all-background (majority-class) mIoU")}
         summary = self.finish(run_dir, step, start_step, last, "val_miou", "val mIoU", background,
                               f"BEiT segmentation: {run_dir.out.name}", fields)
         if self.rt.is_main and self.cfg.plot and getattr(self, "last_samples", None):
@@ -476,6 +496,8 @@ def print_summary(summary: Dict[str, Any]) -> None:
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics: {summary['metrics']} | plot: {summary['plot'] or 'none'} | samples: "
           f"{summary.get('samples') or 'none'}")
+    if summary.get("no_learning"):
+        print(f"WARNING: {summary['no_learning']}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

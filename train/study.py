@@ -119,15 +119,16 @@ class StudyConfig(ConfigBase):
     pretrain_steps: int = 300  # pretraining steps of every variant (x2 for beit_2x)
     pretrain_batch: int = 64
     pretrain_lr: float = 1.5e-3
-    finetune_steps: int = 400  # classification fine-tuning steps (the demo's recipe: no mixup / RandAugment)
+    finetune_steps: int = 400  # classification fine-tuning steps (every cell: finetune's --recipe auto, one recipe for
+    # every variant)
     finetune_batch: int = 32
-    finetune_lr: float = 1e-3  # at batch finetune_batch
+    finetune_lr: Optional[float] = None  # at batch finetune_batch; None: the recipe's (fine-tuning and probe cells)
     linear_probe: bool = True  # the linear-probe column
     linprobe_steps: int = 200
     segmentation: bool = True  # the mIoU column
-    segment_steps: int = 1000  # segmentation fine-tuning steps (the README's light recipe)
+    segment_steps: int = 1000  # segmentation fine-tuning steps (segment's --recipe auto)
     segment_batch: int = 8
-    segment_lr: float = 2e-3  # at batch segment_batch
+    segment_lr: Optional[float] = None  # at batch segment_batch; None: the recipe's
     attention: bool = True  # the attention-on-own-shape column (builtin images)
     pretrain_args: str = ""  # extra options for every pretraining cell: --pretrain-args="--warmup-steps 10" (not
     # model keys: the network is --preset for every variant, from scratch too)
@@ -150,7 +151,7 @@ class StudyConfig(ConfigBase):
         if not 2 <= self.classes <= 8:
             self.bad("classes", "the builtin data has 2 to 8 shape kinds")
         for name in ("pretrain_lr", "finetune_lr", "segment_lr"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+            if getattr(self, name) is not None and not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 self.bad(name, "must be a positive number")
         if self.tokenizer not in ("train", "random") and not Path(self.tokenizer).is_file():
             self.bad("tokenizer", '"train", "random" or the path of a tokenizer file')
@@ -259,26 +260,27 @@ def plan_cells(cfg: StudyConfig) -> List[Cell]:
                                   seed, "pretrain"))
                 init, needs = str(out / "pretrain" / s), [f"pretrain/{s}"]
             net = ["--preset", "auto"] if spec.pretrain is not None else ["--preset", cfg.preset]
+            ft_lr = [] if cfg.finetune_lr is None else ["--lr", str(cfg.finetune_lr), "--lr-batch",
+                                                        str(cfg.finetune_batch)]
             cls_common = ["--init", init, *net, "--data", cfg.data, "--num-images", str(cfg.num_images), *cls_classes,
-                          "--batch-size", str(cfg.finetune_batch), "--lr-batch", str(cfg.finetune_batch),
-                          "--seed", str(seed), "--eval-every", "0", *common]
+                          "--batch-size", str(cfg.finetune_batch), *ft_lr, "--seed", str(seed), "--eval-every", "0",
+                          *common]
             cells.append(Cell(f"finetune/{s}", "finetune",
-                              cls_common + ["--max-steps", str(cfg.finetune_steps), "--lr", str(cfg.finetune_lr),
-                                            "--mixup", "0", "--cutmix", "0", "--auto-augment", "none", "--reprob",
-                                            "0", "--crop-scale", "1", "--out", str(out / "finetune" / s)]
+                              cls_common + ["--max-steps", str(cfg.finetune_steps), "--out", str(out / "finetune" / s)]
                               + shlex.split(cfg.finetune_args), needs, v, seed, "finetune"))
             if cfg.linear_probe:
                 cells.append(Cell(f"linprobe/{s}", "finetune",
                                   cls_common + ["--linear-probe", "true", "--max-steps", str(cfg.linprobe_steps),
-                                                "--lr", str(cfg.finetune_lr), "--out", str(out / "linprobe" / s)],
+                                                "--out", str(out / "linprobe" / s)],
                                   needs, v, seed, "linprobe"))
             if cfg.segmentation:
                 cells.append(Cell(f"segment/{s}", "segment",
                                   ["--init", init, *net, "--data", cfg.seg_data, "--num-images", str(cfg.seg_images),
                                    *seg_classes,
                                    "--max-steps", str(cfg.segment_steps), "--batch-size", str(cfg.segment_batch),
-                                   "--lr", str(cfg.segment_lr), "--lr-batch", str(cfg.segment_batch),
-                                   "--photometric", "false", "--ratio-range", "1.0,1.0", "--seed", str(seed),
+                                   *([] if cfg.segment_lr is None else ["--lr", str(cfg.segment_lr), "--lr-batch",
+                                                                         str(cfg.segment_batch)]),
+                                   "--seed", str(seed),
                                    "--eval-every", "0", "--out", str(out / "segment" / s),
                                    *common] + shlex.split(cfg.segment_args), needs, v, seed, "segment"))
             if cfg.attention:
