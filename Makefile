@@ -59,8 +59,8 @@ demo: install
 	$(VENV)/bin/beit-fast attention-maps $(DEMO_OUT) --out $(DEMO_OUT)/attention.png
 	@$(PY) -m beit_fast.train.demo $(DEMO_OUT)
 
-# The paper's ablation table (Table 4) at the --quick budget: 7 variants x 3 seeds, pretrained, fine-tuned, probed,
-# segmented, on builtin (~11 min on 2 CPU cores; README "Ablation study"). STUDY_ARGS adds or overrides options.
+# The paper's ablation table (Table 4) at the --quick budget: 7 variants x 2 seeds, pretrained, fine-tuned, probed,
+# segmented, on builtin (~21 min on 2 CPU cores; README "Ablation study"). STUDY_ARGS adds or overrides options.
 STUDY_OUT ?= runs/study
 STUDY_ARGS ?=
 study: install

@@ -9,9 +9,10 @@ metrics.csv / val_metrics.csv / TensorBoard / metrics.png, atomic checkpoints an
 `--init`: a pretraining or fine-tuning run (or checkpoint) of this engine, a unilm / timm / transformers file, or
 `none`; `--preset auto` builds the network the init weights have, model keys override it (`--img-size 384`:
 another resolution, tables resized as unilm does). unilm's fine-tuning layout (per-block tables from the shared
-one, mean-pooled head, drop path 0.1) and the paper's base recipe: layer decay 0.65, lr 4e-3 at batch 1024 scaled
-linearly, warmup + cosine, weight decay 0.05, label smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment
-rand-m9-mstd0.5-inc1, random erasing 0.25 (timm's pieces), optional EMA. `--new-head` replaces a head of another
+one, mean-pooled head) and, for every recipe key left unset, `--recipe auto`'s values (train/recipes.py): the paper's
+base recipe - layer decay 0.65, lr 4e-3 at batch 1024 scaled linearly, warmup + cosine, weight decay 0.05, label
+smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, drop path 0.1 (timm's
+pieces) - or for tiny-sized networks the small-data one; optional EMA. `--new-head` replaces a head of another
 class count (intermediate fine-tuning). `--linear-probe`: frozen backbone, a BatchNorm + Linear head per block.
 Data: `builtin` (fixed train/val split) or DIR with train/ and val/ class folders; `--train-fraction` for the
 low-label regime. The README's "Fine-tuning" section is the full reference.

@@ -8,13 +8,15 @@ model -> engine -> loop (val mIoU every `eval_every` steps, best.pt) -> summary.
 
 The model is `beit_fast.segmentation.BeitForSemanticSegmentation` (BEiT + multi-scale adapter + UperNet, aux FCN
 head; `--decoder deconv` for the paper's light decoder) in unilm's fine-tuning layout (per-layer relative position
-tables, drop path 0.1). `--init`: a pretraining / classification run or checkpoint of this engine, a unilm / timm /
+tables). `--init`: a pretraining / classification run or checkpoint of this engine, a unilm / timm /
 transformers backbone checkpoint (tables resized to the crop's grid as unilm does), a transformers or mmseg / unilm
-segmentation checkpoint, a segmentation run of this engine, or none. The recipe is unilm's (SPEC section 8): AdamW
-lr 7e-4 at batch 16 (scaled linearly), layer decay 0.65, weight decay 0.05, poly schedule (power 1) with linear
-warmup (1500 of 160k iterations: the same share of a shorter run), per-pixel cross-entropy with the ignore index +
-0.4 x the aux head's, mmseg's training pipeline (random resize 0.5-2.0 of the base scale, crop with
-cat_max_ratio 0.75, flip, photometric distortion). Evaluation: whole image or mmseg's sliding window.
+segmentation checkpoint, a segmentation run of this engine, or none. The recipe (`--recipe auto`, train/recipes.py,
+for the keys left unset) is unilm's (SPEC section 8) - AdamW lr 7e-4 at batch 16 (scaled linearly), layer decay
+0.65, weight decay 0.05, poly schedule (power 1) with linear warmup (1500 of 160k iterations: the same share of a
+shorter run), per-pixel cross-entropy with the ignore index + 0.4 x the aux head's, mmseg's training pipeline (random
+resize 0.5-2.0 of the base scale, crop with cat_max_ratio 0.75, flip, photometric distortion), drop path 0.1 - or for
+tiny-sized networks the small one (lr 2e-3 at batch 8, no layer decay, rescaling, photometric distortion or drop
+path). Evaluation: whole image or mmseg's sliding window.
 Data: `builtin` (procedural shapes with per-pixel labels), an ADE20K folder, or DIR/images + DIR/labels.
 The README's "Semantic segmentation" section is the full reference.
 """
