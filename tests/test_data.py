@@ -55,6 +55,27 @@ def test_builtin_is_deterministic_and_labelled():
             BuiltinShapes(**bad)
 
 
+def test_builtin_cache_returns_the_rendered_images():
+    import pickle
+
+    plain = BuiltinShapes(40, 32, seed=3, cache_bytes=0)
+    per_image = 32 * 32 * 4  # image + map bytes
+    cached = BuiltinShapes(40, 32, seed=3, cache_bytes=10 * per_image)
+    for _ in range(2):  # first render, then the cache (for the first 10 indices)
+        for i in range(40):
+            ref, got = plain.sample(i), cached.sample(i)
+            assert np.array_equal(ref[0], got[0]) and ref[1] == got[1] and np.array_equal(ref[2], got[2])
+            assert cached.label(i) == ref[1]
+    assert len(cached._cache) == 10 and cached._cached_bytes <= cached.cache_bytes and not plain._cache
+    image, _, seg = cached.sample(0)
+    image[:] = 0
+    seg[:] = 7
+    assert np.array_equal(cached.sample(0)[0], plain.sample(0)[0])  # the caller's copy, not the cache's
+    assert np.array_equal(cached.sample(0)[2], plain.sample(0)[2])
+    clone = pickle.loads(pickle.dumps(cached))  # a spawned DataLoader worker: no cache carried over
+    assert not clone._cache and np.array_equal(clone.sample(5)[0], plain.sample(5)[0])
+
+
 def test_image_folder_layouts_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         ImageFolderDataset(tmp_path / "nope")
