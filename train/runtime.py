@@ -27,7 +27,7 @@ from beit_fast.kernels import use_fused
 from beit_fast.train.engine import deepspeed_reasons, init_distributed_env
 
 __all__ = ["Runtime", "setup_runtime", "process_layout", "resolve_device", "check_backends", "start_distributed",
-           "seed_all", "worker_init", "is_distributed_error", "train_loader", "build_engine", "close_loader",
+           "end_distributed", "seed_all", "worker_init", "is_distributed_error", "train_loader", "build_engine", "close_loader",
            "run_main", "one_line_error"]
 
 
@@ -121,6 +121,17 @@ def start_distributed(device: torch.device, timeout_s: float) -> None:
         deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+
+
+def end_distributed() -> None:
+    """Tear the process group down after a run that finished: an interpreter exiting with gloo's threads still
+    joinable aborts ('terminate called without an active exception', SIGABRT) - a finished run reported as failed.
+    Not called on a failure, where a dead peer would hang the teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down while a peer is still in a collective of the run
+        dist.destroy_process_group()
 
 
 def seed_all(seed: int) -> None:
@@ -251,6 +262,7 @@ def run_main(prog: str, doc: str, config_cls: Any, run: Callable[[Any], Dict[str
         cfg = config_cls.from_args(argv)
         timeout = getattr(cfg, "dist_timeout", timeout)
         summary = run(cfg)
+        end_distributed()
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"{prog}: error: {one_line_error(exc)}", file=sys.stderr)
         return 2
