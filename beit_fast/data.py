@@ -78,6 +78,9 @@ class DataError(RuntimeError):
 
 
 # -- built-in procedural data ----------------------------------------------------------------------------------------
+MAX_BUILTIN_IMAGES = 10**8  # the most builtin images a dataset may have (the index arrays stay small)
+
+
 class BuiltinShapes(torch.utils.data.Dataset):
     """Procedural shapes dataset. `ds[i]` -> (PIL RGB image, class label); `ds.sample(i)` also gives
     the (size, size) uint8 segmentation map (0 = background, c + 1 = pixels of a class-c shape).
@@ -94,8 +97,9 @@ class BuiltinShapes(torch.utils.data.Dataset):
 
     def __init__(self, num_images: int = 2048, size: int = 96, seed: int = 0, num_classes: int = 8,
                  cache_bytes: int = 256 << 20) -> None:
-        if num_images <= 0:
-            raise ValueError(f"num_images must be positive, got {num_images}")
+        if not 0 < num_images <= MAX_BUILTIN_IMAGES:
+            raise ValueError(f"num_images must be in [1, {MAX_BUILTIN_IMAGES:.0e}] (procedural images: more is never "
+                             f"needed), got {num_images}")
         if size < 16:
             raise ValueError(f"size must be >= 16, got {size}")
         if not 2 <= num_classes <= len(SHAPE_CLASSES):
@@ -659,8 +663,9 @@ def build_classification_data(data: str, *, num_images: int = 4096, image_size: 
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if data == "builtin":
-        if num_images <= 0:
-            raise ValueError(f"num_images must be positive, got {num_images}")
+        if not 0 < num_images <= MAX_BUILTIN_IMAGES * 4 // 5:
+            raise ValueError(f"num_images must be in [1, {MAX_BUILTIN_IMAGES * 4 // 5:.0e}] (with its val quarter "
+                             f"{MAX_BUILTIN_IMAGES:.0e} builtin images), got {num_images}")
         kinds = len(SHAPE_CLASSES) if num_classes is None else num_classes
         if not 2 <= kinds <= len(SHAPE_CLASSES):
             raise ValueError(f"the builtin data has 2 to {len(SHAPE_CLASSES)} classes, not {num_classes}")

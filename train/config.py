@@ -21,15 +21,51 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Dict, FrozenSet, List, Type, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Type, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from beit_fast.config import BeitConfig, parse_options
 
-__all__ = ["ConfigBase", "TrainConfig", "BeitTrainConfig", "MAX_SEED", "COMPILE_MODES", "type_ok"]
+__all__ = ["ConfigBase", "TrainConfig", "BeitTrainConfig", "MAX_SEED", "COMPILE_MODES", "type_ok", "max_workers",
+           "machine_cores", "machine_text"]
 
 MAX_SEED = 2**32  # numpy's legacy seed range; every RNG a run seeds accepts [0, 2**32)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 C = TypeVar("C", bound="ConfigBase")
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def machine_memory() -> Optional[int]:
+    """Physical memory in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+WORKER_MEMORY = 512 * 2**20  # what one worker process (a data-loader or study worker: torch imported) holds at least
+
+
+def max_workers(per_core: int = 2) -> int:
+    """The most worker processes this machine carries: `per_core` per core, and one per WORKER_MEMORY of RAM."""
+    cap = per_core * machine_cores()
+    mem = machine_memory()
+    return max(1, min(cap, mem // WORKER_MEMORY) if mem else cap)
+
+
+def machine_text() -> str:
+    mem = machine_memory()
+    return f"{machine_cores()} cores" + (f", {mem / 2**30:.0f} GiB" if mem else "")
 
 
 # -- value types -------------------------------------------------------------------------------------------------------
@@ -146,9 +182,24 @@ class ConfigBase:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # float fields that may be infinite (every other float, and every float in a list or the model overrides, must
+    # be finite: NaN never is a setting)
+    MAY_BE_INFINITE: ClassVar[FrozenSet[str]] = frozenset()
+
     def validate(self) -> None:
-        """Types of every field (subclasses add their range checks after calling this)."""
-        check_types("", {f.name: getattr(self, f.name) for f in fields(self)}, field_types(type(self)))
+        """Types of every field, then no NaN / infinite number anywhere (subclasses add their range checks after
+        calling this)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        check_types("", values, field_types(type(self)))
+        for name, value in values.items():
+            where = "model." if name == "model" else ""
+            items = value.items() if isinstance(value, dict) else [(name, value)]
+            for key, v in items:
+                key = f"{where}{key}"
+                for x in v if isinstance(v, (list, tuple)) else [v]:
+                    if isinstance(x, float) and not math.isfinite(x) and not (
+                            math.isinf(x) and key in self.MAY_BE_INFINITE):
+                        raise ValueError(f"{key}={v!r}: must be a finite number")
 
     def bad(self, name: str, why: str) -> None:
         raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
@@ -277,6 +328,10 @@ class TrainConfig(ConfigBase):
     def validate(self) -> None:
         super().validate()
         self.positive("max_steps", "batch_size", "log_every", "num_images")
+        from beit_fast.data import MAX_BUILTIN_IMAGES
+
+        if self.num_images > MAX_BUILTIN_IMAGES:
+            self.bad("num_images", f"must be at most {MAX_BUILTIN_IMAGES:.0e}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):  # None: a recipe's, set later
             self.bad("lr", "must be a positive finite number")
         if not 0 <= self.seed < MAX_SEED:
@@ -336,6 +391,9 @@ class BeitTrainConfig(TrainConfig):
         check_types("model.", self.model, field_types(BeitConfig))
         self.positive("keep_last", "max_bad_steps", "grad_accum_steps")
         self.non_negative("warmup_steps", "save_every", "num_workers")
+        cap = max_workers()
+        if self.num_workers > cap:
+            self.bad("num_workers", f"at most {cap} data-loader workers on this machine ({machine_text()})")
         if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
             self.bad("dist_timeout", "must be a positive number of seconds")
         for name in ("min_lr", "weight_decay", "beta1", "beta2", "eps", "clip_grad"):

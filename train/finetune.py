@@ -126,6 +126,14 @@ class FinetuneConfig(BeitTrainConfig):
         if self.lr_batch is not None:
             self.positive("lr_batch")
         self.non_negative("eval_every", "label_smoothing", "mixup", "cutmix", "reprob", "color_jitter")
+        if self.label_smoothing is not None and not self.label_smoothing < 1.0:
+            self.bad("label_smoothing", "must be in [0, 1) (1 would train on uniform targets)")
+        for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                self.bad(name, "is a probability: must be in [0, 1]")
+        if self.auto_augment not in (None, "", "none"):
+            self.check_auto_augment()
         if self.crop_scale is not None and not 0.0 < self.crop_scale <= 1.0:
             self.bad("crop_scale", "must be in (0, 1]")
         if self.eval_crop_pct is not None and not 0.0 < self.eval_crop_pct <= 1.0:
@@ -147,6 +155,17 @@ class FinetuneConfig(BeitTrainConfig):
         micro = self.batch_size // self.grad_accum_steps
         if self.mixing and micro % 2:
             self.bad("batch_size", "mixup/cutmix mix pairs of images: the micro-batch must be even")
+
+    def check_auto_augment(self) -> None:
+        """A timm augmentation spec that timm cannot build ("rand-m9-mstd0.5-inc1", "augmix-m5", "v0", ...) is
+        refused here, before the run directory is touched, not at the first training batch."""
+        from beit_fast.data import classification_transform
+
+        try:
+            classification_transform(32, True, auto_augment=self.auto_augment, re_prob=0.0, color_jitter=0.0)
+        except Exception as exc:  # timm raises AssertionError / KeyError / ValueError / IndexError for a bad spec
+            self.bad("auto_augment", f"not a timm augmentation spec ({type(exc).__name__}: {exc}); e.g. "
+                                     '"rand-m9-mstd0.5-inc1", "augmix-m5", "v0", or "none"')
 
     @property
     def mixing(self) -> bool:

@@ -173,6 +173,10 @@ class TaskLoop:
         closed."""
         from beit_fast.train.metrics import plot_metrics, read_metrics
 
+        kept = run_dir.finished_summary(step, step - start_step)
+        if kept is not None and self.evaluated_at(step):  # resumed after the end: nothing ran, its summary stays
+            self.engine.close()
+            return {**kept, "rank": self.rt.rank}
         if not self.evaluated_at(step):
             self.validate(step)
         out = run_dir.out

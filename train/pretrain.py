@@ -446,6 +446,10 @@ class _Loop:
 def _summary(cfg: PretrainConfig, mcfg: BeitConfig, rt: Any, run_dir: RunDir, engine: Any, loop: _Loop, step: int,
              start_step: int, last_ckpt: Optional[Path], targets: str) -> Dict[str, Any]:
     out = run_dir.out
+    kept = run_dir.finished_summary(step, step - start_step)
+    if kept is not None:  # resumed after the end: nothing ran, the run's own summary stays
+        engine.close()
+        return {**kept, "rank": rt.rank}
     hist = engine.reduce_sum(loop.token_hist).double().cpu()
     majority = float(hist.max() / hist.sum()) if hist.sum() > 0 else None
     plot = None

@@ -72,9 +72,10 @@ _CKPT_NAME = re.compile(r"step_(\d{8})(\.pt)?")
 # manifest's `.manifest.json.tmp`, DeepSpeed's `.tmp-step_*`, a re-save's `.old-step_*`, a delete's `.del-step_*`,
 # the out/ write probe and a stale fallback lock moved aside.
 _STRAY = re.compile(r"\.[^/]+\.[a-z0-9_]{8}\.tmp|\.metrics\.csv\.tmp|\.metrics\.png\.tmp\.png|\.manifest\.json\.tmp"
-                    r"|\.(tmp|old|del)-step_\d{8}(\.pt)?|\.write-test-\d+|\.lock\.owner\.stale-\d+")
+                    r"|\.[\w-]+\.json\.tmp|\.(tmp|old|del)-step_\d{8}(\.pt)?|\.write-test-\d+|\.lock\.owner\.stale-\d+")
 
 
+REWRITTEN_AT_START = ("config.json",)  # what a start rewrites in a directory it did not create (restored if it fails)
 MANIFEST = "manifest.json"  # written last into a DeepSpeed checkpoint directory: {"files": {name: size}}
 
 
@@ -112,10 +113,15 @@ def checkpoint_problem(path: Path) -> Optional[str]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Text to a temporary name, fsync, rename: a reader sees the old file or the new one, never half of it."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Bytes to a temporary name, fsync, rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -406,6 +412,8 @@ class RunDir:
         self.lock: Optional[RunLock] = None
         self.created: Optional[Path] = None
         self.signals = SignalStop(prog)
+        self._before: Optional[set] = None  # what `out` held when this run took it (None: not taken)
+        self._kept: Dict[str, bytes] = {}  # the small files a start rewrites (config.json), as they were
 
     def acquire(self) -> None:
         """Create (if needed) and lock `out`, then remove what an interrupted run left there (rank 0 only)."""
@@ -419,16 +427,47 @@ class RunDir:
             probe.unlink()
         except OSError as exc:
             raise ValueError(f"out={str(out)!r} is not a writable directory ({type(exc).__name__}: {exc})") from None
+        had_lock = (out / LOCK_NAME).exists()
         self.lock = RunLock(out).acquire()
         clean_run_directory(out)
+        self._before = {p.name for p in out.iterdir()} - ({LOCK_NAME} if not had_lock else set())
+        self._checkpoints = {p.name for p in checkpoints(out)}
+        self._kept = {name: (out / name).read_bytes() for name in REWRITTEN_AT_START if (out / name).is_file()}
+
+    def started(self) -> bool:
+        """Has this run left anything of a run: a checkpoint of its own, or metrics rows in a metrics file it
+        created? (Before that, a failure is a failed start, undone by `_abandon`.)"""
+        if {p.name for p in checkpoints(self.out)} - self._checkpoints:
+            return True
+        for name in ("metrics.csv", "val_metrics.csv"):
+            f = self.out / name
+            if name not in (self._before or ()) and f.is_file():
+                with open(f, "rb") as fh:
+                    if sum(1 for _ in fh) > 1:  # rows after the header
+                        return True
+        return False
 
     def _abandon(self) -> None:
-        if self.created is not None and self.lock is not None:
+        """A failed start leaves `out` as it was: what this run created there is removed (the directory itself
+        if it made it), the files it rewrote are restored, its lock file goes if it made that too."""
+        if self.lock is None or self._before is None or self.started():
+            return
+        if self.created is not None:
             self.lock.release()
             self.lock = None
-            leftover = {p.name for p in self.created.iterdir()} if self.created.is_dir() else set()
-            if leftover <= {LOCK_NAME}:  # nothing of a run in it: as if it had never been made
-                shutil.rmtree(self.created, ignore_errors=True)
+            shutil.rmtree(self.created, ignore_errors=True)
+            return
+        for p in sorted(self.out.iterdir()):
+            if p.name not in self._before and p.name != LOCK_NAME:
+                try:
+                    _remove_tree(p)
+                except OSError as exc:
+                    log.warning("could not remove %s (made by a run that failed to start): %s", p, exc)
+        for name, data in self._kept.items():
+            if (self.out / name).read_bytes() != data if (self.out / name).is_file() else True:
+                atomic_write_bytes(self.out / name, data)
+        if LOCK_NAME not in self._before:  # made by this run: removed while still held, then released
+            (self.out / LOCK_NAME).unlink(missing_ok=True)
 
     def __enter__(self) -> "RunDir":
         self.signals.install()
@@ -443,6 +482,21 @@ class RunDir:
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
+
+    def finished_summary(self, step: int, steps_run: int) -> Optional[Dict[str, Any]]:
+        """The summary.json of a run that had already finished at `step` and was resumed without a step to train
+        (`steps_run` 0): kept as it is, not rewritten with nothing run (None: there is none, or it is of another
+        step)."""
+        if steps_run:
+            return None
+        try:
+            summary = json.loads((self.out / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(summary, dict) or summary.get("step") != step:
+            return None
+        log.info("%s: the run had finished at step %d; its summary.json is kept", self.out, step)
+        return summary
 
     def write_json(self, name: str, obj: Any) -> Path:
         """out/NAME as indented JSON, atomically (temporary name, fsync, rename)."""
