@@ -43,7 +43,8 @@ test: install
 # then the pretrained network's attention on its query's own shape against a random initialisation's; the last line
 # compares them and says when a run did not learn.
 demo: install
-	$(VENV)/bin/beit-fast train-tokenizer --preset small --data builtin --out $(DEMO_OUT)/tokenizer --seed $(DEMO_SEED)
+	$(VENV)/bin/beit-fast train-tokenizer --preset small --data builtin --out $(DEMO_OUT)/tokenizer --seed $(DEMO_SEED) \
+		--overwrite
 	$(VENV)/bin/beit-fast pretrain --preset tiny --data builtin --max-steps $(DEMO_STEPS) --out $(DEMO_OUT) \
 		--seed $(DEMO_SEED) --tokenizer $(DEMO_OUT)/tokenizer/tokenizer.pt --overwrite
 	@echo "fine-tuning from the demo pretraining and from scratch side by side (progress: $(DEMO_OUT)/finetune.log," \

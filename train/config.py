@@ -349,7 +349,7 @@ class BeitTrainConfig(TrainConfig):
     RESUME_MAY_DIFFER: ClassVar[FrozenSet[str]] = frozenset(
         {"max_steps", "out", "resume", "log_every", "save_every", "keep_last", "num_workers", "device",
          "max_bad_steps", "compile", "compile_mode", "tensorboard", "plot", "grad_accum_steps", "apex", "overwrite",
-         "dist_timeout"})
+         "dist_timeout", "allow_changed_data"})
     BARE_VALUES: ClassVar[Dict[str, str]] = {"resume": "auto"}
     MODEL_KEYS: ClassVar[bool] = True
 
@@ -380,6 +380,8 @@ class BeitTrainConfig(TrainConfig):
     tensorboard: bool = True  # TensorBoard scalars in out/tensorboard (when the tensorboard package imports)
     plot: bool = True  # out/metrics.png at the end (when matplotlib imports)
     overwrite: bool = False  # start afresh in an `out` that holds checkpoints of another run (they are deleted)
+    allow_changed_data: bool = False  # resume although the data's files changed since the checkpoint (the
+    # tokenizer and --init weights must be the checkpoint's: compared by content)
     dist_timeout: float = 600.0  # seconds any collective may wait under deepspeed: a hung or dead rank ends the
     # job with one line after this long instead of blocking it forever
 

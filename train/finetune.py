@@ -53,9 +53,11 @@ from beit_fast.train.recipes import RECIPE_NAMES, apply_recipe
 from beit_fast.train.run import (
     RunDir,
     agree_on_resume,
+    data_identity,
     plan_resume,
     read_checkpoint,
     start_run_directory,
+    weights_digest,
 )
 from beit_fast.train.runtime import (
     build_engine,
@@ -246,7 +248,9 @@ def _finetune(cfg: FinetuneConfig, run_dir: RunDir) -> Dict[str, Any]:
         log.info("init: %s (initialised here: %s)", source.what, ", ".join(fresh) or "nothing")
     if rt.is_main:
         run_dir.acquire()
-    plan = plan_resume(run_dir.out, cfg, mcfg.to_dict(), rt.world, _read)
+    inputs = {"data": data_identity(cfg.data), **({"init": weights_digest(Path(cfg.init))} if cfg.init != "none"
+                                                    else {})}
+    plan = plan_resume(run_dir.out, cfg, mcfg.to_dict(), rt.world, _read, inputs)
     if rt.deepspeed:
         start_distributed(rt.device, cfg.dist_timeout)
         plan = agree_on_resume(plan, rt.world, _read)
@@ -264,6 +268,7 @@ def _finetune(cfg: FinetuneConfig, run_dir: RunDir) -> Dict[str, Any]:
     log.info("engine: %s | %d classes, %d train / %d val images | lr %.3g (%g at batch %d)", engine.describe(),
              num_classes, len(data.train), len(data.val), lr, cfg.lr, cfg.lr_batch)
     loop = _Loop(cfg, mcfg, rt, engine, data, num_classes, layers)
+    loop.inputs = inputs
     start_step = loop.resume(plan)
     if rt.is_main:
         start_run_directory(run_dir.out, plan, start_step, ("summary.json", "metrics.png", MODEL_FILE))

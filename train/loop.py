@@ -63,6 +63,7 @@ class TaskLoop:
         self.out = Path(cfg.out)
         self.val_writer: Optional[MetricsWriter] = None
         self.lr = 0.0
+        self.inputs: Dict[str, Any] = {}  # the content identity of the run's inputs (run.plan_resume compares it)
 
     # -- the task's part ---------------------------------------------------------------------------------------------
     def loss(self, batch: Any) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -116,7 +117,7 @@ class TaskLoop:
 
     def meta(self, step: int) -> Dict[str, Any]:
         meta = {"task": self.task, "step": step, "config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(),
-                "stats": self.stats, **self.meta_extra()}
+                "stats": self.stats, "inputs": self.inputs, **self.meta_extra()}
         if self.ema is not None:
             meta["ema"] = self.ema.module.state_dict()
         return meta
@@ -176,7 +177,7 @@ class TaskLoop:
         kept = run_dir.finished_summary(step, step - start_step)
         if kept is not None and self.evaluated_at(step):  # resumed after the end: nothing ran, its summary stays
             self.engine.close()
-            return {**kept, "rank": self.rt.rank}
+            return {**kept, "steps_run": 0, "rank": self.rt.rank}  # this call ran none
         if not self.evaluated_at(step):
             self.validate(step)
         out = run_dir.out

@@ -32,7 +32,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ import torch
 from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.checkpoint import CheckpointError, atomic_save
 from beit_fast.config import MIM_LOSS_ON, MIM_TARGETS, first_line, one_line
-from beit_fast.data import ImageFolderDataset, MIMDataset, SyntheticMIMDataset, TwoViewTransform, build_dataset
+from beit_fast.data import DataError, ImageFolderDataset, MIMDataset, SyntheticMIMDataset, TwoViewTransform, build_dataset
 from beit_fast.shards import ShardStream, count_samples, is_shard_spec, shard_list
 from beit_fast.views import FastTwoViewTransform, augment_views, collate_crops, resize_crops
 from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator
@@ -53,6 +53,8 @@ from beit_fast.train.run import (
     RunDir,
     agree_on_resume,
     checkpoint_model_state,
+    data_identity,
+    file_digest,
     find_latest_checkpoint,
     plan_resume,
     read_checkpoint as _read_checkpoint,
@@ -79,6 +81,8 @@ __all__ = ["PretrainConfig", "TrainingStopped", "StoppedBySignal", "pretrain", "
 
 @dataclass
 class PretrainConfig(BeitTrainConfig):
+    RESUME_MAY_DIFFER: ClassVar[FrozenSet[str]] = BeitTrainConfig.RESUME_MAY_DIFFER | {"max_bad_images_frac"}
+
     data: str = "builtin"  # "builtin" (procedural shapes), "synthetic" (random views, no decoding), an image folder,
     # or WebDataset tar shards: a .tar, a brace pattern (shard-{000000..000099}.tar) or a folder of them (make-shards)
     data_backend: str = "cpu"  # the two-view pipeline: "cpu" (draft decoding, crop first, uint8 resizes on the
@@ -94,6 +98,8 @@ class PretrainConfig(BeitTrainConfig):
     tokenizer: str = "random"  # "random" (fixed random conv) or a dVAE file: beit-fast train-tokenizer's
     # tokenizer.pt, a DALL-E encoder.pkl, or an encoder state dict
     crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction (unilm's --min_crop_scale)
+    max_bad_images_frac: float = 0.5  # stop when more than this share of the images read is unreadable
+    # (counted from the first 256 images, or the whole dataset if smaller; 1: never stop)
     color_jitter: float = 0.4  # ColorJitter brightness = contrast = saturation (unilm's --color_jitter; 0: off)
 
     def validate(self) -> None:
@@ -112,6 +118,8 @@ class PretrainConfig(BeitTrainConfig):
         if not 0.0 < self.crop_scale <= 1.0:
             self.bad("crop_scale", "must be in (0, 1]")
         self.non_negative("color_jitter")
+        if not 0.0 <= self.max_bad_images_frac <= 1.0:
+            self.bad("max_bad_images_frac", "is a share of the images: must be in [0, 1]")
         if self.tokenizer != "random" and not Path(self.tokenizer).is_file():
             self.bad("tokenizer", 'must be "random" or the path of a tokenizer file (beit-fast train-tokenizer '
                                   'writes one)')
@@ -127,6 +135,7 @@ RESUME_MAY_DIFFER: FrozenSet[str] = PretrainConfig.RESUME_MAY_DIFFER
 DATA_BACKENDS = ("cpu", "gpu", "pil")
 config_from_args = PretrainConfig.from_args
 SUMMARY_OUTPUTS = ("summary.json", "metrics.png")
+BAD_IMAGES_WINDOW = 256  # images read before the unreadable share is judged (max_bad_images_frac)
 
 
 def _stats_problems(stats: Dict[str, Any], model_config: Dict[str, Any]) -> List[str]:
@@ -259,7 +268,8 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
     base = _base_data(cfg, mcfg)
     if rt.is_main:  # before the checkpoints are listed: a run in progress there is refused, leftovers are gone
         run_dir.acquire()
-    plan = plan_resume(out, cfg, mcfg.to_dict(), rt.world, read_checkpoint)
+    inputs = run_inputs(cfg)
+    plan = plan_resume(out, cfg, mcfg.to_dict(), rt.world, read_checkpoint, inputs)
     if cfg.apex:
         from beit_fast.train.optim import apex_classes
 
@@ -315,8 +325,18 @@ def _pretrain(cfg: PretrainConfig, run_dir: RunDir) -> Dict[str, Any]:
         loader = train_loader(dataset, cfg, rt, start_step, collate)
         steps_per_epoch = len(dataset) // cfg.batch_size
     loop = _Loop(cfg, mcfg, rt, engine, tokenizer, stats, start_step, steps_per_epoch)
+    loop.inputs = inputs
     step, last_ckpt = loop.run(loader, run_dir.signals, plan.path)
     return _summary(cfg, mcfg, rt, run_dir, engine, loop, step, start_step, last_ckpt, targets)
+
+
+def run_inputs(cfg: PretrainConfig) -> Dict[str, Any]:
+    """The content identity of the run's inputs, kept in its checkpoints and compared on resume: the data, and
+    the tokenizer file's sha256 (a tokenizer retrained under the same path is another tokenizer)."""
+    inputs = {"data": data_identity(cfg.data)}
+    if cfg.target == "tokens" and cfg.tokenizer != "random":
+        inputs["tokenizer"] = file_digest(Path(cfg.tokenizer))
+    return inputs
 
 
 def _shard_loader(cfg: PretrainConfig, rt: Any, shards: List[str], dataset: MIMDataset, start_step: int,
@@ -350,6 +370,7 @@ class _Loop:
                  stats: Dict[str, Any], start_step: int, steps_per_epoch: int) -> None:
         self.cfg, self.mcfg, self.rt, self.engine, self.tokenizer = cfg, mcfg, rt, engine, tokenizer
         self.stats, self.start_step, self.steps_per_epoch = stats, start_step, steps_per_epoch
+        self.dataset_size = steps_per_epoch * cfg.batch_size if steps_per_epoch else 0  # 0: a stream (shards)
         self.tok_size = tokenizer.image_size if tokenizer is not None else mcfg.img_size // 2  # the second view's
         self.token_hist = stats["token_hist"].to(rt.device)  # counted on the device: no host sync per batch
         self.recent_acc: deque = deque(stats["recent_acc"], maxlen=20)
@@ -406,7 +427,23 @@ class _Loop:
                            stop_requested=lambda: self.signals.requested is not None,
                            host_values=lambda: [float(len(self.new_bad))])
         self.stats["skipped_images"] = len(self.bad_files) + int(round(float(outcome.values[2]) * self.rt.world))
+        self.check_bad_share(step + 1)
         return outcome
+
+    def check_bad_share(self, steps_done: int) -> None:
+        """Stop (DataError, one line) once more than `max_bad_images_frac` of the images read are unreadable,
+        counted from the first BAD_IMAGES_WINDOW images (or the whole dataset, if smaller): a run never trains on
+        stand-in images for most of its data."""
+        seen = (steps_done - self.start_step) * self.cfg.batch_size
+        if self.dataset_size:
+            seen = min(seen, self.dataset_size)
+        if seen < min(BAD_IMAGES_WINDOW, self.dataset_size or BAD_IMAGES_WINDOW):
+            return
+        bad = self.stats["skipped_images"]
+        if bad > self.cfg.max_bad_images_frac * seen:
+            raise DataError(f"{bad} of the {seen} images read so far could not be decoded (more than "
+                            f"max_bad_images_frac={self.cfg.max_bad_images_frac:g}): the data at {self.cfg.data} is "
+                            "mostly unreadable; the files are named in the warnings above")
 
     def applied(self, step: int, outcome: Any) -> None:
         loss, acc = float(outcome.values[0]), float(outcome.values[1])
@@ -424,7 +461,8 @@ class _Loop:
         self.merge_bad_files()
         self.stats["recent_acc"] = list(self.recent_acc)
         self.stats["token_hist"] = self.engine.reduce_sum(self.token_hist).cpu()  # the global histogram (a collective)
-        return {"step": step, "config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(), "stats": self.stats}
+        return {"step": step, "config": self.cfg.to_dict(), "model_config": self.mcfg.to_dict(), "stats": self.stats,
+                "inputs": self.inputs}
 
     def run(self, loader: Any, signals: Any, last_ckpt: Optional[Path]):
         self.signals, self.data_iter = signals, self.reporter.timed(iter(loader))
@@ -449,7 +487,7 @@ def _summary(cfg: PretrainConfig, mcfg: BeitConfig, rt: Any, run_dir: RunDir, en
     kept = run_dir.finished_summary(step, step - start_step)
     if kept is not None:  # resumed after the end: nothing ran, the run's own summary stays
         engine.close()
-        return {**kept, "rank": rt.rank}
+        return {**kept, "steps_run": 0, "rank": rt.rank}  # this call ran none
     hist = engine.reduce_sum(loop.token_hist).double().cpu()
     majority = float(hist.max() / hist.sum()) if hist.sum() > 0 else None
     plot = None

@@ -545,11 +545,82 @@ def resume_differences(ckpt: Dict[str, Any], cfg: Any, model_config: Dict[str, A
     return diffs
 
 
+# -- what a run's inputs are, by content ------------------------------------------------------------------------------
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (a tokenizer, an --init checkpoint): what it holds, not where it is."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def weights_digest(path: Path) -> str:
+    """The content identity of a weights source: a file's sha256; a run directory's by its newest checkpoint; a
+    DeepSpeed checkpoint directory's by its model.pt (with meta.pt)."""
+    path = Path(path)
+    if path.is_dir() and not _CKPT_NAME.fullmatch(path.name):
+        latest = find_latest_checkpoint(path)
+        path = latest if latest is not None else path
+    if path.is_dir():
+        parts = [file_digest(f) for f in (path / "model.pt", path / "meta.pt") if f.is_file()]
+        return "+".join(parts) if parts else f"directory {path}"
+    return file_digest(path)
+
+
+def data_identity(data: str) -> Optional[str]:
+    """The identity of a run's data by content: None for procedural data ("builtin", "synthetic": its settings are
+    its identity); for a folder, a hash of every file's relative path, size and mtime (the same files unchanged:
+    the same identity); for shards (a .tar, a brace pattern), the same over the shard files and their shards.json."""
+    import hashlib
+
+    if data in ("builtin", "synthetic"):
+        return None
+    root = Path(data)
+    entries: List[Tuple[str, int, int]] = []
+    if root.is_dir():
+        for d, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                if name.startswith("."):
+                    continue
+                st = os.stat(os.path.join(d, name))
+                entries.append((os.path.relpath(os.path.join(d, name), root), st.st_size, st.st_mtime_ns))
+    else:
+        try:
+            from beit_fast.shards import shard_list
+
+            files = [Path(f) for f in shard_list(data)]
+        except Exception:  # not a shard spec: the file itself
+            files = [root]
+        index = files[0].with_name("shards.json") if files else None
+        for f in files + ([index] if index is not None and index.is_file() else []):
+            if f.is_file():
+                st = f.stat()
+                entries.append((str(f), st.st_size, st.st_mtime_ns))
+    h = hashlib.sha256(json.dumps(entries).encode())
+    return f"{len(entries)} files, sha256:{h.hexdigest()}"
+
+
+INPUT_NAMES = {"tokenizer": "the tokenizer file", "init": "the --init weights", "data": "the data"}
+
+
+def input_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    """`what: old -> new` for every input whose content identity differs (inputs a checkpoint predates: not
+    compared)."""
+    return [f"{INPUT_NAMES.get(k, k)} changed since the checkpoint ({old[k]} -> {new[k]})"
+            for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+
+
 def plan_resume(out: Path, cfg: Any, model_config: Dict[str, Any], world: int,
-                read: Callable[[Path], Dict[str, Any]]) -> ResumePlan:
-    """What `cfg.resume` means in `out`: the checkpoint to continue (read with `read`, checked against the config
-    and the process count before anything is written: a refused resume leaves the directory as it was), and which
-    checkpoints a fresh or foreign start would replace (refused unless `cfg.overwrite`)."""
+                read: Callable[[Path], Dict[str, Any]], inputs: Optional[Dict[str, Any]] = None) -> ResumePlan:
+    """What `cfg.resume` means in `out`: the checkpoint to continue (read with `read`, checked against the config,
+    the content of the run's `inputs` (tokenizer, --init, data: `data_identity`, `weights_digest`) and the process
+    count before anything is written: a refused resume leaves the directory as it was), and which checkpoints a
+    fresh or foreign start would replace (refused unless `cfg.overwrite`). A change of the data alone is let through
+    with `cfg.allow_changed_data` (a warning then)."""
     path: Optional[Path] = None
     if cfg.resume == "auto":
         path = find_latest_checkpoint(out)
@@ -566,8 +637,19 @@ def plan_resume(out: Path, cfg: Any, model_config: Dict[str, Any], world: int,
                 f"refusing to resume from {path}: settings differ from the checkpoint's ({'; '.join(diffs)}); "
                 f"only {', '.join(sorted(cfg.RESUME_MAY_DIFFER))} may change"
             )
+        changed = input_differences(ckpt.get("inputs") or {}, inputs or {})
+        allowed = [c for c in changed if c.startswith(INPUT_NAMES["data"]) and getattr(cfg, "allow_changed_data",
+                                                                                           False)]
+        for c in allowed:
+            log.warning("resuming although %s (--allow-changed-data)", c)
+        refused = [c for c in changed if c not in allowed]
+        if refused:
+            escape = " (--allow-changed-data resumes on changed data)" if any(
+                c.startswith(INPUT_NAMES["data"]) for c in refused) else ""
+            raise ValueError(f"refusing to resume from {path}: {'; '.join(refused)}{escape}; start afresh with "
+                             "--overwrite, or into another --out")
         old_world = ckpt["engine"].get("world_size", 1)
-        if cfg.deepspeed and old_world != world:
+        if getattr(cfg, "deepspeed", False) and old_world != world:
             raise ValueError(f"refusing to resume from {path}: it was written by {old_world} processes, this "
                              f"run has {world} (ZeRO partitions the optimizer state by process)")
         old_max = ckpt["config"].get("max_steps", cfg.max_steps)
@@ -618,7 +700,8 @@ def start_run_directory(out: Path, plan: ResumePlan, start_step: int, outputs: S
             (Path(out) / name).unlink(missing_ok=True)
 
 
-TASK_NAMES = {"pretrain": "pretraining", "finetune": "fine-tuning", "segment": "segmentation"}
+TASK_NAMES = {"pretrain": "pretraining", "finetune": "fine-tuning", "segment": "segmentation",
+              "tokenizer": "dVAE training"}
 
 
 def read_checkpoint(path: Path, task: Optional[str] = "pretrain",

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar, Dict, FrozenSet, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,17 @@ from beit_fast.data import build_dataset
 from beit_fast.tokenizer import LOGIT_LAPLACE_EPS, DalleDecoder, DalleEncoder, map_pixels
 from beit_fast.train.config import TrainConfig
 from beit_fast.train.metrics import PERPLEXITY_FLOOR, MetricsWriter, no_learning
-from beit_fast.train.run import atomic_save_json
+from beit_fast.train.run import (
+    RunDir,
+    atomic_save_json,
+    checkpoint_dir,
+    checkpoint_name,
+    data_identity,
+    plan_resume,
+    prune_checkpoints,
+    read_checkpoint,
+    start_run_directory,
+)
 from beit_fast.train.runtime import resolve_device, run_main
 
 log = logging.getLogger("beit_fast.train_tokenizer")
@@ -43,6 +53,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 @dataclass
 class TokenizerTrainConfig(TrainConfig):
     PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = PRESETS
+    RESUME_MAY_DIFFER: ClassVar[FrozenSet[str]] = frozenset(
+        {"max_steps", "out", "resume", "log_every", "save_every", "keep_last", "device", "overwrite",
+         "allow_changed_data"})
+    BARE_VALUES: ClassVar[Dict[str, str]] = {"resume": "auto"}
 
     preset: str = "small"  # small (32px -> 8x8 of 512 codes, for the tiny BEiT preset) | dalle (112px -> 14x14 of 8192)
     image_size: int = 32  # tokenizer input side; the grid is image_size / 2**(group_count - 1)
@@ -63,12 +77,19 @@ class TokenizerTrainConfig(TrainConfig):
     recon: str = "mse"  # "mse" or "logit_laplace"
     usage_window: int = 20  # steps over which a code must be used not to count as dead
     log_every: int = 20  # steps between log lines
+    save_every: int = 100  # steps between checkpoints (out/checkpoints; 0: only at the end)
+    keep_last: int = 2  # checkpoints kept
+    resume: str = ""  # "" (fresh), "auto" (the newest checkpoint in out/) or a checkpoint path: exact resume
+    overwrite: bool = False  # start afresh in an `out` that holds a tokenizer or checkpoints (they are replaced)
+    allow_changed_data: bool = False  # resume although the data's files changed since the checkpoint
 
     def validate(self) -> None:
         super().validate()
         if self.preset not in PRESETS:
             self.bad("preset", f"choose from {sorted(PRESETS)}")
-        self.positive("image_size", "group_count", "n_hid", "n_blk_per_group", "n_init", "vocab_size", "usage_window")
+        self.positive("image_size", "group_count", "n_hid", "n_blk_per_group", "n_init", "vocab_size", "usage_window",
+                      "keep_last")
+        self.non_negative("save_every")
         down = 2 ** (self.group_count - 1)
         if self.image_size % down:
             raise ValueError(
@@ -134,30 +155,78 @@ def _indices(n: int, g: torch.Generator):
         yield from torch.randperm(n, generator=g).tolist()
 
 
+def _read(path: Path) -> Dict[str, Any]:
+    return read_checkpoint(path, "tokenizer")
+
+
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Dict[str, Any]:
+    """Train the dVAE; returns the summary. The run directory follows every training command's rules
+    (`train.run.RunDir`): one run at a time (its lock), a directory holding a tokenizer or checkpoints is refused
+    unless `--resume auto` (continue: exact, from the newest checkpoint) or `--overwrite` (start afresh), a failed
+    start leaves it as it was, SIGTERM / SIGINT write a checkpoint and exit 128 + N."""
+    with RunDir(Path(cfg.out), "beit-fast train-tokenizer") as run_dir:
+        return _train_tokenizer(cfg, run_dir)
+
+
+def _train_tokenizer(cfg: TokenizerTrainConfig, run_dir: RunDir) -> Dict[str, Any]:
+    from beit_fast.train.step import StoppedBySignal
+
     cfg.validate()
     device = resolve_device(cfg.device)
     data = build_dataset(cfg.data, num_images=cfg.num_images, size=cfg.image_size * 3 // 2, seed=cfg.seed)
     if len(data) < cfg.batch_size:
         raise ValueError(f"dataset has {len(data)} images, fewer than batch_size={cfg.batch_size}")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir.acquire()
+    out = run_dir.out
+    kw = cfg.model_kwargs()
+    inputs = {"data": data_identity(cfg.data)}
+    plan = plan_resume(out, cfg, kw, 1, _read, inputs=inputs)
+    if (out / TOKENIZER_FILE).exists() and plan.ckpt is None and not cfg.overwrite:
+        raise ValueError(f"{out} already holds a tokenizer ({TOKENIZER_FILE}): continue its run with --resume auto, "
+                         "or train a new one there with --overwrite (replaces it), or choose another --out")
     atomic_save_json(cfg.to_dict(), out / "config.json", indent=2)
     torch.manual_seed(cfg.seed)
-    kw = cfg.model_kwargs()
     enc, dec = DalleEncoder(**kw["encoder"]).to(device), DalleDecoder(**kw["decoder"]).to(device)
     params = list(enc.parameters()) + list(dec.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    order = _indices(len(data), torch.Generator().manual_seed(cfg.seed))
     usage = torch.zeros(cfg.usage_window, cfg.vocab_size, dtype=torch.long)
-    metrics = MetricsWriter(out, COLUMNS, 0, tensorboard=False, tag="dvae")
-    last: Dict[str, float] = {}
-    t0 = time.perf_counter()
+    start_step = 0
+    if plan.ckpt is not None:
+        ck = plan.ckpt
+        enc.load_state_dict({k[len("encoder."):]: v for k, v in ck["model"].items() if k.startswith("encoder.")})
+        dec.load_state_dict({k[len("decoder."):]: v for k, v in ck["model"].items() if k.startswith("decoder.")})
+        opt.load_state_dict(ck["optimizer"])
+        usage.copy_(ck["stats"]["usage"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        start_step = ck["step"]
+        log.info("resumed from %s at step %d", plan.path, start_step)
+    start_run_directory(out, plan, start_step, ("summary.json", "reconstructions.png", TOKENIZER_FILE))
+    order = _indices(len(data), torch.Generator().manual_seed(cfg.seed))
+    for _ in range(start_step * cfg.batch_size):  # the data order is a stream of permutations: replayed, no decoding
+        next(order)
+    metrics = MetricsWriter(out, COLUMNS, start_step, tensorboard=False, tag="dvae")
+    last: Dict[str, float] = dict(plan.ckpt["stats"]["last"]) if plan.ckpt is not None else {}
+    plan.ckpt = None
+    newest = plan.path if plan.path is not None and start_step else None
+
+    def save(step: int) -> Path:
+        metrics.flush()
+        state = {"task": "tokenizer", "step": step, "config": cfg.to_dict(), "model_config": kw,
+                 "model": {**{f"encoder.{k}": v for k, v in enc.state_dict().items()},
+                           **{f"decoder.{k}": v for k, v in dec.state_dict().items()}},
+                 "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                 "stats": {"usage": usage.clone(), "last": dict(last)}, "inputs": inputs}
+        path = atomic_save(state, checkpoint_dir(out) / f"{checkpoint_name(step)}.pt")
+        prune_checkpoints(out, cfg.keep_last)
+        return path
+
+    t0, x = time.perf_counter(), None
     try:
-        for step in range(cfg.max_steps):
+        for step in range(start_step, cfg.max_steps):
             x = _batch(data, order, cfg).to(device)
             row = _step(enc, dec, opt, params, x, step, cfg, usage)
-            row.update(step=step + 1, img_per_s=cfg.batch_size * (step + 1) / (time.perf_counter() - t0))
+            row.update(step=step + 1,
+                       img_per_s=cfg.batch_size * (step + 1 - start_step) / (time.perf_counter() - t0))
             metrics.write(row)
             last = {k: row[k] for k in ("loss", "recon_mse", "kl", "perplexity", "dead_codes")}
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
@@ -165,24 +234,36 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Dict[str, Any]:
                 print(f"step {step + 1}/{cfg.max_steps} | loss {row['loss']:.4f} | recon mse {row['recon_mse']:.4f} | "
                       f"perplexity {row['perplexity']:.1f} | dead codes {row['dead_codes']} | tau {row['tau']:.3f} | "
                       f"{row['img_per_s']:.0f} img/s", file=sys.stderr, flush=True)
+            if run_dir.signals.requested is not None:
+                raise StoppedBySignal(run_dir.signals.requested, step + 1, save(step + 1))
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+                newest = save(step + 1)
+        if start_step < cfg.max_steps or newest is None:
+            newest = save(cfg.max_steps)
     finally:
         metrics.close()
-    ckpt = out / "tokenizer.pt"
+    kept = run_dir.finished_summary(cfg.max_steps, cfg.max_steps - start_step)
+    if kept is not None and (out / TOKENIZER_FILE).is_file():
+        return {**kept, "steps_run": 0}  # this call ran none; the run's summary.json stays
+    ckpt = out / TOKENIZER_FILE
     atomic_save({"format": "beit-fast dvae", "encoder": enc.state_dict(), "decoder": dec.state_dict(),
                  "encoder_kwargs": kw["encoder"], "decoder_kwargs": kw["decoder"], "image_size": cfg.image_size,
                  "config": cfg.to_dict()}, ckpt)
+    if x is None:
+        x = _batch(data, _indices(len(data), torch.Generator().manual_seed(cfg.seed)), cfg).to(device)
     with torch.no_grad():
         enc.eval(), dec.eval()
         hard = F.one_hot(enc(map_pixels(x)).argmax(1), cfg.vocab_size).permute(0, 3, 1, 2).float()
         save_grid(x, decoded_images(dec(hard)), out / "reconstructions.png")
-    summary = {**last, "checkpoint": str(ckpt), "grid": str(out / "reconstructions.png"),
-               "metrics": str(out / "metrics.csv"),
+    summary = {**last, "step": cfg.max_steps, "steps_run": cfg.max_steps - start_step, "checkpoint": str(ckpt),
+               "grid": str(out / "reconstructions.png"), "metrics": str(out / "metrics.csv"),
                "no_learning": no_learning("codebook perplexity", last.get("perplexity"), 1.0, PERPLEXITY_FLOOR - 1.0,
                                           "one live code's perplexity")}
-    atomic_save_json(summary, out / "summary.json", indent=2)
+    run_dir.write_json("summary.json", summary)
     return summary
 
 
+TOKENIZER_FILE = "tokenizer.pt"
 COLUMNS = ["step", "loss", "recon_mse", "kl", "kl_weight", "tau", "perplexity", "dead_codes", "img_per_s"]
 
 
