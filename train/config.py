@@ -21,7 +21,8 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Dict, FrozenSet, List, Optional, Type, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import (Any, ClassVar, Dict, FrozenSet, List, Optional, Type, TypeVar, Union, get_args, get_origin,
+                    get_type_hints)
 
 from beit_fast.config import BeitConfig, parse_options
 

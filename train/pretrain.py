@@ -40,7 +40,8 @@ import torch
 from beit_fast import BeitConfig, BeitForMaskedImageModeling
 from beit_fast.checkpoint import CheckpointError, atomic_save
 from beit_fast.config import MIM_LOSS_ON, MIM_TARGETS, first_line, one_line
-from beit_fast.data import DataError, ImageFolderDataset, MIMDataset, SyntheticMIMDataset, TwoViewTransform, build_dataset
+from beit_fast.data import (DataError, ImageFolderDataset, MIMDataset, SyntheticMIMDataset, TwoViewTransform,
+                            build_dataset)
 from beit_fast.shards import ShardStream, count_samples, is_shard_spec, shard_list
 from beit_fast.views import FastTwoViewTransform, augment_views, collate_crops, resize_crops
 from beit_fast.masking import BlockwiseMaskGenerator, RandomMaskGenerator

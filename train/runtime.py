@@ -27,8 +27,8 @@ from beit_fast.kernels import use_fused
 from beit_fast.train.engine import deepspeed_reasons, init_distributed_env
 
 __all__ = ["Runtime", "setup_runtime", "process_layout", "resolve_device", "check_backends", "start_distributed",
-           "end_distributed", "seed_all", "worker_init", "is_distributed_error", "train_loader", "build_engine", "close_loader",
-           "run_main", "one_line_error"]
+           "end_distributed", "seed_all", "worker_init", "is_distributed_error", "train_loader", "build_engine",
+           "close_loader", "run_main", "one_line_error"]
 
 
 @dataclass
